@@ -1,0 +1,166 @@
+"""Adapter kinds and their algebra: which parameters make each kind, its ΔW, its norm, its scaled factor.
+
+The algebra is written once here, as data plus a few functions, so operations never branch on
+parameter names themselves.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Kind(str, Enum):
+    """What an adapter module is made of."""
+
+    LORA = "lora"  # linear: down (r×in), up (out×r)
+    LORA_CONV1X1 = "lora_conv1x1"  # 1×1 conv: down (r×in×1×1), up (out×r×1×1)
+    LOCON = "locon"  # k×k conv: down (r×in×k×k), up (out×r×1×1)
+    TUCKER = "tucker"  # LoCon with a lora_mid core (r×r×k×k)
+    LOHA = "loha"
+    LOKR = "lokr"
+    FULL = "full"
+    NORM = "norm"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_lora(self) -> bool:
+        """Plain up/down factors (what concat merges and the QR route compresses)."""
+        return self in (Kind.LORA, Kind.LORA_CONV1X1, Kind.LOCON, Kind.TUCKER)
+
+    @property
+    def has_rank(self) -> bool:
+        return self not in (Kind.FULL, Kind.NORM)
+
+
+REQUIRED: Mapping[Kind, frozenset[str]] = {
+    Kind.LORA: frozenset({"lora_down.weight", "lora_up.weight"}),
+    Kind.LORA_CONV1X1: frozenset({"lora_down.weight", "lora_up.weight"}),
+    Kind.LOCON: frozenset({"lora_down.weight", "lora_up.weight"}),
+    Kind.TUCKER: frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight"}),
+    Kind.LOHA: frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
+    Kind.LOKR: frozenset(),  # one of each lokr_w1 / lokr_w1_a+b and lokr_w2 / lokr_w2_a+b; see kind_of
+    Kind.FULL: frozenset({"diff"}),
+    Kind.NORM: frozenset({"w_norm"}),
+}
+
+OPTIONAL = frozenset({"alpha", "dora_scale", "hada_t1", "hada_t2", "lokr_t2", "diff_b", "b_norm"})
+
+
+def kind_of(params: frozenset[str], down_ndim: int | None, kernel: tuple[int, ...] | None) -> Kind | str:
+    """The kind of a module from its parameter names; an error string when the set is incomplete."""
+    if "lora_down.weight" in params or "lora_up.weight" in params:
+        missing = {"lora_down.weight", "lora_up.weight"} - params
+        if missing:
+            return f"has {'lora_up' if 'lora_up.weight' in params else 'lora_down'} but no {missing.pop().split('.')[0]}"
+        if "lora_mid.weight" in params:
+            return Kind.TUCKER
+        if down_ndim == 4:
+            return Kind.LORA_CONV1X1 if kernel == (1, 1) else Kind.LOCON
+        return Kind.LORA
+    if any(p.startswith("hada_") for p in params):
+        missing = REQUIRED[Kind.LOHA] - params
+        return Kind.LOHA if not missing else f"LoHa module lacks {', '.join(sorted(missing))}"
+    if any(p.startswith("lokr_") for p in params):
+        w1 = "lokr_w1" in params or {"lokr_w1_a", "lokr_w1_b"} <= params
+        w2 = "lokr_w2" in params or {"lokr_w2_a", "lokr_w2_b"} <= params
+        return Kind.LOKR if (w1 and w2) else "LoKr module lacks lokr_w1 or lokr_w2 (or their _a/_b factors)"
+    if "diff" in params:
+        return Kind.FULL
+    if "w_norm" in params:
+        return Kind.NORM
+    if params <= {"alpha"}:
+        return "orphan alpha: no weights for this module"
+    return "no weights for this module (only " + ", ".join(sorted(params)) + ")"
+
+
+def scaled_params(kind: Kind, params: frozenset[str]) -> tuple[str, ...]:
+    """The parameters a linear reweight multiplies: exactly one factor of the product (DESIGN §3)."""
+    if kind.is_lora:
+        return ("lora_up.weight",)
+    if kind is Kind.LOHA:
+        return ("hada_w1_a",)
+    if kind is Kind.LOKR:
+        return ("lokr_w1",) if "lokr_w1" in params else ("lokr_w1_a",)
+    if kind is Kind.FULL:
+        return tuple(p for p in ("diff", "diff_b") if p in params)
+    return tuple(p for p in ("w_norm", "b_norm") if p in params)
+
+
+def as_matrix(tensor: "torch.Tensor") -> "torch.Tensor":
+    """A factor as a 2-D matrix: conv factors flatten over (in, kh, kw)."""
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def lora_factors(kind: Kind, t: Mapping[str, "torch.Tensor"]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(up out×r, down r×fan_in) in float32 for a LoRA-family module; Tucker folds its core into down."""
+    import torch
+
+    up = as_matrix(t["lora_up.weight"].float())
+    down = t["lora_down.weight"].float()
+    if kind is Kind.TUCKER:
+        mid = t["lora_mid.weight"].float()  # r×r×kh×kw, down r×in×1×1
+        down = torch.einsum("ijhw,jc->ichw", mid, as_matrix(down))
+    return up, as_matrix(down)
+
+
+def delta_weight(kind: Kind, t: Mapping[str, "torch.Tensor"], scale: float, shape: tuple[int, ...]) -> "torch.Tensor":
+    """Dense ΔW (float32) of one module, shaped like the base weight. Only LoHa/LoKr/full/norm need it in ops."""
+    import torch
+
+    if kind.is_lora:
+        up, down = lora_factors(kind, t)
+        return (scale * (up @ down)).reshape(shape)
+    if kind is Kind.LOHA:
+        w1 = _hada_half(t, "1")
+        w2 = _hada_half(t, "2")
+        return (scale * w1 * w2).reshape(shape)
+    if kind is Kind.LOKR:
+        w1 = _lokr_half(t, "1")
+        w2 = _lokr_half(t, "2")
+        if w2.dim() == 4 and w1.dim() == 2:
+            w1 = w1[:, :, None, None]
+        return (scale * torch.kron(w1, w2)).reshape(shape)
+    if kind is Kind.FULL:
+        return t["diff"].float().reshape(shape)
+    return t["w_norm"].float().reshape(shape)
+
+
+def _hada_half(t: Mapping[str, "torch.Tensor"], i: str) -> "torch.Tensor":
+    import torch
+
+    a, b = t[f"hada_w{i}_a"].float(), t[f"hada_w{i}_b"].float()
+    core = t.get(f"hada_t{i}")
+    if core is not None:  # Tucker LoHa: w = einsum(t, a, b) over the rank axes
+        return torch.einsum("ijhw,jr,ip->prhw", core.float(), as_matrix(b), a)
+    return a @ as_matrix(b)
+
+
+def _lokr_half(t: Mapping[str, "torch.Tensor"], i: str) -> "torch.Tensor":
+    import torch
+
+    whole = t.get(f"lokr_w{i}")
+    if whole is not None:
+        return whole.float()
+    a, b = t[f"lokr_w{i}_a"].float(), t[f"lokr_w{i}_b"].float()
+    core = t.get("lokr_t2") if i == "2" else None
+    if core is not None:
+        return torch.einsum("ijhw,jr,ip->prhw", core.float(), as_matrix(b), a)
+    return a @ b if b.dim() == 2 else torch.einsum("ij,jchw->ichw", a, b)
+
+
+def frobenius_norm(kind: Kind, t: Mapping[str, "torch.Tensor"], scale: float, shape: tuple[int, ...]) -> float:
+    """‖ΔW‖_F. LoRA kinds use the Gram identity ‖UD‖² = tr((UᵀU)(DDᵀ)), never a dense product."""
+    if kind.is_lora:
+        up, down = lora_factors(kind, t)
+        gram = (up.T @ up) * (down @ down.T)  # elementwise: tr(AB) = Σ A ⊙ Bᵀ, both symmetric
+        return abs(scale) * float(gram.sum().clamp_min(0.0).sqrt())
+    if kind is Kind.LOKR:
+        w1, w2 = _lokr_half(t, "1"), _lokr_half(t, "2")
+        return abs(scale) * float(w1.norm() * w2.norm())
+    return float(delta_weight(kind, t, scale, shape).norm())

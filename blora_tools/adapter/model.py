@@ -1,0 +1,308 @@
+"""The adapter file model: a safetensors file read lazily and grouped into modules.
+
+`open_adapter` reads the header (no torch), splits keys into modules via `formats`, places each module
+in a block via the taxonomy, works out kind, rank and alpha, and reports what it could not place.
+Tensors are read on demand; untouched tensors can be copied as raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+from blora_tools.adapter.formats import Format, KeyName, split_key
+from blora_tools.adapter.header import Header, TensorInfo, read_header
+from blora_tools.adapter.kinds import Kind, kind_of
+from blora_tools.errors import AdapterFileError
+from blora_tools.taxonomy.arch import Arch, detect_arch
+from blora_tools.taxonomy.blocks import Placement, place
+
+if TYPE_CHECKING:
+    import torch
+
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass
+class Module:
+    """One adapted layer: every key sharing a stem, with its kind, rank, alpha and block."""
+
+    stem: str
+    kind: Kind
+    keys: dict[str, str]
+    """parameter name (kohya form) → tensor key in the file"""
+    shapes: dict[str, tuple[int, ...]]
+    rank: int | None
+    alpha: float | None
+    """the stored alpha (None when the file has none: then alpha = rank)"""
+    placement: Placement | None
+    path: str | None = None
+    """dotted module path, when the file's format carries it"""
+
+    @property
+    def block(self) -> str | None:
+        return self.placement.block if self.placement else None
+
+    @property
+    def group(self) -> str:
+        return self.placement.group if self.placement else "none"
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor a loader applies to the factors' product."""
+        if self.rank is None:
+            return 1.0
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / self.rank
+
+    @property
+    def dora(self) -> bool:
+        return "dora_scale" in self.keys
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the base layer's weight this module adapts."""
+        return _weight_shape(self.kind, self.shapes)
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for p, s in self.shapes.items() if p != "alpha")
+
+
+@dataclass
+class Adapter:
+    """An adapter file: header, modules by stem, pass-through keys, warnings."""
+
+    path: Path
+    header: Header
+    format: Format
+    arch: Arch
+    modules: dict[str, Module]
+    passthrough: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self.header.metadata
+
+    def info(self, key: str) -> TensorInfo:
+        return self.header.tensors[key]
+
+    def raw(self, key: str) -> bytes:
+        """A tensor's bytes exactly as stored."""
+        info = self.header.tensors[key]
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.header.data_start + info.begin)
+                data = f.read(info.nbytes)
+        except OSError as err:
+            raise AdapterFileError(f"cannot read tensor {key!r}: {err.strerror or err}", self.path) from None
+        if len(data) != info.nbytes:
+            raise AdapterFileError(f"file ended inside tensor {key!r}", self.path)
+        return data
+
+    def tensor(self, key: str) -> "torch.Tensor":
+        """One tensor, read now (a fresh, writable CPU tensor)."""
+        from blora_tools.adapter.tensors import decode
+
+        info = self.header.tensors[key]
+        return decode(self.raw(key), info.dtype, info.shape)
+
+    def tensors(self, module: Module) -> dict[str, "torch.Tensor"]:
+        """All tensors of a module, by kohya parameter name."""
+        return {param: self.tensor(key) for param, key in module.keys.items()}
+
+    def kinds(self) -> Counter:
+        return Counter(m.kind.value for m in self.modules.values())
+
+    def dtypes(self) -> Counter:
+        return Counter(self.header.tensors[k].dtype for m in self.modules.values() for k in m.keys.values())
+
+
+def open_adapter(path: str | Path) -> Adapter:
+    """Read an adapter's header and group it into modules; AdapterFileError if it is not an adapter."""
+    header = read_header(path)
+    path = header.path
+    grouped: dict[str, dict[str, str]] = defaultdict(dict)
+    names: dict[str, KeyName] = {}
+    passthrough: list[str] = []
+    formats: Counter = Counter()
+    for key in header.tensors:
+        name = split_key(key)
+        if name is None:
+            passthrough.append(key)
+            continue
+        if name.param in grouped[name.stem]:
+            raise AdapterFileError(f"module {name.stem} has two tensors for {name.param}", path)
+        grouped[name.stem][name.param] = key
+        names[name.stem] = name
+        formats[name.format] += 1
+    if not grouped:
+        what = "a full model or another kind of file" if header.tensors else "an empty file"
+        raise AdapterFileError(f"no LoRA/LyCORIS modules found: this looks like {what}, not an adapter", path)
+    file_format = Format.KOHYA if formats.get(Format.KOHYA) else formats.most_common(1)[0][0]
+    if file_format is not Format.KOHYA and Format.KOHYA in formats:
+        raise AdapterFileError("mixes kohya and diffusers/PEFT key names in one file", path)
+    if file_format is Format.PEFT or file_format is Format.ATTN_PROC:
+        grouped, names = _te_as_te1_when_sdxl(grouped, names)
+    shapes = {stem: {p: header.tensors[k].shape for p, k in params.items()} for stem, params in grouped.items()}
+    arch, warnings = _detect(grouped, shapes, header)
+    peft_alphas = _peft_alphas(header.metadata, names) if file_format is not Format.KOHYA else {}
+    modules: dict[str, Module] = {}
+    for stem, params in grouped.items():
+        modules[stem] = _module(stem, params, shapes[stem], arch, header, names[stem], peft_alphas, path)
+    unplaced = sorted(s for s, m in modules.items() if m.placement is None)
+    if unplaced and arch is not Arch.UNKNOWN:
+        warnings.append(
+            f"{len(unplaced)} module(s) fit no {arch.value} block and are kept as they are, e.g. {unplaced[0]}"
+        )
+    if passthrough:
+        warnings.append(f"{len(passthrough)} key(s) are not adapter modules and pass through untouched, e.g. {passthrough[0]}")
+    return Adapter(path, header, file_format, arch, modules, passthrough, warnings)
+
+
+def _te_as_te1_when_sdxl(grouped: dict, names: dict) -> tuple[dict, dict]:
+    """PEFT's `text_encoder` is `te` on SD1/SD2 but `te1` on SDXL (a file with `text_encoder_2`)."""
+    if not any(s.startswith("lora_te2_") for s in grouped):
+        return grouped, names
+    rename = {s: "lora_te1_" + s[len("lora_te_") :] for s in grouped if s.startswith("lora_te_")}
+    new_grouped = {rename.get(s, s): p for s, p in grouped.items()}
+    new_names = {rename.get(s, s): n for s, n in names.items()}
+    return new_grouped, new_names
+
+
+def _detect(grouped: dict, shapes: dict, header: Header) -> tuple[Arch, list[str]]:
+    in_features = {}
+    linear_proj_in = False
+    for stem, s in shapes.items():
+        down = s.get("lora_down.weight")
+        if down is not None and len(down) >= 2:
+            in_features[stem] = down[1]
+            if stem.endswith("_proj_in") and stem.startswith("lora_unet_") and len(down) == 2:
+                linear_proj_in = True
+    return detect_arch(grouped, in_features, header.metadata, linear_proj_in)
+
+
+def _module(
+    stem: str,
+    params: dict[str, str],
+    shapes: dict[str, tuple[int, ...]],
+    arch: Arch,
+    header: Header,
+    name: KeyName,
+    peft_alphas: Mapping[str, float],
+    path: Path,
+) -> Module:
+    down = shapes.get("lora_down.weight")
+    kernel = tuple(down[2:]) if down is not None and len(down) == 4 else None
+    kind = kind_of(frozenset(params), len(down) if down is not None else None, kernel)
+    if not isinstance(kind, Kind):
+        raise AdapterFileError(f"module {stem}: {kind}", path)
+    rank = _rank(kind, shapes)
+    if rank == 0:
+        raise AdapterFileError(f"module {stem}: rank 0 (empty factors)", path)
+    _check_factor_shapes(stem, kind, shapes, path)
+    alpha = peft_alphas.get(stem)
+    if "alpha" in params:
+        alpha = _read_alpha(header, params["alpha"], stem, path)
+    placement = place(stem, arch) if arch is not Arch.UNKNOWN else None
+    return Module(stem, kind, dict(params), dict(shapes), rank, alpha, placement, name.path)
+
+
+def _rank(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    if kind.is_lora:
+        return shapes["lora_down.weight"][0]
+    if kind is Kind.LOHA:
+        return shapes["hada_w1_b"][0]
+    if kind is Kind.LOKR:
+        for factor in ("lokr_w2_a", "lokr_w1_a"):
+            if factor in shapes:
+                return shapes[factor][1]
+        return None
+    return None
+
+
+def _check_factor_shapes(stem: str, kind: Kind, shapes: Mapping[str, tuple[int, ...]], path: Path) -> None:
+    if not kind.is_lora:
+        return
+    up, down = shapes["lora_up.weight"], shapes["lora_down.weight"]
+    if len(up) < 2 or len(down) < 2 or up[1] != down[0] and kind is not Kind.TUCKER:
+        raise AdapterFileError(f"module {stem}: lora_up {list(up)} does not fit lora_down {list(down)}", path)
+
+
+def _weight_shape(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    if kind.is_lora:
+        up, down = shapes["lora_up.weight"], shapes["lora_down.weight"]
+        if kind is Kind.TUCKER:
+            return (up[0], down[1]) + tuple(shapes["lora_mid.weight"][2:])
+        return (up[0],) + tuple(down[1:])
+    if kind is Kind.LOHA:
+        a, b = shapes["hada_w1_a"], shapes["hada_w1_b"]
+        if "hada_t1" in shapes:
+            return (a[1], b[1]) + tuple(shapes["hada_t1"][2:])
+        return (a[0],) + tuple(b[1:])
+    if kind is Kind.LOKR:
+        w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
+        w2 = shapes.get("lokr_w2") or (shapes["lokr_w2_a"][0],) + tuple(shapes["lokr_w2_b"][1:])
+        return (w1[0] * w2[0], w1[1] * w2[1]) + tuple(w2[2:])
+    return tuple(shapes["diff" if kind is Kind.FULL else "w_norm"])
+
+
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
+def _read_alpha(header: Header, key: str, stem: str, path: Path) -> float:
+    """Decode a 0-d or 1-element alpha of any common dtype without torch."""
+    info = header.tensors[key]
+    if info.numel != 1:
+        raise AdapterFileError(f"module {stem}: alpha has shape {list(info.shape)}, expected a single value", path)
+    with path.open("rb") as f:
+        f.seek(header.data_start + info.begin)
+        data = f.read(info.nbytes)
+    if info.dtype == "BF16":
+        value = struct.unpack("<f", b"\x00\x00" + data)[0]
+    elif info.dtype in _SCALAR_FORMATS:
+        value = struct.unpack(_SCALAR_FORMATS[info.dtype], data)[0]
+    else:
+        raise AdapterFileError(f"module {stem}: alpha has dtype {info.dtype}, expected a number", path)
+    value = float(value)
+    if not math.isfinite(value):
+        raise AdapterFileError(f"module {stem}: alpha is {value}", path)
+    return value
+
+
+def _peft_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName]) -> dict[str, float]:
+    """Per-module alphas of a PEFT file from `lora_adapter_metadata` (lora_alpha, alpha_pattern)."""
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    configs: dict[str, dict] = defaultdict(dict)
+    for key, value in doc.items():
+        component, dot, field_name = key.partition(".")
+        if dot and component in ("unet", "text_encoder", "text_encoder_2"):
+            configs[component][field_name] = value
+        else:
+            configs[""][key] = value
+    component_of = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+    alphas: dict[str, float] = {}
+    for stem, name in names.items():
+        prefix = next(p for p in component_of if stem.startswith(p))
+        config = configs.get(component_of[prefix]) or configs.get("") or {}
+        alpha = config.get("lora_alpha")
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if name.path and (name.path == pattern or name.path.endswith("." + pattern)):
+                alpha = value
+        if isinstance(alpha, (int, float)):
+            alphas[stem] = float(alpha)
+    return alphas

@@ -1,0 +1,110 @@
+"""The `blora-tools` command line: a Click group whose commands load lazily, one file each.
+
+Commands are thin (parse → call the library → show). Errors are mapped here, in one place:
+a BloraError prints one line on stderr and exits with its code; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+
+import click
+
+from blora_tools import __version__
+from blora_tools.errors import BloraError
+
+COMMANDS: dict[str, str] = {
+    "inspect": "inspect_cmd",
+    "blocks": "blocks_cmd",
+}
+"""Command name → module in blora_tools.cli defining `<module>` as a click.Command (e.g. inspect_cmd)."""
+
+
+@dataclass
+class App:
+    """What every command gets: two consoles (data on stdout, trouble on stderr) and global flags."""
+
+    quiet: bool = False
+    color: bool = True
+    _out: object = field(default=None, repr=False)
+    _err: object = field(default=None, repr=False)
+
+    @property
+    def out(self):
+        if self._out is None:
+            from rich.console import Console
+
+            self._out = Console(no_color=not self.color, highlight=False, soft_wrap=True)
+        return self._out
+
+    @property
+    def err(self):
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, no_color=not self.color, highlight=False, soft_wrap=True)
+        return self._err
+
+
+class LazyGroup(click.Group):
+    """Loads each command's module only when that command runs (or help lists it)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module_name = COMMANDS.get(name)
+        if module_name is None:
+            return None
+        module = importlib.import_module(f"blora_tools.cli.{module_name}")
+        return getattr(module, module_name)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BloraError as err:
+            _print_error(str(err))
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            _print_error("interrupted; nothing was written")
+            ctx.exit(130)
+
+
+def _print_error(message: str) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="blora-tools")
+@click.option("-q", "--quiet", is_flag=True, help="Print only results and errors: no progress, no notes.")
+@click.option("--no-color", is_flag=True, help="Plain text output (also when NO_COLOR is set).")
+@click.pass_context
+def main(ctx: click.Context, quiet: bool, no_color: bool) -> None:
+    """Block-wise LoRA tools for Stable Diffusion (SD1, SD2, SDXL).
+
+    Look inside adapter files per U-Net block, and cut, re-weight, merge and resize them into ordinary
+    kohya LoRA files that A1111, ComfyUI, diffusers and sd-scripts load unchanged.
+
+    \b
+    Blocks are named three ways, all accepted wherever a selector is asked for:
+      paper groups  in0..in3, mid, out0..out3, te   (SDXL: in0..in2, out0..out2, te1, te2)
+      LBW IDs       BASE, IN00..IN11, M00, OUT00..OUT11, ranges IN04-OUT05
+      presets       style/upper, middle, bottom, character/all;  NOT or !term excludes
+
+    \b
+    Start with:  blora-tools demo        (trains and cuts tiny adapters, no files needed)
+                 blora-tools inspect FILE.safetensors
+                 blora-tools blocks --arch sd1
+    """
+    ctx.obj = App(quiet=quiet, color=not no_color)
+
+
+def run() -> None:
+    """Entry point for `python -m blora_tools`."""
+    main(prog_name="blora-tools")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

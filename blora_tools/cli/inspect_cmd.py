@@ -1,0 +1,117 @@
+"""`blora-tools inspect`: what is inside adapter files, per block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.text import Text
+
+from blora_tools.cli import output
+from blora_tools.errors import AdapterFileError
+
+
+def _expand(paths: tuple[Path, ...]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(p.rglob("*.safetensors"))
+            if not found:
+                raise AdapterFileError("folder holds no .safetensors files", p)
+            files.extend(found)
+        else:
+            files.append(p)
+    return files
+
+
+@click.command("inspect")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--fine", is_flag=True, help="One row per LBW block (IN00…OUT11, BASE) instead of per paper group.")
+@click.option("--no-stats", is_flag=True, help="Read only the headers: no norms, no NaN check, no tensor data.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file (schema blora-inspect/1).")
+@click.pass_obj
+def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_json: bool) -> None:
+    """Show architecture, format, kinds and a per-block table of adapter FILES (or folders).
+
+    Norms are Frobenius norms of each block's scaled ΔW, computed from the factors (no dense
+    matrices); share is the block's part of the file's total squared norm.
+
+    \b
+    Examples:
+      blora-tools inspect style.safetensors
+      blora-tools inspect --fine --json style.safetensors
+      blora-tools inspect --no-stats ~/loras/          # one row per file, headers only
+    """
+    from blora_tools.adapter.model import open_adapter
+    from blora_tools.ops.stats import inspect_adapter
+
+    files = _expand(paths)
+    reports = []
+    for path in files:
+        adapter = open_adapter(path)
+        with output.progress(app, f"reading {path.name}", len(adapter.modules)) as advance:
+            reports.append(inspect_adapter(adapter, fine=fine, with_stats=not no_stats, on_module=advance))
+    archs = {r["arch"] for r in reports}
+    if len(archs) > 1:
+        for r in reports:
+            r["warnings"].append(f"files of mixed architectures given: {', '.join(sorted(archs))}")
+    if as_json:
+        output.print_json(app, reports)
+        for r in reports:
+            output.warn_all(app, (f"{r['path']}: {w}" for w in r["warnings"]))
+        return
+    if len(reports) > 1:
+        _show_many(app, reports)
+        return
+    _show_one(app, reports[0], fine)
+
+
+def _show_one(app, report: dict, fine: bool) -> None:
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(report["kinds"].items()))
+    dtypes = ", ".join(sorted(report["dtypes"]))
+    app.out.print(Text(report["path"], style="bold"))
+    app.out.print(
+        Text(
+            f"{report['arch']} · {report['format']} · {report['modules']} modules ({kinds}) · {dtypes} · "
+            f"{output.human_bytes(report['size'])}"
+        )
+    )
+    has_norm = report["norm"] is not None
+    rows = []
+    for name, b in report["blocks"].items():
+        rank = "" if b["rank_min"] is None else (
+            str(b["rank_min"]) if b["rank_min"] == b["rank_max"] else f"{b['rank_min']}–{b['rank_max']}"
+        )
+        scale = "" if b["scale_min"] is None else (
+            f"{b['scale_min']:g}" if b["scale_min"] == b["scale_max"] else f"{b['scale_min']:g}–{b['scale_max']:g}"
+        )
+        row = [name, b["modules"] or "·", rank, scale, f"{b['params']:,}" if b["params"] else "", output.human_bytes(b["bytes"]) if b["bytes"] else ""]
+        if has_norm:
+            share = b["share"] or 0.0
+            row += [f"{b['norm']:.4g}" if b["norm"] is not None else "", f"{100 * share:.1f}%" if b["norm"] is not None else "", output.bar(share)]
+        rows.append(row)
+    columns = ["LBW" if fine else "block", "modules", "rank", "α/rank", "params", "bytes"]
+    if has_norm:
+        columns += ["norm", "share", ""]
+    app.out.print(output.table(None, columns, rows, right=range(1, 8)))
+    training = report["training"]
+    if training:
+        lines = [f"{k}: {v}" for k, v in training.items() if k != "top_tags"]
+        if "top_tags" in training:
+            lines.append("top tags: " + ", ".join(f"{t} ({n})" for t, n in training["top_tags"]))
+        app.out.print(Text("training: " + " · ".join(lines), style="dim"))
+    output.warn_all(app, report["warnings"])
+
+
+def _show_many(app, reports: list[dict]) -> None:
+    rows = []
+    for r in reports:
+        groups = [g for g, b in r["blocks"].items() if b["modules"]]
+        ranks = [b["rank_max"] for b in r["blocks"].values() if b["rank_max"] is not None]
+        rows.append([
+            r["path"], r["arch"], r["format"], ",".join(f"{k}" for k in sorted(r["kinds"])), r["modules"],
+            max(ranks) if ranks else "", ",".join(groups), output.human_bytes(r["size"]), len(r["warnings"]) or "",
+        ])
+    app.out.print(output.table(None, ["file", "arch", "format", "kinds", "modules", "rank≤", "blocks", "size", "warnings"], rows, right=(4, 5, 7, 8)))
+    for r in reports:
+        output.warn_all(app, (f"{r['path']}: {w}" for w in r["warnings"]))

@@ -1,0 +1,172 @@
+"""Per-block figures of an adapter: modules, ranks, scales, parameters, bytes, and norms from factors.
+
+Norms never build a dense ΔW for LoRA kinds (Gram identity in `kinds.frobenius_norm`); without
+statistics nothing but the header (and the few bytes of each alpha) is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blora_tools.adapter.metadata import SPEC_KEY, training_summary
+from blora_tools.adapter.model import Adapter, Module
+from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.blocks import table
+
+SCHEMA = "blora-inspect/1"
+
+
+@dataclass
+class BlockFigures:
+    """Running totals for one row of the per-block table."""
+
+    modules: int = 0
+    ranks: list[int] = field(default_factory=list)
+    scales: set[float] = field(default_factory=set)
+    params: int = 0
+    bytes: int = 0
+    norm_sq: float | None = None
+
+    def to_json(self, total_sq: float | None) -> dict:
+        norm = None if self.norm_sq is None else math.sqrt(self.norm_sq)
+        share = None
+        if self.norm_sq is not None and total_sq:
+            share = self.norm_sq / total_sq
+        return {
+            "modules": self.modules,
+            "rank_min": min(self.ranks) if self.ranks else None,
+            "rank_max": max(self.ranks) if self.ranks else None,
+            "scale_min": min(self.scales) if self.scales else None,
+            "scale_max": max(self.scales) if self.scales else None,
+            "params": self.params,
+            "bytes": self.bytes,
+            "norm": norm,
+            "share": share,
+        }
+
+
+def row_key(module: Module, fine: bool) -> str:
+    """The row a module counts in: its paper group, or with `fine` its LBW ID (`BASE` for text encoders)."""
+    if module.placement is None:
+        return "none"
+    if fine:
+        return module.placement.lbw or "OTHER"
+    return module.placement.group
+
+
+def row_order(arch: Arch, fine: bool) -> list[str]:
+    if arch is Arch.UNKNOWN:
+        return []
+    layout = table(arch)
+    if fine:
+        return list(layout.lbw_full) + ["OTHER"]
+    return [c.value for c in layout.text_encoders] + list(layout.unet_groups)
+
+
+def inspect_adapter(
+    adapter: Adapter,
+    *,
+    fine: bool = False,
+    with_stats: bool = True,
+    on_module: Callable[[], None] | None = None,
+) -> dict:
+    """The `inspect --json` object for one adapter (schema `blora-inspect/1`, documented in the README)."""
+    rows: dict[str, BlockFigures] = {k: BlockFigures() for k in row_order(adapter.arch, fine)}
+    warnings = list(adapter.warnings)
+    nonfinite: list[str] = []
+    for module in adapter.modules.values():
+        figures = rows.setdefault(row_key(module, fine), BlockFigures())
+        figures.modules += 1
+        if module.rank is not None:
+            figures.ranks.append(module.rank)
+            figures.scales.add(round(module.scale, 6))
+        figures.params += module.params
+        figures.bytes += sum(adapter.info(k).nbytes for k in module.keys.values())
+        if with_stats:
+            from blora_tools.adapter.kinds import frobenius_norm
+
+            tensors = adapter.tensors(module)
+            if not all(bool(t.float().isfinite().all()) for t in tensors.values()):
+                nonfinite.append(module.stem)
+                norm = float("nan")
+            else:
+                norm = frobenius_norm(module.kind, tensors, module.scale, module.weight_shape)
+            figures.norm_sq = (figures.norm_sq or 0.0) + norm * norm
+        if on_module:
+            on_module()
+    if nonfinite:
+        warnings.append(f"{len(nonfinite)} module(s) hold NaN or Inf values, e.g. {nonfinite[0]}")
+    warnings += _empty_block_warnings(adapter, rows, fine)
+    warnings += _alpha_warnings(adapter)
+    finite = [f.norm_sq for f in rows.values() if f.norm_sq is not None and math.isfinite(f.norm_sq)]
+    total_sq = sum(finite) if with_stats else None
+    dtypes = adapter.dtypes()
+    return {
+        "schema": SCHEMA,
+        "path": str(adapter.path),
+        "arch": adapter.arch.value,
+        "format": adapter.format.value,
+        "kinds": _kind_counts(adapter),
+        "modules": len(adapter.modules),
+        "dtypes": dict(dtypes),
+        "size": adapter.header.file_size,
+        "blocks": {k: f.to_json(total_sq) for k, f in rows.items()},
+        "norm": math.sqrt(total_sq) if total_sq is not None else None,
+        "passthrough": list(adapter.passthrough),
+        "warnings": warnings,
+        "training": training_summary(adapter.metadata),
+        "metadata": dict(adapter.metadata),
+    }
+
+
+def _kind_counts(adapter: Adapter) -> dict[str, int]:
+    counts = Counter(m.kind.value for m in adapter.modules.values())
+    dora = sum(1 for m in adapter.modules.values() if m.dora)
+    if dora:
+        counts["dora"] = dora
+    return dict(counts)
+
+
+def _empty_block_warnings(adapter: Adapter, rows: dict[str, BlockFigures], fine: bool) -> list[str]:
+    """Groups the file's own `blora_spec` trains, or that an attention-only file cannot reach, with no modules."""
+    if adapter.arch is Arch.UNKNOWN or fine:
+        return []
+    layout = table(adapter.arch)
+    wanted: set[str] = set()
+    raw_spec = adapter.metadata.get(SPEC_KEY)
+    if raw_spec:
+        try:
+            blocks = json.loads(raw_spec).get("blocks", {})
+            wanted = {g for g, b in blocks.items() if isinstance(b, dict) and (b.get("rank") or b.get("conv_rank"))}
+        except (json.JSONDecodeError, AttributeError):
+            wanted = set()
+    empty = sorted(g for g in wanted if g in rows and rows[g].modules == 0)
+    warnings = []
+    if empty:
+        warnings.append(f"blocks {', '.join(empty)} are in this file's blora_spec but hold no modules")
+    unet_groups = [g for g in layout.unet_groups if rows.get(g) and rows[g].modules]
+    no_attention = sorted(set(layout.unet_groups) - layout.attention_groups)
+    if unet_groups and set(unet_groups) <= layout.attention_groups and not raw_spec:
+        warnings.append(
+            f"attention-only file: blocks {', '.join(no_attention)} have no attention layers, so no module here "
+            "can touch them (train with conv_dim / LoCon to reach them)"
+        )
+    return warnings
+
+
+def _alpha_warnings(adapter: Adapter) -> list[str]:
+    alphas = {
+        m.alpha if m.alpha is not None else float(m.rank)
+        for m in adapter.modules.values()
+        if m.kind.is_lora and m.placement is not None and m.rank is not None
+    }
+    if len(alphas) > 1:
+        return [
+            f"modules have {len(alphas)} different alpha values; diffusers loads such files with some modules "
+            "mis-scaled. Repair: blora-tools convert FILE --to kohya --uniform-alpha -o OUT"
+        ]
+    return []
