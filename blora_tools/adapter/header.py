@@ -85,8 +85,9 @@ def read_header(path: str | Path) -> Header:
                 raise AdapterFileError(
                     f"not a safetensors file: {size} bytes, shorter than the 8-byte header length", path
                 )
-            _refuse_pickle(head, path)
             (length,) = struct.unpack("<Q", head)
+            _refuse_pickle(head, f.read(1), path)
+            f.seek(8)
             if length > MAX_HEADER_BYTES:
                 raise AdapterFileError(f"header length {length} is over the {MAX_HEADER_BYTES}-byte limit", path)
             if 8 + length > size:
@@ -117,8 +118,11 @@ def parse_header(raw: bytes, path: Path, file_size: int) -> Header:
     return Header(path, MappingProxyType(metadata), MappingProxyType(tensors), data_start, file_size)
 
 
-def _refuse_pickle(head: bytes, path: Path) -> None:
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+def _refuse_pickle(head: bytes, first_header_byte: bytes, path: Path) -> None:
+    """A safetensors header starts with `{` after its length; pickle and torch zip files start otherwise."""
+    if first_header_byte == b"{":
+        return
+    if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04":
         raise AdapterFileError("is a pickle/zip file renamed to .safetensors; " + _CONVERT_HINT, path)
 
 

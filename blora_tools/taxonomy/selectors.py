@@ -78,17 +78,17 @@ def parse_selector(text: str) -> Selector:
 
 def check_term(name: str) -> None:
     """Raise SelectorError unless `name` is a term of the selector vocabulary on some architecture."""
-    if any(_resolves(name, table(a)) for a in (Arch.SD1, Arch.SDXL)):
-        return
-    raise SelectorError(f"unknown block {name!r}; {vocabulary_hint()}")
-
-
-def _resolves(name: str, layout: ArchTable) -> bool:
     try:
-        resolve_term(name, layout)
+        resolve_term(name, table(Arch.SDXL))
+        return
     except SelectorError:
-        return False
-    return True
+        pass
+    try:
+        resolve_term(name, table(Arch.SD1))
+    except SelectorError as err:
+        if err.message.startswith("unknown block"):
+            raise SelectorError(f"unknown block {name!r}; {vocabulary_hint()}") from None
+        raise
 
 
 def vocabulary_hint(layout: ArchTable | None = None) -> str:

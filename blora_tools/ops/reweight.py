@@ -1,0 +1,119 @@
+"""Reweight: multiply each module's ΔW by its block's weight, the way runtime strength does.
+
+Linear in the weight: exactly one factor per module is scaled (`kinds.scaled_params`: `lora_up`,
+`hada_w1_a`, `lokr_w1`/`lokr_w1_a`, `diff`+`diff_b`, `w_norm`+`b_norm`), in float32, and written back in the
+tensor's own dtype. Scaling both factors would square the effect. Weight 0 removes the module (as prune does),
+weight 1 copies it byte for byte. Alphas stay as they are. DoRA modules accept only 0 and 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blora_tools.adapter.kinds import scaled_params
+from blora_tools.adapter.metadata import SPEC_KEY, updated_metadata
+from blora_tools.adapter.model import Adapter, Module
+from blora_tools.adapter.writer import Entry
+from blora_tools.errors import BloraError
+from blora_tools.ops.result import (
+    Result,
+    computed,
+    copied,
+    effective_alpha,
+    known_arch,
+    spec_without_groups,
+)
+from blora_tools.taxonomy.blocks import table
+from blora_tools.taxonomy.weights import BlockWeights
+
+
+def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "") -> Result:
+    """Scale every module by `weights[module.block]`; modules that fit no block are left as they are.
+
+    `text` is the user's weight string, recorded in the history. Raises BloraError when a DoRA module gets
+    a weight other than 0 or 1, or when every module would get weight 0.
+    """
+    arch = known_arch(adapter)
+    if weights.arch is not arch:
+        raise BloraError(f"weights were resolved for {weights.arch.value} but the file is {arch.value}", adapter.path)
+    warnings = list(adapter.warnings)
+    entries: list[Entry] = []
+    kept: list[Module] = []
+    per_group: dict[str, dict[str, object]] = {}
+    removed = scaled = 0
+    for module in adapter.modules.values():
+        weight = 1.0 if module.block is None else float(weights[module.block])
+        row = per_group.setdefault(module.group, {"modules": 0, "weights": set(), "removed": 0})
+        row["modules"] += 1
+        row["weights"].add(weight)
+        if module.dora and weight not in (0.0, 1.0):
+            raise BloraError(
+                f"module {module.stem} (block {module.block}) is DoRA and gets weight {weight:g}; DoRA renormalises "
+                "the weight by its magnitude vector, so scaling a factor does not scale its effect: "
+                "only 0 (drop) and 1 (keep) are exact for DoRA modules",
+                adapter.path,
+            )
+        if weight == 0.0:
+            removed += 1
+            row["removed"] += 1
+            continue
+        kept.append(module)
+        if weight == 1.0:
+            entries += [copied(adapter, key) for key in module.keys.values()]
+            continue
+        scaled += 1
+        targets = set(scaled_params(module.kind, frozenset(module.keys)))
+        for param, key in module.keys.items():
+            if param in targets:
+                entries.append(_scaled(adapter, key, weight))
+            else:
+                entries.append(copied(adapter, key))
+    if not any(m.block is not None for m in kept):
+        raise BloraError(
+            f"weights {text or '(given)'} are 0 for every block this file has modules in; nothing written",
+            adapter.path,
+        )
+    entries += [copied(adapter, key) for key in adapter.passthrough]
+
+    metadata = updated_metadata(
+        adapter.metadata,
+        operation="reweight",
+        arguments={"input": Path(adapter.path).name, "weights": text, "resolved": _nontrivial(weights)},
+        ranks=[m.rank for m in kept],
+        alphas=[a for m in kept if (a := effective_alpha(m)) is not None],
+    )
+    spec = spec_without_groups(adapter.metadata, {m.group for m in kept})
+    if spec is not None:
+        metadata[SPEC_KEY] = spec
+    order = {g: i for i, g in enumerate(_group_order(arch))}
+    blocks = {
+        g: {"modules": r["modules"], "removed": r["removed"], "weights": sorted(r["weights"])}
+        for g, r in sorted(per_group.items(), key=lambda kv: order.get(kv[0], len(order)))
+    }
+    summary = {
+        "operation": "reweight",
+        "input": str(adapter.path),
+        "arch": arch.value,
+        "weights": text,
+        "modules_before": len(adapter.modules),
+        "modules_after": len(kept),
+        "scaled": scaled,
+        "removed": removed,
+        "blocks": blocks,
+    }
+    return Result("reweight", entries, metadata, (Path(adapter.path),), warnings, summary)
+
+
+def _scaled(adapter: Adapter, key: str, weight: float) -> Entry:
+    info = adapter.info(key)
+    return computed(key, info.dtype, info.shape, lambda: adapter.tensor(key).float() * weight)
+
+
+def _nontrivial(weights: BlockWeights) -> dict[str, float]:
+    """Blocks whose weight is not 1 (what the history records)."""
+    return {b: w for b, w in weights.values.items() if w != 1.0}
+
+
+def _group_order(arch) -> tuple[str, ...]:
+    layout = table(arch)
+    return tuple(c.value for c in layout.text_encoders) + layout.unet_groups + ("none",)

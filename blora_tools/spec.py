@@ -1,0 +1,226 @@
+"""BlockSpec: the resolved per-block training specification, and its `blora_spec` JSON form.
+
+A `BlockSpec` says, for every block of one architecture (DESIGN.md §2: text encoders, LBW blocks, `OTHER`),
+the LoRA rank and alpha of its linear and 1×1 layers, the rank and alpha of its k×k convolutions (LoCon) and
+its learning-rate weight. Rank 0 means the block is not trained. It is what `kohya_plugin.args` makes of the
+`--network_args` strings, and what the plugin writes into every file it saves under the metadata key
+`blora_spec`, so that the training parametrisation can be restored from the file.
+
+One detail is finer than a block: kohya's SDXL `block_dims` and `mid_lr_weight` give the three parts of the
+middle block (`middle_block_0..2`, kohya slots 10–12) separate values, while the taxonomy has one block `M00`.
+When they differ, `slots` holds one setting per kohya slot and takes precedence over `blocks["M00"]`.
+
+The JSON (`to_json`) has `arch`, `algo` and `blocks` (paper group → `{"rank", "alpha", "conv_rank",
+"conv_alpha", "lr_weight"}`, rank 0 for skipped groups; where a group's members differ the values are
+those of its largest-rank member and `"mixed": true`), plus `lbw` (every block, exact) and `kohya_slots`
+(only when SDXL's middle-block parts differ). `from_json` reads `lbw` and `kohya_slots` back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from types import MappingProxyType
+
+from blora_tools.errors import SpecError
+from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.blocks import Component, Placement, table
+
+FORMAT = "blora-spec/1"
+"""The value of the `format` field of the `blora_spec` JSON."""
+
+CONV_KINDS = frozenset({"conv3x3"})
+"""Layer kinds that take the conv rank and alpha; linear and 1×1 layers take the plain ones (as kohya)."""
+
+
+class Algo(str, Enum):
+    """The adapter algorithm: LoRA on attention layers, or LoCon (LoRA on convolutions too)."""
+
+    LORA = "lora"
+    LOCON = "locon"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class BlockSetting:
+    """The training numbers of one block. Alpha 0 means alpha = rank (kohya's convention)."""
+
+    rank: int = 0
+    alpha: float = 1.0
+    conv_rank: int = 0
+    conv_alpha: float = 1.0
+    lr_weight: float = 1.0
+
+    @property
+    def trained(self) -> bool:
+        """Whether any layer of the block gets an adapter."""
+        return self.rank > 0 or self.conv_rank > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping, where: str) -> "BlockSetting":
+        """Read a setting back from JSON, checking every field."""
+        if not isinstance(data, Mapping):
+            raise SpecError(f"blora_spec: {where} is not an object")
+        try:
+            setting = cls(
+                rank=int(data.get("rank", 0)),
+                alpha=float(data.get("alpha", 1.0)),
+                conv_rank=int(data.get("conv_rank", 0)),
+                conv_alpha=float(data.get("conv_alpha", 1.0)),
+                lr_weight=float(data.get("lr_weight", 1.0)),
+            )
+        except (TypeError, ValueError):
+            raise SpecError(f"blora_spec: {where} has a value that is not a number") from None
+        numbers = (setting.rank, setting.alpha, setting.conv_rank, setting.conv_alpha, setting.lr_weight)
+        if min(numbers) < 0 or not all(math.isfinite(v) for v in numbers):
+            raise SpecError(f"blora_spec: {where} has a negative or non-finite value")
+        return setting
+
+
+def _frozen(mapping: Mapping) -> Mapping:
+    return mapping if isinstance(mapping, MappingProxyType) else MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Per-block ranks, alphas, conv ranks, conv alphas and learning-rate weights of one architecture."""
+
+    arch: Arch
+    algo: Algo
+    blocks: Mapping[str, BlockSetting]
+    slots: Mapping[int, BlockSetting] = field(default_factory=dict)
+    network_dim: int = 4
+    network_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arch", Arch(self.arch))
+        object.__setattr__(self, "algo", Algo(self.algo))
+        object.__setattr__(self, "blocks", _frozen(self.blocks))
+        object.__setattr__(self, "slots", _frozen(self.slots))
+        expected = set(table(self.arch).blocks)
+        if set(self.blocks) != expected:
+            missing = sorted(expected - set(self.blocks))
+            extra = sorted(set(self.blocks) - expected)
+            raise SpecError(f"a {self.arch.value} spec needs every block; missing {missing}, unknown {extra}")
+
+    # --- lookups --------------------------------------------------------------------------------
+
+    def setting(self, placement: Placement) -> BlockSetting:
+        """The setting of the block a module sits in (a kohya-slot setting where one exists)."""
+        if placement.component is Component.UNET and placement.kohya_index in self.slots:
+            return self.slots[placement.kohya_index]
+        return self.blocks[placement.block]
+
+    def rank_alpha(self, placement: Placement, kind: str) -> tuple[int, float]:
+        """The (rank, alpha) a module of `kind` gets in its block; alpha 0 becomes the rank."""
+        s = self.setting(placement)
+        rank, alpha = (s.conv_rank, s.conv_alpha) if kind in CONV_KINDS else (s.rank, s.alpha)
+        return rank, (float(rank) if alpha == 0 else alpha)
+
+    @property
+    def include_conv(self) -> bool:
+        """Whether any block trains convolutions (LoCon)."""
+        return any(s.conv_rank > 0 for s in (*self.blocks.values(), *self.slots.values()))
+
+    @property
+    def trained_blocks(self) -> frozenset[str]:
+        """Blocks with a non-zero rank or conv rank."""
+        trained = {b for b, s in self.blocks.items() if s.trained}
+        if any(s.trained for s in self.slots.values()):
+            trained.add("M00")
+        return frozenset(trained)
+
+    def settings_of(self, block: str) -> tuple[BlockSetting, ...]:
+        """Every setting a block uses: one, or SDXL's three middle-block slots."""
+        if block == "M00" and self.slots:
+            return tuple(self.slots[i] for i in sorted(self.slots))
+        return (self.blocks[block],)
+
+    # --- summaries and JSON ------------------------------------------------------------------------
+
+    def group_summary(self) -> dict[str, dict]:
+        """Paper group → {"rank", "alpha", "conv_rank", "conv_alpha", "lr_weight"} (+ "mixed" where members differ).
+
+        Text encoders first, then U-Net groups; blocks outside every group (IN00, OTHER) are left out.
+        """
+        layout = table(self.arch)
+        groups: dict[str, tuple[str, ...]] = {c.value: (c.value,) for c in layout.text_encoders}
+        groups.update(layout.group_members)
+        summary: dict[str, dict] = {}
+        for group, members in groups.items():
+            settings = [s for b in members for s in self.settings_of(b)]
+            trained = [s for s in settings if s.trained] or settings
+            lead = max(trained, key=lambda s: (s.rank, s.conv_rank))
+            conv_lead = max(trained, key=lambda s: s.conv_rank)
+            entry = {
+                "rank": lead.rank,
+                "alpha": lead.alpha,
+                "conv_rank": conv_lead.conv_rank,
+                "conv_alpha": conv_lead.conv_alpha,
+                "lr_weight": lead.lr_weight,
+            }
+            if len(set(settings)) > 1:
+                entry["mixed"] = True
+            summary[group] = entry
+        return summary
+
+    def to_dict(self) -> dict:
+        doc: dict = {
+            "format": FORMAT,
+            "arch": self.arch.value,
+            "algo": self.algo.value,
+            "network_dim": self.network_dim,
+            "network_alpha": self.network_alpha,
+            "blocks": self.group_summary(),
+            "lbw": {b: s.to_dict() for b, s in self.blocks.items()},
+        }
+        if self.slots:
+            doc["kohya_slots"] = {str(i): s.to_dict() for i, s in sorted(self.slots.items())}
+        return doc
+
+    def to_json(self, extra: Mapping | None = None) -> str:
+        """The `blora_spec` metadata value; `extra` adds top-level fields (e.g. the file's alpha)."""
+        doc = self.to_dict()
+        if extra:
+            doc.update(extra)
+        return json.dumps(doc, separators=(",", ":"), sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str | Mapping) -> "BlockSpec":
+        """Read a `blora_spec` value (string or parsed JSON); raises SpecError when it is not one."""
+        try:
+            doc = json.loads(text) if isinstance(text, str) else text
+        except json.JSONDecodeError as err:
+            raise SpecError(f"blora_spec is not valid JSON: {err.msg}") from None
+        if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
+            raise SpecError(f"blora_spec has no 'format': {FORMAT!r} field")
+        try:
+            arch = Arch(doc.get("arch"))
+            algo = Algo(doc.get("algo", "lora"))
+            layout = table(arch)
+        except ValueError:
+            raise SpecError(f"blora_spec: unknown arch {doc.get('arch')!r} or algo {doc.get('algo')!r}") from None
+        lbw = doc.get("lbw")
+        if not isinstance(lbw, Mapping):
+            raise SpecError("blora_spec has no 'lbw' table")
+        blocks = {b: BlockSetting.from_dict(lbw.get(b, {}), f"lbw.{b}") for b in layout.blocks}
+        slots_doc = doc.get("kohya_slots") or {}
+        if not isinstance(slots_doc, Mapping):
+            raise SpecError("blora_spec: 'kohya_slots' is not an object")
+        try:
+            slots = {int(i): BlockSetting.from_dict(s, f"kohya_slots.{i}") for i, s in slots_doc.items()}
+        except ValueError:
+            raise SpecError("blora_spec: 'kohya_slots' keys must be kohya block indices") from None
+        try:
+            dim, alpha = int(doc.get("network_dim", 4)), float(doc.get("network_alpha", 1.0))
+        except (TypeError, ValueError):
+            raise SpecError("blora_spec: network_dim / network_alpha are not numbers") from None
+        return cls(arch, algo, blocks, slots, dim, alpha)
