@@ -12,6 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """One intra-op thread: the models here are tiny, and spinning OpenMP threads on a shared 2-core
+    machine made single convolutions 50× slower than one thread (measured)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _manifest_dir() -> Path | None:
     for candidate in (
         os.environ.get("BLORA_MANIFESTS"),

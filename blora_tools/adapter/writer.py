@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,15 +110,18 @@ def write_entries(
     try:
         with os.fdopen(fd, "w+b") as f:
             f.write(struct.pack("<Q", len(head)) + head)
-            data_hash = hashlib.sha256()
-            for e in items:
-                data = e.produce()
-                if len(data) != e.nbytes:
-                    raise ValueError(f"tensor {e.name}: produced {len(data)} bytes, expected {e.nbytes}")
-                f.write(data)
-                data_hash.update(data)
+            data_hash = _BackgroundHash()
+            try:
+                for e in items:
+                    data = e.produce()
+                    if len(data) != e.nbytes:
+                        raise ValueError(f"tensor {e.name}: produced {len(data)} bytes, expected {e.nbytes}")
+                    data_hash.update(data)
+                    f.write(data)
+            finally:
+                digest = data_hash.hexdigest()
             if hashes:
-                meta["sshs_model_hash"] = data_hash.hexdigest()
+                meta["sshs_model_hash"] = digest
                 meta["sshs_legacy_hash"] = _legacy_hash(f, items, meta, 8 + len(head))
                 final = header_bytes(items, meta)
                 assert len(final) == len(head), "hash placeholders keep the header length"
@@ -132,6 +137,28 @@ def write_entries(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class _BackgroundHash:
+    """sha256 on a worker thread, so hashing overlaps reading and writing (hashlib releases the GIL)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._hash.hexdigest()
 
 
 def _legacy_hash(f, items: list[Entry], meta: Mapping[str, str], data_start: int) -> str:

@@ -15,6 +15,7 @@ from blora_tools.errors import BloraError
 from blora_tools.ops.result import (
     Result,
     copied,
+    diffusers_warning,
     copied_module,
     effective_alpha,
     group_counts,
@@ -59,6 +60,9 @@ def prune(adapter: Adapter, blocks: frozenset[str], *, keep: bool, selector: str
         )
     if not dropped:
         warnings.append("no module matched: the output has the same tensors as the input")
+    note = diffusers_warning(kept)
+    if note:
+        warnings.append(note)
 
     entries = [e for m in kept for e in copied_module(adapter, m)]
     entries += [copied(adapter, key) for key in adapter.passthrough]

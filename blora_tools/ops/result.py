@@ -128,7 +128,20 @@ def spec_without_groups(metadata: Mapping[str, str], remaining_groups: set[str])
     return json.dumps(spec, sort_keys=True)
 
 
-def empty_blocks(modules: Iterable["Module"], blocks: Iterable[str]) -> list[str]:
-    """Blocks of `blocks` that hold no module of `modules`."""
-    present = {m.block for m in modules}
-    return sorted(b for b in blocks if b not in present)
+def diffusers_warning(modules: Iterable["Module"]) -> str | None:
+    """A warning when diffusers will not load these modules as they are (DESIGN §3), else None."""
+    from blora_tools.adapter.kinds import Kind
+
+    reasons = []
+    kinds = {m.kind for m in modules}
+    if Kind.LOHA in kinds or Kind.LOKR in kinds:
+        reasons.append("LoHa/LoKr modules")
+    if Kind.TUCKER in kinds:
+        reasons.append("lora_mid (Tucker) cores")
+    if Kind.FULL in kinds or Kind.NORM in kinds:
+        reasons.append("full/norm modules")
+    if any(m.dora for m in modules):
+        reasons.append("DoRA scales (dropped by diffusers)")
+    if not reasons:
+        return None
+    return f"diffusers will not load this file as it is: it has {', '.join(reasons)} (A1111, ComfyUI and LyCORIS do)"

@@ -19,6 +19,7 @@ from blora_tools.ops.result import (
     Result,
     computed,
     copied,
+    diffusers_warning,
     effective_alpha,
     known_arch,
     spec_without_groups,
@@ -74,6 +75,9 @@ def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "") -> Resu
             adapter.path,
         )
     entries += [copied(adapter, key) for key in adapter.passthrough]
+    note = diffusers_warning(kept)
+    if note:
+        warnings.append(note)
 
     metadata = updated_metadata(
         adapter.metadata,

@@ -27,6 +27,7 @@ _CONTEXT_DIM = {768: Arch.SD1, 1024: Arch.SD2, 2048: Arch.SDXL}
 _ATTN2_KV = re.compile(r"^lora_unet_.*attn2_to_[kv]$")
 _TE_LAYER = re.compile(r"^lora_te_(?:text_model_)?encoder_layers_(\d+)_")
 _TE_Q_PROJ = re.compile(r"^lora_te_(?:text_model_)?encoder_layers_\d+_self_attn_q_proj$")
+_LDM_ANY = re.compile(r"^lora_unet_(?:input_blocks|output_blocks|middle_block)_\d+_")
 _LDM_DEEP = re.compile(r"^lora_unet_(?:input|output)_blocks_(\d+)_")
 _TRANSFORMER_DEPTH = re.compile(r"_transformer_blocks_([2-9]|\d\d+)_")
 # Attention in the deepest up level exists only on SDXL; attention in the outermost down level only on SD1/SD2.
@@ -66,12 +67,11 @@ def detect_arch(
     the result is what the tensors say and a warning says so.
     """
     stems = list(stems)
-    widths = in_features or {}
     warnings: list[str] = []
-    from_names = _arch_from_names(stems, widths, linear_proj_in)
+    from_names, confident = _arch_from_names(stems, in_features or {}, linear_proj_in)
     claimed = arch_from_metadata(metadata or {})
-    if from_names is None:
-        return (claimed or Arch.UNKNOWN), warnings
+    if from_names is None or (claimed is not None and not confident):
+        return (claimed or from_names or Arch.UNKNOWN), warnings
     if claimed is not None and claimed != from_names:
         warnings.append(
             f"metadata says {claimed.value} but the tensors are {from_names.value}; using {from_names.value}"
@@ -79,27 +79,31 @@ def detect_arch(
     return from_names, warnings
 
 
-def _arch_from_names(stems: list[str], widths: Mapping[str, int], linear_proj_in: bool) -> Arch | None:
+def _arch_from_names(stems: list[str], widths: Mapping[str, int], linear_proj_in: bool) -> tuple[Arch | None, bool]:
+    """(architecture, whether the evidence is conclusive); inconclusive guesses yield to metadata."""
     if any(s.startswith(("lora_te1_", "lora_te2_")) for s in stems):
-        return Arch.SDXL
+        return Arch.SDXL, True
     unet = [s for s in stems if s.startswith("lora_unet_")]
     for stem in unet:
         if _ATTN2_KV.match(stem) and widths.get(stem) in _CONTEXT_DIM:
-            return _CONTEXT_DIM[widths[stem]]
+            return _CONTEXT_DIM[widths[stem]], True
     levels_of_four = any(
         s.startswith(("lora_unet_down_blocks_3_", "lora_unet_up_blocks_3_")) for s in unet
     ) or any(int(m.group(1)) > 8 for s in unet if (m := _LDM_DEEP.match(s)))
     levels_of_four = levels_of_four or any(_SD_ONLY_ATTENTION.match(s) for s in unet)
     three_levels = any(_TRANSFORMER_DEPTH.search(s) or _SDXL_ONLY_ATTENTION.match(s) for s in unet)
     if three_levels and not levels_of_four:
-        return Arch.SDXL
+        return Arch.SDXL, True
     te_layers = {int(m.group(1)) for s in stems if (m := _TE_LAYER.match(s))}
     te_width = {widths.get(s) for s in stems if _TE_Q_PROJ.match(s)}
     if (te_layers and max(te_layers) >= 12) or 1024 in te_width:
-        return Arch.SD2
+        return Arch.SD2, True
     if 768 in te_width:
-        return Arch.SD1
+        return Arch.SD1, True
+    if not levels_of_four and any(_LDM_ANY.match(s) for s in unet):
+        # kohya writes SDXL with LDM names and SD1/SD2 with diffusers names; LDM SD1 files show IN09+.
+        return Arch.SDXL, False
     if linear_proj_in:
-        return Arch.SD2
+        return Arch.SD2, False
     # Nothing that tells the widths apart: SD1, the older and more common family.
-    return Arch.SD1 if (levels_of_four or te_layers or unet) else None
+    return (Arch.SD1 if (levels_of_four or te_layers or unet) else None), False

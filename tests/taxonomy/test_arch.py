@@ -53,3 +53,22 @@ def test_arch_from_metadata(metadata, expected):
 def test_nothing_known_is_unknown_unless_metadata_says():
     assert detect_arch(["bundle_emb.x"], {}, {})[0] is Arch.UNKNOWN
     assert detect_arch([], {}, {"ss_base_model_version": "sdxl_base_v1-0"})[0] is Arch.SDXL
+
+
+def test_sdxl_style_only_ldm_file_is_sdxl(load_manifest):
+    """Regression: an SDXL LoCon file with only the outer level (no attention, no text encoder) was read as SD1."""
+    stems = [m["name"] for m in load_manifest("sdxl_locon")["modules"] if m["name"].startswith(("lora_unet_input_blocks_1_", "lora_unet_output_blocks_7_"))]
+    assert stems
+    assert detect_arch(stems, {}, {}, False)[0] is Arch.SDXL
+    assert detect_arch(stems, {}, {"ss_base_model_version": "sdxl_base_v1-0"}, False) == (Arch.SDXL, [])
+
+
+def test_tiny_sdxl_with_linear_proj_in_is_not_sd2():
+    """Regression: LDM names with Linear proj_in and shallow attention were read as SD2."""
+    stems = ["lora_unet_input_blocks_4_1_proj_in", "lora_unet_middle_block_1_proj_out"]
+    assert detect_arch(stems, {}, {}, True)[0] is Arch.SDXL
+
+
+def test_inconclusive_names_yield_to_metadata():
+    stems = ["lora_unet_mid_block_attentions_0_proj_in"]
+    assert detect_arch(stems, {}, {"ss_base_model_version": "sd_v2"}) == (Arch.SD2, [])

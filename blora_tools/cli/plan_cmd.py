@@ -1,0 +1,50 @@
+"""`blora-tools plan`: what a training configuration would create, per block, without a model."""
+
+from __future__ import annotations
+
+import click
+
+from blora_tools.cli import output
+from blora_tools.taxonomy.arch import KNOWN_ARCHS
+
+
+@click.command("plan")
+@click.option("--arch", "arch_name", type=click.Choice([a.value for a in KNOWN_ARCHS]), required=True, help="Architecture to plan for.")
+@click.option("--network-args", default="", help='The --network_args you would give sd-scripts, e.g. "preset=style conv_dim=8".')
+@click.option("--network-dim", type=int, default=None, help="The trainer's --network_dim (default 4).")
+@click.option("--network-alpha", type=float, default=None, help="The trainer's --network_alpha (default 1).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"arch", "blocks": {group: {"modules", "params", …}}, "total", "warnings"}.')
+@click.pass_obj
+def plan_cmd(app, arch_name: str, network_args: str, network_dim: int | None, network_alpha: float | None, as_json: bool) -> None:
+    """Show the modules and trainable parameters training would create, per block.
+
+    Builds the full-size U-Net and text encoders on PyTorch's meta device (no weights, no memory) and
+    resolves the arguments exactly as `kohya_plugin.blockwise` does in training: a configuration training
+    would reject fails here with the same message, before a multi-hour run.
+
+    \b
+    Examples:
+      blora-tools plan --arch sd1 --network-args "preset=style"
+      blora-tools plan --arch sdxl --network-args "preset=style conv_dim=8 conv_alpha=4"
+      blora-tools plan --arch sd1 --network-dim 16 --network-args "block_ranks=in0=32,out3=32 te_dim=0" --json
+    """
+    from kohya_plugin.plan import plan_network
+
+    plan = plan_network(arch_name, network_args, network_dim, network_alpha)
+    doc = plan.to_dict()
+    if as_json:
+        output.print_json(app, doc)
+        output.warn_all(app, doc["warnings"])
+        return
+    total = max(doc["total"]["params"], 1)
+    rows = []
+    for group, b in doc["blocks"].items():
+        rank = b.get("rank", "")
+        conv = b.get("conv_rank", "")
+        rows.append([
+            group, b["modules"] or "·", rank if rank else "·", conv if conv else "·",
+            b.get("lr_weight", ""), f"{b['params']:,}" if b["params"] else "", output.bar(b["params"] / total),
+        ])
+    app.out.print(output.table(f"{arch_name} · {doc['algo']} · {network_args or '(defaults)'}", ["block", "modules", "rank", "conv rank", "lr ×", "params", ""], rows, right=(1, 2, 3, 4, 5)))
+    app.out.print(f"total: {doc['total']['modules']} modules, {doc['total']['params']:,} trainable parameters")
+    output.warn_all(app, doc["warnings"])

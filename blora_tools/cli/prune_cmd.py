@@ -1,0 +1,109 @@
+"""`blora-tools prune`: remove whole modules by block; kept tensors stay byte-identical.
+
+Also home of the small helpers the surgery commands (prune, reweight, merge, resize) share: write a Result
+with a progress bar, and show its summary as a table or JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from blora_tools.cli import output as ui
+from blora_tools.cli.params import SELECTOR, force_option, input_file, json_option, output_option
+
+
+@click.command("prune")
+@input_file
+@click.option("--keep", type=SELECTOR, help="Keep only modules in these blocks, e.g. in0,out3 or style.")
+@click.option("--drop", type=SELECTOR, help="Remove modules in these blocks, e.g. te or 'mid out0'.")
+@output_option(required=False)
+@click.option("--dry-run", is_flag=True, help="List what would be removed; write nothing (no -o needed).")
+@force_option
+@json_option
+@click.pass_obj
+def prune_cmd(app, file: Path, keep, drop, output: Path | None, dry_run: bool, force: bool, as_json: bool) -> None:
+    """Remove whole modules of FILE by block and write the rest to -o OUT.
+
+    Every key of a removed module goes (alpha, dora_scale, lora_mid, …), so no orphan is left; every kept
+    tensor is copied byte for byte. Text encoders are blocks like any other (te, te1, te2, BASE).
+
+    \b
+    Examples:
+      blora-tools prune style.safetensors --keep in0,out3 -o style-outer.safetensors
+      blora-tools prune char.safetensors --drop te -o char-unet.safetensors
+      blora-tools prune char.safetensors --drop "IN04-IN08" --dry-run
+    """
+    from blora_tools.adapter.model import open_adapter
+    from blora_tools.adapter.writer import check_output
+    from blora_tools.ops.prune import prune
+    from blora_tools.ops.result import known_arch
+
+    if (keep is None) == (drop is None):
+        raise click.UsageError("give exactly one of --keep SELECTOR or --drop SELECTOR")
+    if output is None and not dry_run:
+        raise click.UsageError("missing -o/--output (or use --dry-run to only list what would go)")
+    selector = keep if keep is not None else drop
+    adapter = open_adapter(file)
+    if not dry_run:
+        check_output(output, [file], force)
+    blocks = selector.resolve(known_arch(adapter))
+    result = prune(adapter, blocks, keep=keep is not None, selector=selector.text)
+    written = None if dry_run else save_result(app, result, output, force)
+    if as_json:
+        show_json(app, result, written)
+        return
+    summary = result.summary
+    if dry_run:
+        _show_dry_run(app, result)
+    else:
+        groups = sorted(set(summary["kept"]) | set(summary["dropped"]), key=group_key(summary["arch"]))
+        rows = [[g, summary["kept"].get(g, 0) + summary["dropped"].get(g, 0), summary["kept"].get(g, "·"), summary["dropped"].get(g, "·")] for g in groups]
+        app.out.print(ui.table(None, ["block", "modules", "kept", "dropped"], rows, right=(1, 2, 3)))
+        done(app, written, f"{summary['modules_after']} of {summary['modules_before']} modules kept")
+    ui.warn_all(app, result.warnings)
+
+
+def _show_dry_run(app, result) -> None:
+    s = result.summary
+    dropped = s["dropped_modules"]
+    app.out.print(f"{s['mode']} {s['selector']} = {s['blocks']}: {len(dropped)} of {s['modules_before']} modules would go")
+    for stem in dropped:
+        app.out.print(f"  {stem}", markup=False)
+    ui.note(app, "dry run: nothing written")
+
+
+# --- shared by the surgery commands --------------------------------------------------------------------
+
+
+def save_result(app, result, path: Path, force: bool) -> Path:
+    """Write a Result atomically, with a progress bar over the bytes written."""
+    with ui.progress(app, f"writing {Path(path).name}", result.nbytes) as advance:
+        return result.save(path, force=force, on_bytes=advance)
+
+
+def show_json(app, result, written: Path | None) -> None:
+    """The --json document: the operation's summary plus `output` (null for a dry run) and `warnings`."""
+    doc = dict(result.summary)
+    doc["output"] = None if written is None else str(written)
+    doc["warnings"] = list(result.warnings)
+    ui.print_json(app, doc)
+    ui.warn_all(app, result.warnings)
+
+
+def done(app, written: Path, what: str) -> None:
+    """The closing line on stdout: what was written and how big it is."""
+    from rich.text import Text
+
+    size = ui.human_bytes(written.stat().st_size)
+    app.out.print(Text("wrote ", style="green") + Text(f"{written} ({what}, {size})"))
+
+
+def group_key(arch: str):
+    """A sort key putting paper groups in LBW order (text encoders first, `none` last)."""
+    from blora_tools.taxonomy.blocks import table
+
+    layout = table(arch)
+    order = [c.value for c in layout.text_encoders] + list(layout.unet_groups) + ["none"]
+    return lambda g: order.index(g) if g in order else len(order)

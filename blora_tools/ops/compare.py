@@ -1,0 +1,266 @@
+"""Compare two adapters block by block: who trains what, how strongly, and whether they pull together.
+
+Per paper group, with every module's scaled ΔW flattened and the group's modules concatenated (zeros where a
+file lacks a module):
+
+* `norm_a`, `norm_b` — ‖ΔW‖_F of each file's part of the group;
+* `cosine` — ⟨ΔW_a, ΔW_b⟩ / (‖ΔW_a‖·‖ΔW_b‖); `None` when either file has no module in the group;
+* `overlap` — the mean squared cosine of the principal angles between the two column spaces (1 = same
+  directions, 0 = orthogonal), averaged over the modules both files have; `None` when they share none.
+
+Nothing dense is formed for LoRA kinds: ⟨U₁D₁, U₂D₂⟩_F = Σ (U₁ᵀU₂) ⊙ (D₁D₂ᵀ), norms from Gram matrices, and
+column spaces from `lowrank.decompose_factors` (QR of the up and down factors, SVD of the small core: the
+column space of ΔW itself, which is that of U when D has full rank). LoHa, LoKr and full modules, which have
+no such factors, are made dense (once per module both files have).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from blora_tools.adapter.formats import ldm_to_diffusers, path_from_stem, stem_from_path, unet_naming
+from blora_tools.adapter.kinds import delta_weight, frobenius_norm, lora_factors
+from blora_tools.adapter.model import Adapter, Module
+from blora_tools.errors import BloraError
+from blora_tools.ops.stats import row_order
+from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.blocks import Component, table
+
+if TYPE_CHECKING:
+    import torch
+
+SCHEMA = "blora-compare/1"
+STRONG = 0.25
+"""A block is strong in a file when its norm is at least this share of the file's strongest block."""
+ALIGNED = 0.3
+"""cosine above this: the two adapters push the block the same way (their effects add up)."""
+OPPOSED = -0.3
+"""cosine below this: they push it opposite ways (they cancel out)."""
+_BASIS_TOLERANCE = 1e-5
+"""Singular values below this share of the largest do not count towards a column space."""
+
+
+@dataclass
+class _Group:
+    modules_a: int = 0
+    modules_b: int = 0
+    shared: int = 0
+    norm_a_sq: float = 0.0
+    norm_b_sq: float = 0.0
+    inner: float = 0.0
+    overlaps: list[float] = field(default_factory=list)
+
+
+def compare(
+    a: Adapter,
+    b: Adapter,
+    *,
+    style: str | None = None,
+    on_module: Callable[[], None] | None = None,
+) -> dict:
+    """The `compare --json` object (schema `blora-compare/1`) for adapters `a` and `b`.
+
+    `style` (`a` or `b`) says which file is the style adapter for the pruning advice; by default the one
+    that trains fewer U-Net groups. Raises BloraError when the architectures differ or are unknown.
+    """
+    if a.arch is Arch.UNKNOWN or b.arch is Arch.UNKNOWN:
+        unknown = a if a.arch is Arch.UNKNOWN else b
+        raise BloraError("cannot tell the architecture (SD1, SD2 or SDXL), so blocks cannot be matched", unknown.path)
+    if a.arch is not b.arch:
+        raise BloraError(
+            f"architectures differ: {a.path} is {a.arch.value}, {b.path} is {b.arch.value}; "
+            "adapters for different models cannot be compared"
+        )
+    if style not in (None, "a", "b"):
+        raise BloraError(f"style must be 'a' or 'b', not {style!r}")
+    arch = a.arch
+    warnings = [f"{x.path}: {w}" for x in (a, b) for w in x.warnings]
+    keyed_a, keyed_b = _keyed(a), _keyed(b)
+    groups: dict[str, _Group] = {g: _Group() for g in row_order(arch, fine=False)}
+    dora = []
+    for key in sorted(set(keyed_a) | set(keyed_b)):
+        ma, mb = keyed_a.get(key), keyed_b.get(key)
+        group = groups.setdefault((ma or mb).group, _Group())
+        ta = a.tensors(ma) if ma else None
+        tb = b.tensors(mb) if mb else None
+        if ma:
+            group.modules_a += 1
+            group.norm_a_sq += frobenius_norm(ma.kind, ta, ma.scale, ma.weight_shape) ** 2
+            if ma.dora:
+                dora.append(ma.stem)
+        if mb:
+            group.modules_b += 1
+            group.norm_b_sq += frobenius_norm(mb.kind, tb, mb.scale, mb.weight_shape) ** 2
+            if mb.dora:
+                dora.append(mb.stem)
+        if ma and mb:
+            group.shared += 1
+            xa, xb = _matrices(ma, ta), _matrices(mb, tb)
+            group.inner += _inner(ma, xa, mb, xb)
+            overlap = _overlap(ma, xa, mb, xb)
+            if overlap is not None:
+                group.overlaps.append(overlap)
+        if on_module:
+            on_module()
+    if dora:
+        warnings.append(
+            f"{len(dora)} DoRA module(s), e.g. {dora[0]}: compared by their LoRA factors (the magnitude vector, "
+            "which rescales the whole weight, is left out)"
+        )
+    blocks = {name: _figures(g) for name, g in groups.items()}
+    if "none" in blocks and not (blocks["none"]["modules_a"] or blocks["none"]["modules_b"]):
+        del blocks["none"]
+    _flag(blocks)
+    return {
+        "schema": SCHEMA,
+        "a": str(a.path),
+        "b": str(b.path),
+        "arch": arch.value,
+        "blocks": blocks,
+        "thresholds": {"strong": STRONG, "aligned": ALIGNED, "opposed": OPPOSED},
+        "advice": _advice(blocks, arch, style, a, b),
+        "warnings": warnings,
+    }
+
+
+def _keyed(adapter: Adapter) -> dict[str, Module]:
+    """Modules by a name both files agree on: kohya stem in diffusers U-Net naming (SDXL LDM names mapped)."""
+    keyed: dict[str, Module] = {}
+    for module in adapter.modules.values():
+        key = _canonical(module, adapter.arch)
+        if key in keyed:
+            raise BloraError(f"modules {keyed[key].stem} and {module.stem} adapt the same layer", adapter.path)
+        keyed[key] = module
+    return keyed
+
+
+def _canonical(module: Module, arch: Arch) -> str:
+    try:
+        component, path = path_from_stem(module.stem, arch)
+    except BloraError:
+        return module.stem  # an unusual name: matched only by identical stems
+    if component is Component.UNET and unet_naming(path) == "ldm":
+        try:
+            path = ldm_to_diffusers(path, arch)
+        except BloraError:
+            return module.stem
+    if component is Component.TE and arch is Arch.SDXL:
+        component = Component.TE1
+    return stem_from_path(component.value, path)
+
+
+def _matrices(module: Module, tensors: dict) -> tuple[str, tuple["torch.Tensor", ...]]:
+    """(`factors`, (scaled up out×r, down r×fan_in)) for LoRA kinds, else (`dense`, (ΔW as out×fan_in,))."""
+    if module.kind.is_lora:
+        up, down = lora_factors(module.kind, tensors)
+        return "factors", (up.double() * module.scale, down.double())
+    dense = delta_weight(module.kind, tensors, module.scale, module.weight_shape)
+    return "dense", (dense.double().reshape(dense.shape[0], -1),)
+
+
+def _inner(ma: Module, xa: tuple, mb: Module, xb: tuple) -> float:
+    """⟨ΔW_a, ΔW_b⟩_F of two modules adapting the same layer, from factors where both have them."""
+    (kind_a, a), (kind_b, b) = xa, xb
+    shape_a, shape_b = (a[0].shape[0], a[-1].shape[-1]), (b[0].shape[0], b[-1].shape[-1])
+    if shape_a != shape_b:
+        raise BloraError(
+            f"module {ma.stem} adapts a {shape_a[0]}×{shape_a[1]} weight in one file and {mb.stem} a "
+            f"{shape_b[0]}×{shape_b[1]} weight in the other; the adapters are not for the same model"
+        )
+    if kind_a == "factors" and kind_b == "factors":
+        (ua, da), (ub, db) = a, b
+        return float(((ua.T @ ub) * (da @ db.T)).sum())  # tr((UaᵀUb)(DbDaᵀ)), r×r matrices only
+    if kind_a == "dense" and kind_b == "dense":
+        return float((a[0] * b[0]).sum())
+    (u, d), dense = (a, b[0]) if kind_a == "factors" else (b, a[0])
+    return float(((u.T @ dense) * d).sum())  # ⟨UD, M⟩ = Σ (UᵀM) ⊙ D
+
+
+def _basis(x: tuple) -> "torch.Tensor | None":
+    """An orthonormal basis (out×k) of the column space of a module's ΔW; None for a zero ΔW."""
+    from blora_tools.ops.lowrank import decompose_dense, decompose_factors
+
+    kind, m = x
+    decomposition = decompose_factors([m[0]], [m[1]]) if kind == "factors" else decompose_dense(m[0])
+    s = decomposition.s
+    if s.numel() == 0 or not float(s[0]) > 0.0 or not math.isfinite(float(s[0])):
+        return None
+    keep = int((s > _BASIS_TOLERANCE * s[0]).sum())
+    return decomposition.u[:, :keep].double()
+
+
+def _overlap(ma: Module, xa: tuple, mb: Module, xb: tuple) -> float | None:
+    """Mean of cos² of the principal angles between two modules' column spaces (None if a ΔW is zero)."""
+    import torch
+
+    qa, qb = _basis(xa), _basis(xb)
+    if qa is None or qb is None:
+        return None
+    cosines = torch.linalg.svdvals(qa.T @ qb).clamp(0.0, 1.0)
+    return float((cosines**2).mean())
+
+
+def _figures(g: _Group) -> dict:
+    norm_a, norm_b = math.sqrt(g.norm_a_sq), math.sqrt(g.norm_b_sq)
+    cosine = None
+    if g.modules_a and g.modules_b and norm_a > 0 and norm_b > 0:
+        cosine = max(-1.0, min(1.0, g.inner / (norm_a * norm_b)))
+    trained = "both" if g.modules_a and g.modules_b else "a" if g.modules_a else "b" if g.modules_b else None
+    return {
+        "trained_by": trained,
+        "modules_a": g.modules_a,
+        "modules_b": g.modules_b,
+        "shared": g.shared,
+        "norm_a": norm_a,
+        "norm_b": norm_b,
+        "cosine": cosine,
+        "overlap": sum(g.overlaps) / len(g.overlaps) if g.overlaps else None,
+    }
+
+
+def _flag(blocks: dict[str, dict]) -> None:
+    """Add `strong_a`, `strong_b` and `status` (aligned / opposed / shared / a only / b only / None)."""
+    top_a = max((b["norm_a"] for b in blocks.values()), default=0.0)
+    top_b = max((b["norm_b"] for b in blocks.values()), default=0.0)
+    for b in blocks.values():
+        b["strong_a"] = top_a > 0 and b["norm_a"] >= STRONG * top_a
+        b["strong_b"] = top_b > 0 and b["norm_b"] >= STRONG * top_b
+        status = {"a": "a only", "b": "b only", None: None}.get(b["trained_by"], "shared")
+        if b["trained_by"] == "both" and b["cosine"] is not None and b["strong_a"] and b["strong_b"]:
+            if b["cosine"] > ALIGNED:
+                status = "aligned"
+            elif b["cosine"] < OPPOSED:
+                status = "opposed"
+        b["status"] = status
+
+
+def _advice(blocks: dict[str, dict], arch: Arch, style: str | None, a: Adapter, b: Adapter) -> dict:
+    """Which blocks to prune from the style adapter before merging it with the character adapter."""
+    unet = set(table(arch).unet_groups)
+    spread = {
+        side: sum(1 for name, f in blocks.items() if name in unet and f[f"modules_{side}"]) for side in ("a", "b")
+    }
+    chosen = style or ("a" if spread["a"] < spread["b"] else "b")
+    conflicts = [name for name, f in blocks.items() if f["status"] in ("aligned", "opposed")]
+    prune = [name for name in conflicts if blocks[name][f"modules_{chosen}"]]
+    path = str((a if chosen == "a" else b).path)
+    if prune:
+        reason = (
+            f"both adapters are strong in {', '.join(prune)} and their changes there are "
+            + ("aligned (they add up)" if all(blocks[n]["status"] == "aligned" for n in prune) else
+               "opposed (they cancel)" if all(blocks[n]["status"] == "opposed" for n in prune) else
+               "aligned or opposed (they add up or cancel)")
+            + "; prune these blocks from the style adapter before merging"
+        )
+    else:
+        reason = "no block where both adapters are strong and aligned or opposed: they can be merged as they are"
+    return {
+        "style": chosen,
+        "style_file": path,
+        "style_assumed": style is None,
+        "prune": prune,
+        "reason": reason,
+    }

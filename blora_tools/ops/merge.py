@@ -1,0 +1,563 @@
+"""Merge adapters, each with its own ratio and block set: `concat` (exact) or `svd` (re-compressed).
+
+For one module, source i contributes cᵢ·Uᵢ·Dᵢ with cᵢ = ratioᵢ·alphaᵢ/rankᵢ (Tucker cores folded into D).
+
+* `concat` stacks the factors: rank Σ rᵢ, exact. Each term's coefficient goes into its factors, split as
+  √|·| across up and down with the sign on up, so fp16 keeps its range.
+* `svd` takes the SVD of Σ cᵢUᵢDᵢ through QR of the stacked factors (`lowrank`), never a dense ΔW, and keeps
+  the ranks a `RankPlan` allows. Sources with no factorisation (LoHa, LoKr, full) are made dense for their
+  module and SVD'd there (svd only). Norm modules are summed.
+
+Outputs use one alpha for the whole file (DESIGN §3: diffusers mis-scales files whose alphas differ); each
+module's remaining scale rank/alpha is folded into its factors. Work is lazy: a module is computed when the
+writer reaches it and forgotten once written, so memory holds one module, not the file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from blora_tools.adapter.formats import Format
+from blora_tools.adapter.kinds import Kind, delta_weight, lora_factors, scaled_params
+from blora_tools.adapter.metadata import SPEC_KEY, updated_metadata
+from blora_tools.adapter.model import PEFT_METADATA_KEY, Adapter, Module
+from blora_tools.adapter.writer import Entry
+from blora_tools.errors import BloraError, NonFiniteError
+from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
+from blora_tools.ops.result import Progress, Result, computed, copied, known_arch
+from blora_tools.taxonomy.blocks import table
+from blora_tools.taxonomy.selectors import describe_blocks
+
+if TYPE_CHECKING:
+    import torch
+
+    from blora_tools.taxonomy.arch import Arch
+
+METHODS = ("concat", "svd")
+BASE_MODEL_KEYS = ("ss_base_model_version", "ss_sd_model_hash")
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a merge: an adapter, its ratio, and the blocks taken from it (None = every module)."""
+
+    adapter: Adapter
+    ratio: float = 1.0
+    blocks: frozenset[str] | None = None
+    selector: str = "all"
+
+
+@dataclass
+class _Part:
+    """One source's term in one output module."""
+
+    adapter: Adapter
+    module: Module
+    ratio: float
+
+    @property
+    def coefficient(self) -> float:
+        return self.ratio * self.module.scale
+
+
+@dataclass
+class _Plan:
+    """One output module: its terms, how it is computed, and its output rank (None for norm modules)."""
+
+    stem: str
+    parts: list[_Part]
+    route: str  # "factors", "dense", "sum" or "copy"
+    weight_shape: tuple[int, ...]
+    block: str | None
+    group: str
+    conv: bool
+    rank: int | None = None
+    energy: float | None = None
+    retained: float | None = None
+    input_ranks: list[int] = field(default_factory=list)
+
+    @property
+    def max_rank(self) -> int:
+        out, fan_in = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        if self.route == "factors":
+            return min(out, fan_in, sum(p.module.rank for p in self.parts))
+        return min(out, fan_in)
+
+
+def merge(
+    sources: Sequence[Source],
+    *,
+    method: str = "concat",
+    plan: RankPlan | None = None,
+    alpha: float | None = None,
+    dtype: str | None = None,
+    clamp_quantile: float | None = None,
+    strict: bool = False,
+    energy: bool = False,
+    operation: str = "merge",
+    arguments: dict[str, object] | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Merge `sources` into one kohya LoRA file.
+
+    Args:
+        method: `concat` (exact, rank Σ rᵢ) or `svd` (re-compressed to `plan`'s ranks; default: lossless).
+        alpha: the file's single alpha value; default the largest output rank.
+        dtype: output tensor dtype name (`F16`, `BF16`, `F32`); default the first source's.
+        clamp_quantile: with `svd`, clamp factor entries at this quantile of their magnitudes (kohya's option).
+        strict: different base models are an error instead of a warning.
+        energy: compute every module's retained share of ‖ΔW‖² for the summary (an extra pass).
+        progress: called with 1 per module of any pass that looks at tensors before writing.
+    """
+    if method not in METHODS:
+        raise BloraError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
+    if not sources:
+        raise BloraError("merge needs at least one input")
+    if clamp_quantile is not None and (method != "svd" or not 0.0 < clamp_quantile <= 1.0):
+        raise BloraError("--clamp-quantile takes a value in (0, 1] and goes with --method svd")
+    plan = plan or RankPlan()
+    arch = common_arch([s.adapter for s in sources])
+    warnings = _source_warnings(sources)
+    warnings += _base_model_check(sources, strict)
+    plans = _plan_modules(sources, method, plan, warnings)
+    if method == "svd" and (energy or not plan.fixed()):
+        _measure(plans, plan, progress)
+    plans = [p for p in plans if p.rank != 0]
+    if not any(p.block is not None for p in plans):
+        raise BloraError("the merge selects no module of any input (check --blocks and --ratios); nothing written")
+    out_dtype = dtype or _default_dtype(sources[0].adapter)
+    ranked = [p.rank for p in plans if p.rank is not None]
+    file_alpha = float(alpha) if alpha is not None else float(max(ranked, default=1))
+    if not (math.isfinite(file_alpha) and file_alpha > 0):
+        raise BloraError(f"--alpha {alpha}: the file alpha must be a positive number")
+
+    entries: list[Entry] = []
+    for p in plans:
+        entries += _module_entries(p, method, file_alpha, out_dtype, clamp_quantile)
+    entries += _passthrough(sources, warnings)
+    if any(p.route == "dense" for p in plans):
+        kinds = sorted({str(part.module.kind) for p in plans if p.route == "dense" for part in p.parts})
+        warnings.append(
+            f"{sum(p.route == 'dense' for p in plans)} module(s) of kind {', '.join(kinds)} have no up/down "
+            "factors: made dense and compressed by SVD into LoRA factors"
+        )
+    metadata = _metadata(sources, plans, arch, file_alpha, operation, arguments or {})
+    summary = _summary(sources, plans, arch, method, file_alpha, out_dtype, operation)
+    inputs = tuple(Path(s.adapter.path) for s in sources)
+    return Result(operation, entries, metadata, inputs, warnings, summary)
+
+
+# --- planning -----------------------------------------------------------------------------------------
+
+
+def common_arch(adapters: Sequence[Adapter]) -> "Arch":
+    """The architecture all adapters share; an error naming two files when they differ."""
+    archs = [(known_arch(a), a.path) for a in adapters]
+    first, first_path = archs[0]
+    for arch, path in archs[1:]:
+        if arch is not first:
+            raise BloraError(
+                f"different architectures: {Path(first_path).name} is {first.value}, {Path(path).name} is "
+                f"{arch.value}; adapters of different model families cannot be merged"
+            )
+    return first
+
+
+def _source_warnings(sources: Sequence[Source]) -> list[str]:
+    if len(sources) == 1:
+        return list(sources[0].adapter.warnings)
+    return [f"{Path(s.adapter.path).name}: {w}" for s in sources for w in s.adapter.warnings]
+
+
+def _base_model_check(sources: Sequence[Source], strict: bool) -> list[str]:
+    warnings = []
+    for key in BASE_MODEL_KEYS:
+        seen = {Path(s.adapter.path).name: s.adapter.metadata[key] for s in sources if s.adapter.metadata.get(key)}
+        if len(set(seen.values())) > 1:
+            listing = ", ".join(f"{name}: {value}" for name, value in seen.items())
+            message = f"inputs were trained on different base models ({key} {listing})"
+            if strict:
+                raise BloraError(message + "; drop --strict to merge anyway")
+            warnings.append(message)
+    return warnings
+
+
+def _plan_modules(sources: Sequence[Source], method: str, plan: RankPlan, warnings: list[str]) -> list[_Plan]:
+    parts: dict[str, list[_Part]] = {}
+    skipped_unplaced = 0
+    for source in sources:
+        if not math.isfinite(source.ratio):
+            raise BloraError(f"ratio {source.ratio} is not a finite number", source.adapter.path)
+        if source.blocks is not None:
+            _warn_empty(source, warnings)
+        for module in source.adapter.modules.values():
+            if source.blocks is not None:
+                if module.block is None:
+                    skipped_unplaced += 1
+                    continue
+                if module.block not in source.blocks:
+                    continue
+            if source.ratio == 0.0:
+                continue
+            if module.dora:
+                raise BloraError(
+                    f"module {module.stem} is DoRA: its magnitude vector depends on the base weight, so it cannot "
+                    "be merged or resized in factored form (prune or reweight by 0/1 work)",
+                    source.adapter.path,
+                )
+            parts.setdefault(module.stem, []).append(_Part(source.adapter, module, source.ratio))
+    if skipped_unplaced:
+        warnings.append(
+            f"{skipped_unplaced} module(s) that fit no block were left out (only inputs taken with --blocks all "
+            "contribute them)"
+        )
+    return [_plan_one(stem, module_parts, method, plan) for stem, module_parts in parts.items()]
+
+
+def _warn_empty(source: Source, warnings: list[str]) -> None:
+    present = {m.block for m in source.adapter.modules.values()}
+    arch = source.adapter.arch
+    empty = frozenset(b for b in table(arch).blocks if b in source.blocks and b not in present)
+    if empty:
+        warnings.append(
+            f"{Path(source.adapter.path).name}: {describe_blocks(empty, arch)} hold(s) no modules "
+            "(an attention-only file has none in blocks without attention)"
+        )
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(out, fan_in): a 1×1 conv and a linear layer, or a LoCon and a flattened LoHa conv, are the same matrix."""
+    return shape[0], math.prod(shape[1:])
+
+
+def _plan_one(stem: str, parts: list[_Part], method: str, plan: RankPlan) -> _Plan:
+    kinds = {p.module.kind for p in parts}
+    lora_parts = [p for p in parts if p.module.kind.is_lora]
+    shape_from = lora_parts[0] if lora_parts else parts[0]
+    weight_shape = shape_from.module.weight_shape
+    for p in parts:
+        if _matrix_shape(p.module.weight_shape) != _matrix_shape(weight_shape):
+            raise BloraError(
+                f"module {stem} has weight shape {list(p.module.weight_shape)} in {Path(p.adapter.path).name} "
+                f"but {list(weight_shape)} in {Path(shape_from.adapter.path).name}"
+            )
+    if Kind.NORM in kinds:
+        if kinds != {Kind.NORM}:
+            raise BloraError(f"module {stem} is a norm module in one input and not in another")
+        route = "copy" if len(parts) == 1 and parts[0].ratio == 1.0 else "sum"
+    elif all(k.is_lora for k in kinds):
+        route = "factors"
+    else:
+        if method == "concat":
+            names = ", ".join(sorted(str(k) for k in kinds if not k.is_lora))
+            raise BloraError(
+                f"module {stem} is {names}, which has no up/down factors to concatenate; use --method svd "
+                "(it makes such modules dense and compresses them)",
+                parts[0].adapter.path,
+            )
+        route = "dense"
+    first = parts[0].module
+    result = _Plan(
+        stem,
+        parts,
+        route,
+        weight_shape,
+        first.block,
+        first.group,
+        conv=len(weight_shape) == 4 and math.prod(weight_shape[2:]) > 1,
+        input_ranks=[p.module.rank for p in parts if p.module.rank is not None],
+    )
+    if route in ("sum", "copy"):
+        return result
+    if method == "concat":
+        result.rank = sum(p.module.rank for p in parts)
+    else:
+        cap = plan.cap(result.block, result.conv)
+        result.rank = result.max_rank if cap is None else min(cap, result.max_rank)
+    return result
+
+
+def _measure(plans: list[_Plan], plan: RankPlan, progress: Progress | None) -> None:
+    """Decompose each module once to choose its rank (dynamic rules) and record the energy it keeps."""
+    for p in plans:
+        if p.route in ("factors", "dense") and p.rank != 0:
+            decomposition = _decompose(p)
+            p.rank = plan.choose(decomposition, p.block, p.conv)
+            p.energy = decomposition.energy
+            p.retained = decomposition.retained(p.rank) if p.rank else 0.0
+        if progress is not None:
+            progress(1)
+
+
+def _default_dtype(adapter: Adapter) -> str:
+    counts: Counter = Counter()
+    for module in adapter.modules.values():
+        for param in scaled_params(module.kind, frozenset(module.keys)):
+            counts[adapter.info(module.keys[param]).dtype] += 1
+    for name, _ in counts.most_common():
+        if name in _FLOAT_DTYPES:
+            return name
+    return "F16"
+
+
+# --- computing ----------------------------------------------------------------------------------------
+
+
+def _terms(p: _Part) -> tuple["torch.Tensor", "torch.Tensor"]:
+    return lora_factors(p.module.kind, p.adapter.tensors(p.module))
+
+
+def _decompose(p: _Plan) -> Decomposition:
+    if p.route == "factors":
+        ups, downs = [], []
+        for part in p.parts:
+            up, down = _terms(part)
+            ups.append(up * part.coefficient)
+            downs.append(down)
+        return decompose_factors(ups, downs)
+    return decompose_dense(_dense(p))
+
+
+def _dense(p: _Plan) -> "torch.Tensor":
+    total = None
+    for part in p.parts:
+        m = part.module
+        delta = delta_weight(m.kind, part.adapter.tensors(m), m.scale, m.weight_shape).reshape(p.weight_shape[0], -1)
+        total = delta * part.ratio if total is None else total + delta * part.ratio
+    return total
+
+
+def _concat(p: _Plan, file_alpha: float) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    ups, downs = [], []
+    gain = p.rank / file_alpha
+    for part in p.parts:
+        up, down = _terms(part)
+        k = part.coefficient * gain
+        root = math.sqrt(abs(k))
+        ups.append(up * (math.copysign(root, k)))
+        downs.append(down * root)
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def _compressed(p: _Plan, file_alpha: float, clamp_quantile: float | None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    up, down = _decompose(p).factors(p.rank, gain=p.rank / file_alpha)
+    if clamp_quantile is not None:
+        up, down = _clamp(up, down, clamp_quantile)
+    return up, down
+
+
+def _clamp(up: "torch.Tensor", down: "torch.Tensor", quantile: float) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    magnitudes = torch.cat([up.reshape(-1), down.reshape(-1)]).abs()
+    k = min(magnitudes.numel(), max(1, math.ceil(quantile * magnitudes.numel())))
+    limit = float(magnitudes.kthvalue(k).values)
+    return up.clamp(-limit, limit), down.clamp(-limit, limit)
+
+
+def _summed(p: _Plan) -> dict[str, "torch.Tensor"]:
+    out: dict[str, "torch.Tensor"] = {}
+    for part in p.parts:
+        for param, tensor in part.adapter.tensors(part.module).items():
+            if param == "alpha":
+                continue
+            term = tensor.float() * part.ratio
+            out[param] = term if param not in out else out[param] + term
+    return out
+
+
+class _Lazy:
+    """One module's outputs, computed when the writer first asks and forgotten once all are written."""
+
+    def __init__(self, stem: str, make: Callable[[], dict[str, "torch.Tensor"]], path: Path):
+        self._stem, self._make, self._path = stem, make, path
+        self._tensors: dict[str, "torch.Tensor"] | None = None
+
+    def take(self, name: str) -> "torch.Tensor":
+        import torch
+
+        if self._tensors is None or name not in self._tensors:
+            self._tensors = self._make()
+            for param, tensor in self._tensors.items():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise NonFiniteError(f"module {self._stem}: {param} came out NaN/Inf (an input holds non-finite values?)", self._path)
+        tensor = self._tensors.pop(name)
+        if not self._tensors:
+            self._tensors = None
+        return tensor
+
+
+def _module_entries(p: _Plan, method: str, file_alpha: float, dtype: str, clamp_quantile: float | None) -> list[Entry]:
+    path = Path(p.parts[0].adapter.path)
+    if p.route == "copy" or _untouched(p, method, file_alpha, dtype):
+        part = p.parts[0]
+        return [copied(part.adapter, key) for key in part.module.keys.values()]
+    if p.route == "sum":
+        lazy = _Lazy(p.stem, lambda: _summed(p), path)
+        params = sorted({param for part in p.parts for param in part.module.keys if param != "alpha"})
+        shapes = {param: part.module.shapes[param] for part in p.parts for param in part.module.keys}
+        return [computed(f"{p.stem}.{param}", dtype, shapes[param], lambda n=param: lazy.take(n)) for param in params]
+
+    def make() -> dict[str, "torch.Tensor"]:
+        if method == "concat":
+            up, down = _concat(p, file_alpha)
+        else:
+            up, down = _compressed(p, file_alpha, clamp_quantile)
+        return {"up": up, "down": down}
+
+    lazy = _Lazy(p.stem, make, path)
+    rank = p.rank
+    kernel = p.weight_shape[2:]
+    up_shape = (p.weight_shape[0], rank) + ((1, 1) if len(p.weight_shape) == 4 else ())
+    down_shape = (rank, p.weight_shape[1]) + tuple(kernel)
+    alpha_dtype = dtype if _exact(file_alpha, dtype) else "F32"
+    return [
+        computed(f"{p.stem}.lora_up.weight", dtype, up_shape, lambda: lazy.take("up")),
+        computed(f"{p.stem}.lora_down.weight", dtype, down_shape, lambda: lazy.take("down")),
+        _alpha_entry(p.stem, file_alpha, alpha_dtype),
+    ]
+
+
+def _untouched(p: _Plan, method: str, file_alpha: float, dtype: str) -> bool:
+    """A module concat would rewrite to the values it has (one kohya input, ratio 1, alpha = the file's):
+    copied as bytes instead."""
+    if method != "concat" or len(p.parts) != 1:
+        return False
+    part = p.parts[0]
+    m = part.module
+    return (
+        part.ratio == 1.0
+        and part.adapter.format is Format.KOHYA
+        and m.kind in (Kind.LORA, Kind.LORA_CONV1X1, Kind.LOCON)
+        and m.alpha == file_alpha
+        and all(part.adapter.info(key).dtype == dtype for param, key in m.keys.items() if param != "alpha")
+    )
+
+
+def _exact(value: float, dtype: str) -> bool:
+    """Whether `value` survives a round trip through `dtype`."""
+    import torch
+
+    from blora_tools.adapter.tensors import TORCH_DTYPE
+
+    return float(torch.tensor(value, dtype=torch.float64).to(TORCH_DTYPE[dtype]).double()) == value
+
+
+def _alpha_entry(stem: str, value: float, dtype: str) -> Entry:
+    import torch
+
+    return computed(f"{stem}.alpha", dtype, (), lambda: torch.tensor(value, dtype=torch.float64))
+
+
+def _passthrough(sources: Sequence[Source], warnings: list[str]) -> list[Entry]:
+    entries: dict[str, Entry] = {}
+    clashes = 0
+    for source in sources:
+        for key in source.adapter.passthrough:
+            if key in entries:
+                clashes += 1
+                continue
+            entries[key] = copied(source.adapter, key)
+    if clashes:
+        warnings.append(f"{clashes} non-adapter key(s) appear in several inputs: the first input's copy is kept")
+    return list(entries.values())
+
+
+# --- metadata and summary -----------------------------------------------------------------------------
+
+
+def _metadata(
+    sources: Sequence[Source], plans: list[_Plan], arch, file_alpha: float, operation: str, arguments: dict
+) -> dict[str, str]:
+    source_meta = {k: v for k, v in sources[0].adapter.metadata.items() if k not in (PEFT_METADATA_KEY, SPEC_KEY)}
+    ranked = [p for p in plans if p.rank is not None]
+    metadata = updated_metadata(
+        source_meta,
+        operation=operation,
+        arguments=arguments,
+        ranks=[p.rank for p in ranked],
+        alphas=[file_alpha] * len(ranked),
+        spec=_spec(plans, arch, file_alpha, operation),
+    )
+    return metadata
+
+
+def _spec(plans: list[_Plan], arch, file_alpha: float, operation: str) -> dict | None:
+    """`blora_spec` per paper group, when every group has one linear rank and one conv rank (else None)."""
+    layout = table(arch)
+    ranks: dict[str, set[int]] = {}
+    conv_ranks: dict[str, set[int]] = {}
+    for p in plans:
+        if p.rank is None or p.block is None:
+            continue
+        (conv_ranks if p.conv else ranks).setdefault(p.group, set()).add(p.rank)
+    if any(len(v) > 1 for v in (*ranks.values(), *conv_ranks.values())):
+        return None
+    groups = [c.value for c in layout.text_encoders] + list(layout.unet_groups)
+    blocks = {}
+    for g in groups:
+        rank = next(iter(ranks.get(g, {0})))
+        conv_rank = next(iter(conv_ranks.get(g, {0})))
+        blocks[g] = {"rank": rank, "alpha": file_alpha if rank else 0, "conv_rank": conv_rank, "conv_alpha": file_alpha if conv_rank else 0}
+    return {"arch": arch.value, "operation": operation, "alpha": file_alpha, "blocks": blocks}
+
+
+def _summary(
+    sources: Sequence[Source], plans: list[_Plan], arch, method: str, file_alpha: float, dtype: str, operation: str
+) -> dict:
+    layout = table(arch)
+    order = [c.value for c in layout.text_encoders] + list(layout.unet_groups) + ["none"]
+    groups: dict[str, dict] = {}
+    for p in plans:
+        g = groups.setdefault(
+            p.group,
+            {"modules": 0, "rank_in": [], "rank_out": [], "energy": 0.0, "kept": 0.0, "measured": False},
+        )
+        g["modules"] += 1
+        g["rank_in"] += p.input_ranks
+        if p.rank is not None:
+            g["rank_out"].append(p.rank)
+        if p.energy is not None:
+            g["measured"] = True
+            g["energy"] += p.energy
+            g["kept"] += p.energy * p.retained
+    blocks = {}
+    for name in sorted(groups, key=lambda n: order.index(n) if n in order else len(order)):
+        g = groups[name]
+        row = {
+            "modules": g["modules"],
+            "rank_in": _span(g["rank_in"]),
+            "rank_out": _span(g["rank_out"]),
+        }
+        if g["measured"]:
+            row["retained"] = 1.0 if g["energy"] == 0 else g["kept"] / g["energy"]
+        blocks[name] = row
+    summary: dict = {
+        "operation": operation,
+        "inputs": [
+            {"path": str(s.adapter.path), "ratio": s.ratio, "blocks": s.selector} for s in sources
+        ],
+        "arch": arch.value,
+        "method": method,
+        "alpha": file_alpha,
+        "dtype": dtype,
+        "modules": len(plans),
+        "blocks": blocks,
+    }
+    measured = [p for p in plans if p.energy is not None]
+    if measured:
+        total = sum(p.energy for p in measured)
+        summary["retained"] = 1.0 if total == 0 else sum(p.energy * p.retained for p in measured) / total
+    return summary
+
+
+def _span(values: list[int]) -> list[int] | None:
+    return [min(values), max(values)] if values else None

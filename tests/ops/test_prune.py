@@ -1,0 +1,152 @@
+"""prune: kept modules byte-identical, dropped modules gone with every key, checked against the layer table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adapters import block_of, dense_deltas, make_adapter, metadata_of, raw_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blora_tools.adapter.model import open_adapter
+from blora_tools.errors import AdapterFileError, BloraError
+from blora_tools.ops.prune import prune
+from blora_tools.taxonomy.selectors import resolve_selector
+
+CASES = [
+    ("sd1", "lora", "kohya"),
+    ("sd1", "locon", "kohya"),
+    ("sd1", "tucker", "kohya"),
+    ("sd1", "loha", "kohya"),
+    ("sd1", "lokr", "kohya"),
+    ("sd1", "full", "kohya"),
+    ("sd1", "dora", "kohya"),
+    ("sd1", "lora", "peft"),
+    ("sdxl", "locon", "kohya"),
+    ("sdxl", "lora", "peft"),
+]
+
+
+def _stem_of(key: str, stems: set[str]) -> str:
+    return next(s for s in stems if key.startswith(s + "."))
+
+
+@pytest.mark.parametrize("arch, kind, fmt", CASES, ids=[f"{a}-{k}-{f}" for a, k, f in CASES])
+@pytest.mark.parametrize("mode, selector", [("keep", "style"), ("drop", "te,te1,in1,mid"), ("keep", "IN04-OUT05")])
+def test_prune_keeps_exactly_the_selected_blocks(tmp_path, arch, kind, fmt, mode, selector):
+    if arch == "sd1" and "te1" in selector:
+        selector = selector.replace("te,te1", "te")
+    elif arch == "sdxl":
+        selector = selector.replace("te,te1", "te1")
+        if kind == "lora" and selector == "style":
+            selector = "style,middle"  # SDXL's outer level has no attention layers
+    source = make_adapter(tmp_path / "in.safetensors", arch, kind, fmt=fmt, metadata={"ss_output_name": "x"})
+    adapter = open_adapter(source)
+    blocks = resolve_selector(selector, arch)
+    result = prune(adapter, blocks, keep=mode == "keep", selector=selector)
+    out = result.save(tmp_path / "out.safetensors")
+
+    before, after = dense_deltas(source), dense_deltas(out)
+    expected = {s for s in before if (block_of(s, arch) in blocks) == (mode == "keep")}
+    assert set(after) == expected
+    for stem in expected:
+        assert torch.equal(after[stem], before[stem])
+    # byte identity, and every key of a dropped module is gone (no orphan alpha, dora_scale, …)
+    original, written = raw_bytes(source), raw_bytes(out)
+    assert all(written[k] == original[k] for k in written)
+    removed = set(original) - set(written)
+    kept_modules = {m.stem for m in open_adapter(out).modules.values()}
+    assert not any(k.startswith(tuple(s + "." for s in kept_modules)) for k in removed)
+    meta = metadata_of(out)
+    assert meta["ss_output_name"] == "x" and "prune" in meta["blora_history"]
+    assert meta["sshs_model_hash"] != metadata_of(source).get("sshs_model_hash")
+
+
+def test_prune_keeps_alpha_dora_and_mid_keys_with_their_module(tmp_path):
+    source = make_adapter(tmp_path / "in.safetensors", "sd1", "tucker")
+    out = prune(open_adapter(source), resolve_selector("in1", "sd1"), keep=True).save(tmp_path / "o.safetensors")
+    keys = raw_bytes(out)
+    assert any(k.endswith(".lora_mid.weight") for k in keys)
+    for stem in {k.split(".")[0] for k in keys}:
+        assert {f"{stem}.lora_up.weight", f"{stem}.lora_down.weight", f"{stem}.alpha"} <= set(keys)
+
+    dora = make_adapter(tmp_path / "dora.safetensors", "sd1", "dora")
+    out = prune(open_adapter(dora), resolve_selector("te", "sd1"), keep=False).save(tmp_path / "d.safetensors")
+    keys = raw_bytes(out)
+    stems = {k.split(".")[0] for k in keys}
+    assert stems and all(f"{s}.dora_scale" in keys and f"{s}.alpha" in keys for s in stems)
+
+
+def test_prune_to_nothing_is_an_error(tmp_path):
+    source = make_adapter(tmp_path / "in.safetensors", "sd1", "lora", blocks="in1,out1")
+    with pytest.raises(BloraError, match="leaves no module"):
+        prune(open_adapter(source), resolve_selector("style", "sd1"), keep=True, selector="style")
+    with pytest.raises(BloraError, match="leaves no module"):
+        prune(open_adapter(source), resolve_selector("all", "sd1"), keep=False, selector="all")
+
+
+def test_attention_only_sdxl_style_names_the_empty_blocks(tmp_path):
+    source = make_adapter(tmp_path / "in.safetensors", "sdxl", "lora")
+    with pytest.raises(BloraError, match="leaves no module"):
+        prune(open_adapter(source), resolve_selector("style", "sdxl"), keep=True, selector="style")
+    result = prune(open_adapter(source), resolve_selector("style,mid", "sdxl"), keep=True)
+    assert any("in0" in w and "no modules" in w for w in result.warnings)
+
+
+def test_passthrough_and_unplaced_modules_are_kept(tmp_path):
+    extra = {
+        "bundle_emb.mytoken.string_to_param.*": torch.randn(2, 32),
+        "lora_unet_time_embedding_linear_1.lora_down.weight": torch.randn(2, 32),
+        "lora_unet_time_embedding_linear_1.lora_up.weight": torch.randn(128, 2),
+        "lora_unet_something_else.lora_down.weight": torch.randn(2, 32),
+        "lora_unet_something_else.lora_up.weight": torch.randn(32, 2),
+    }
+    source = make_adapter(tmp_path / "in.safetensors", "sd1", "lora", extra=extra)
+    result = prune(open_adapter(source), resolve_selector("in0", "sd1"), keep=True)
+    keys = raw_bytes(result.save(tmp_path / "o.safetensors"))
+    assert "bundle_emb.mytoken.string_to_param.*" in keys
+    assert "lora_unet_something_else.lora_up.weight" in keys  # unplaced: kept
+    assert "lora_unet_time_embedding_linear_1.lora_up.weight" not in keys  # OTHER is a block: not in in0
+    assert any("pass through" in w for w in result.warnings)
+    assert any("fit no" in w for w in result.warnings)
+
+
+def test_unknown_architecture_is_an_error(tmp_path):
+    from adapters import save
+
+    path = save({"lora_te_foo.lora_down.weight": torch.randn(2, 4), "lora_te_foo.lora_up.weight": torch.randn(4, 2)}, tmp_path / "u.safetensors")
+    adapter = open_adapter(path)
+    assert adapter.arch.value == "unknown"
+    with pytest.raises(AdapterFileError, match="architecture"):
+        prune(adapter, frozenset({"IN01"}), keep=True)
+
+
+def test_prune_updates_dim_and_alpha(tmp_path):
+    source = make_adapter(
+        tmp_path / "in.safetensors", "sd1", "lora", rank=lambda l: 8 if l.block == "IN01" else 4,
+        metadata={"ss_network_dim": "Dynamic", "ss_network_alpha": "2"},
+    )
+    out = prune(open_adapter(source), resolve_selector("IN01", "sd1"), keep=False).save(tmp_path / "o.safetensors")
+    meta = metadata_of(out)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
+
+
+_SELECTORS = ["in0", "in1", "in2", "mid", "out1", "out2", "out3", "te", "IN04-OUT05", "NOT mid", "style", "unet"]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=st.sampled_from(_SELECTORS), second=st.sampled_from(_SELECTORS))
+def test_prune_twice_equals_prune_of_the_intersection(tmp_path_factory, first, second):
+    tmp = tmp_path_factory.mktemp("pp")
+    source = make_adapter(tmp / "in.safetensors", "sd1", "locon", per_block=1)
+    a, b = resolve_selector(first, "sd1"), resolve_selector(second, "sd1")
+    present = {m.block for m in open_adapter(source).modules.values()}
+    if not (a & b & present):
+        with pytest.raises(BloraError):
+            once = prune(open_adapter(source), a, keep=True).save(tmp / "once.safetensors")
+            prune(open_adapter(once), b, keep=True)
+        return
+    once = prune(open_adapter(source), a, keep=True).save(tmp / "once.safetensors")
+    twice = prune(open_adapter(once), b, keep=True).save(tmp / "twice.safetensors")
+    direct = prune(open_adapter(source), a & b, keep=True).save(tmp / "direct.safetensors")
+    assert raw_bytes(twice) == raw_bytes(direct)
