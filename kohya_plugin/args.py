@@ -21,6 +21,7 @@ import math
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from blora_tools.errors import SelectorError, SpecError
 from blora_tools.spec import Algo, BlockSetting, BlockSpec
@@ -29,14 +30,16 @@ from blora_tools.taxonomy.blocks import ArchTable, table
 from blora_tools.taxonomy.selectors import resolve_selector, resolve_term
 from blora_tools.taxonomy.weights import parse_weights
 
-PRESETS: Mapping[str, str] = {
-    "all": "all",
-    "character": "all",
-    "style": "upper",
-    "upper": "upper",
-    "middle": "middle",
-    "bottom": "bottom",
-}
+PRESETS: Mapping[str, str] = MappingProxyType(
+    {
+        "all": "all",
+        "character": "all",
+        "style": "upper",
+        "upper": "upper",
+        "middle": "middle",
+        "bottom": "bottom",
+    }
+)
 """`preset` values and the selector each stands for (the paper's settings; `style` = `upper`)."""
 
 LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
@@ -57,6 +60,13 @@ KNOWN_KEYS = tuple(sorted(RANK_KEYS + LR_KEYS + OPTION_KEYS))
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 _FIELDS = ("rank", "alpha", "conv_rank", "conv_alpha", "lr_weight")
+_KOHYA_FORM = MappingProxyType(
+    {
+        "block_ranks": "block_dims",
+        "conv_block_ranks": "conv_block_dims",
+        "block_lr": "down_lr_weight/mid_lr_weight/up_lr_weight",
+    }
+)
 _MID_SLOTS = (10, 11, 12)  # SDXL middle_block_0..2 in kohya's 23-slot order
 
 
@@ -93,6 +103,8 @@ class NetworkArgs:
     """Some learning-rate weight was given."""
     notes: tuple[str, ...] = ()
     """Warnings to show (kohya lists padded, arguments ignored)."""
+    chooser: str = "network_args"
+    """How the blocks were chosen, for messages (`preset=style`, `blocks=in0,out3`)."""
 
 
 def split_network_args(text: str) -> dict[str, str]:
@@ -272,6 +284,9 @@ def _check_keys(kw: Mapping[str, object]) -> None:
 def _named(key: str, raw: object, layout: ArchTable, *, whole: bool) -> list[tuple[frozenset[str], float]]:
     """Named weights (`in0=16,out3=8`, or an LBW vector) → [(blocks, value)] in order; values checked."""
     text = _text(key, raw)
+    if "=" not in text and len(text.split(",")) == len(layout.kohya_slots) and key in _KOHYA_FORM:
+        raise _fail(key, raw, f"{len(layout.kohya_slots)} positional values are kohya's form: use "
+                              f"{_KOHYA_FORM[key]}, or name blocks (in0=16,out3=8)")
     try:
         parsed = parse_weights(text)
         if parsed.vector is not None:
@@ -280,8 +295,7 @@ def _named(key: str, raw: object, layout: ArchTable, *, whole: bool) -> list[tup
         else:
             terms = [(resolve_term(term, layout), v) for term, v in parsed.named]
     except SelectorError as err:
-        hint = " (kohya's positional form is block_dims / conv_block_dims)" if "values;" in err.message else ""
-        raise _fail(key, raw, err.message + hint) from None
+        raise _fail(key, raw, err.message) from None
     for _, value in terms:
         if value < 0 or (whole and value != int(value)):
             raise _fail(key, raw, f"{value:g} is not {'a whole number ≥ 0' if whole else 'a number ≥ 0'}")
@@ -435,6 +449,7 @@ def parse_network_args(
 
     # selection
     selected: frozenset[str] | None = None
+    chooser = "network_args"
     if "preset" in kw:
         preset = _choice("preset", kw["preset"], PRESETS)
         selected = resolve_selector(PRESETS[preset], layout.arch)
@@ -471,7 +486,8 @@ def parse_network_args(
 
     spec_algo = algo or (Algo.LOCON if any(v["conv_rank"] > 0 for v in grid.values.values()) else Algo.LORA)
     spec = grid.to_spec(spec_algo, dim, alpha)
-    if not spec.trained_blocks:
+    # IN00 and OTHER (conv_in, embeddings, conv_out) are outside every paper group and never targeted.
+    if not any(layout.group_of(b) != "none" for b in spec.trained_blocks):
         raise SpecError(
             "network_args: this configuration trains nothing (every block has rank 0 or learning-rate weight 0); "
             f"check network_dim, preset/blocks, block_ranks/block_dims and the lr weights ({_describe(kw)})"
@@ -485,7 +501,7 @@ def parse_network_args(
         )
     explicit = any(k in kw for k in ("preset", "blocks", "block_ranks", "block_dims", "conv_block_ranks",
                                      "conv_block_dims"))
-    return NetworkArgs(spec, options, explicit, lr_given, tuple(notes))
+    return NetworkArgs(spec, options, explicit, lr_given, tuple(notes), chooser)
 
 
 def parse_weights_args(

@@ -1,0 +1,96 @@
+"""A plan without a model: the modules and trainable parameters `--network_args` would create, per block.
+
+`plan_network("sd1", "preset=style conv_dim=8")` builds the full-size U-Net and text encoders of the
+architecture on PyTorch's meta device (no weights, no memory), resolves the arguments exactly as training
+does and counts, per paper group, the modules and parameters the network would have, with the warnings
+training would print. A configuration training would reject raises the same SpecError. This backs
+`blora-tools plan --arch sd1 --network-args "preset=style conv_dim=8" [--json]`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from blora_tools.spec import BlockSpec
+from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.blocks import table
+from kohya_plugin.args import parse_network_args, split_network_args
+from kohya_plugin.network import plan_modules
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """What one paper group would get."""
+
+    modules: int
+    params: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per paper group (text encoders first, then `in0`…`out3`): modules and trainable parameters."""
+
+    arch: Arch
+    spec: BlockSpec
+    blocks: Mapping[str, GroupPlan]
+    warnings: tuple[str, ...]
+
+    @property
+    def modules(self) -> int:
+        return sum(g.modules for g in self.blocks.values())
+
+    @property
+    def params(self) -> int:
+        return sum(g.params for g in self.blocks.values())
+
+    def to_dict(self) -> dict:
+        """`{"arch", "blocks": {group: {"modules", "params", "rank", "alpha", "conv_rank", "conv_alpha",
+        "lr_weight"}}, "total": {"modules", "params"}, "warnings"}`."""
+        summary = self.spec.group_summary()
+        blocks = {
+            group: {"modules": g.modules, "params": g.params, **summary.get(group, {})}
+            for group, g in self.blocks.items()
+        }
+        return {
+            "arch": self.arch.value,
+            "algo": self.spec.algo.value,
+            "blocks": blocks,
+            "total": {"modules": self.modules, "params": self.params},
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def plan_network(
+    arch: Arch | str,
+    network_args: str | Mapping[str, object] = "",
+    network_dim: int | None = None,
+    network_alpha: float | None = None,
+) -> Plan:
+    """Plan the network `--network_args` (a `"k=v k=v"` string or a dict) would build on `arch`.
+
+    `network_dim`/`network_alpha` are the trainer's (None: 4 and 1.0). Raises SpecError where training would.
+    """
+    from blora_tools.models import build_text_encoders, build_unet
+
+    arch = Arch(arch)
+    kwargs = split_network_args(network_args) if isinstance(network_args, str) else dict(network_args)
+    parsed = parse_network_args(kwargs, arch, network_dim, network_alpha)
+    unet = build_unet(arch, "full", "meta")
+    text_encoders = build_text_encoders(arch, "full", "meta")
+    planned, messages = plan_modules(
+        text_encoders, unet, parsed.spec, explicit=parsed.explicit_blocks, chooser=parsed.chooser
+    )
+    layout = table(arch)
+    counts = {c.value: [0, 0] for c in layout.text_encoders}
+    counts.update({g: [0, 0] for g in layout.unet_groups})
+    for module in planned:
+        entry = counts.setdefault(module.target.placement.group, [0, 0])
+        entry[0] += 1
+        entry[1] += module.params
+    blocks = {g: GroupPlan(n, p) for g, (n, p) in counts.items()}
+    return Plan(arch, parsed.spec, blocks, (*parsed.notes, *messages))

@@ -1,0 +1,65 @@
+"""kohya_plugin.plan: modules and parameters per block from full-size models on the meta device."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from blora_tools.errors import SpecError
+from blora_tools.models import build_text_encoders, build_unet
+from kohya_plugin.blockwise import create_network
+from kohya_plugin.plan import plan_network
+
+
+@pytest.mark.parametrize("arch, name", [("sd1", "sd1_lora"), ("sdxl", "sdxl_lora")])
+def test_default_plan_counts_equal_the_manifest(arch, name, load_manifest):
+    manifest = load_manifest(name)
+    plan = plan_network(arch, "")
+    doc = json.loads(plan.to_json())
+    assert doc["arch"] == arch and doc["warnings"] == []
+    assert doc["total"]["modules"] == manifest["counts"]["total"]
+    params = sum(m["rank"] * (m["down_shape"][1] * (m["down_shape"][2] * m["down_shape"][3]
+                                                    if len(m["down_shape"]) == 4 else 1) + m["up_shape"][0])
+                 for m in manifest["modules"])
+    assert doc["total"]["params"] == params
+    for group, entry in doc["blocks"].items():
+        assert {"modules", "params"} <= set(entry), group
+
+
+def test_style_plan_sd1():
+    plan = plan_network("sd1", "preset=style conv_dim=8")
+    doc = plan.to_dict()
+    trained = {g for g, e in doc["blocks"].items() if e["modules"]}
+    assert trained == {"in0", "out3"}
+    assert doc["blocks"]["in0"]["modules"] == 31 and doc["blocks"]["out3"]["modules"] == 48  # kohya LoCon counts
+    assert doc["blocks"]["in0"]["conv_rank"] == 8 and doc["blocks"]["mid"]["rank"] == 0
+    assert list(doc["blocks"]) == ["te", "in0", "in1", "in2", "in3", "mid", "out0", "out1", "out2", "out3"]
+
+
+def test_plan_equals_the_network_that_training_builds():
+    args = {"block_ranks": "in1=16,out1=2", "conv_dim": "4", "te_dim": "2"}
+    plan = plan_network("sd2", args, network_dim=8, network_alpha=4)
+    tes, unet = build_text_encoders("sd2", "full", "meta"), build_unet("sd2", "full", "meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        network = create_network(1.0, 8, 4, None, tes[0], unet, **args)
+    assert plan.params == sum(p.numel() for p in network.parameters())
+    assert plan.modules == len(network.unet_loras) + len(network.text_encoder_loras)
+
+
+def test_sdxl_style_plan_needs_conv_dim():
+    with pytest.raises(SpecError, match="conv_dim is needed"):
+        plan_network("sdxl", "preset=style")
+    doc = plan_network("sdxl", "preset=style conv_dim=8").to_dict()
+    assert {g for g, e in doc["blocks"].items() if e["modules"]} == {"in0", "out2"}
+    assert list(doc["blocks"])[:2] == ["te1", "te2"]
+
+
+def test_plan_reports_warnings():
+    plan = plan_network("sd1", "blocks=in3,out3")
+    assert len(plan.warnings) == 1 and "in3" in plan.warnings[0] and "conv_dim" in plan.warnings[0]
+    assert plan.to_dict()["warnings"] == list(plan.warnings)
+    with pytest.raises(SpecError, match="unknown key"):
+        plan_network("sd1", "presett=style")
