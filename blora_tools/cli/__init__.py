@@ -18,6 +18,15 @@ from blora_tools.errors import BloraError
 COMMANDS: dict[str, str] = {
     "inspect": "inspect_cmd",
     "blocks": "blocks_cmd",
+    "prune": "prune_cmd",
+    "reweight": "reweight_cmd",
+    "merge": "merge_cmd",
+    "resize": "resize_cmd",
+    "convert": "convert_cmd",
+    "compare": "compare_cmd",
+    "render": "render_cmd",
+    "plan": "plan_cmd",
+    "demo": "demo_cmd",
 }
 """Command name → module in blora_tools.cli defining `<module>` as a click.Command (e.g. inspect_cmd)."""
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from blora_tools.adapter.formats import ldm_to_diffusers, path_from_stem, stem_from_path, unet_naming
 from blora_tools.adapter.kinds import delta_weight, frobenius_norm, lora_factors
 from blora_tools.adapter.model import Adapter, Module
-from blora_tools.errors import BloraError
+from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.ops.stats import row_order
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component, table
@@ -88,12 +88,12 @@ def compare(
         tb = b.tensors(mb) if mb else None
         if ma:
             group.modules_a += 1
-            group.norm_a_sq += frobenius_norm(ma.kind, ta, ma.scale, ma.weight_shape) ** 2
+            group.norm_a_sq += _norm(a, ma, ta) ** 2
             if ma.dora:
                 dora.append(ma.stem)
         if mb:
             group.modules_b += 1
-            group.norm_b_sq += frobenius_norm(mb.kind, tb, mb.scale, mb.weight_shape) ** 2
+            group.norm_b_sq += _norm(b, mb, tb) ** 2
             if mb.dora:
                 dora.append(mb.stem)
         if ma and mb:
@@ -124,6 +124,13 @@ def compare(
         "advice": _advice(blocks, arch, style, a, b),
         "warnings": warnings,
     }
+
+
+def _norm(adapter: Adapter, module: Module, tensors: dict) -> float:
+    norm = frobenius_norm(module.kind, tensors, module.scale, module.weight_shape)
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"module {module.stem} holds NaN or Inf values; nothing to compare", adapter.path)
+    return norm
 
 
 def _keyed(adapter: Adapter) -> dict[str, Module]:

@@ -132,25 +132,8 @@ def convert(
                 f"{len(adapter.passthrough)} key(s) that are not LoRA modules have no place in a PEFT file and "
                 f"are left out, e.g. {adapter.passthrough[0]}"
             )
-    if target is Format.KOHYA and not uniform_alpha:
-        distinct = {_effective(m) for m in adapter.modules.values() if m.kind.is_lora}
-        if len(distinct) > 1:
-            warnings.append(
-                f"modules keep {len(distinct)} different alpha values; diffusers loads such kohya files with some "
-                "modules mis-scaled. Add --uniform-alpha to give them one alpha (ΔW unchanged)"
-            )
-    if target is Format.KOHYA and any(m.kind not in PEFT_KINDS for m in adapter.modules.values()):
-        warnings.append(
-            "diffusers will not load this file: it holds LoHa, LoKr, Tucker (lora_mid) or full modules "
-            "(sd-scripts, A1111, ComfyUI and LyCORIS load it)"
-        )
-    elif target is Format.KOHYA and any(m.dora for m in adapter.modules.values()):
-        warnings.append("diffusers drops the DoRA scales of this file (sd-scripts, A1111, ComfyUI and LyCORIS keep them)")
-    if target is Format.KOHYA and adapter.passthrough:
-        warnings.append(
-            "diffusers will not read this file as kohya LoRA: it also holds keys that are not LoRA modules "
-            f"(e.g. {adapter.passthrough[0]})"
-        )
+    if target is Format.KOHYA:
+        warnings += _diffusers_warnings(adapter, uniform_alpha)
 
     arguments = {"input": Path(adapter.path).name, "to": target.value}
     if uniform_alpha:
@@ -189,6 +172,32 @@ def _effective(module: Module) -> float | None:
     if module.rank is None:
         return None
     return float(module.rank if module.alpha is None else module.alpha)
+
+
+def _diffusers_warnings(adapter: Adapter, uniform_alpha: bool) -> list[str]:
+    """What keeps diffusers from loading a kohya output exactly (DESIGN §3); sd-scripts, A1111, ComfyUI and
+    LyCORIS load all of it."""
+    modules = adapter.modules.values()
+    warnings = []
+    distinct = {_effective(m) for m in modules if m.kind.is_lora}
+    if not uniform_alpha and len(distinct) > 1:
+        warnings.append(
+            f"modules keep {len(distinct)} different alpha values; diffusers loads such kohya files with some "
+            "modules mis-scaled. Add --uniform-alpha to give them one alpha (ΔW unchanged)"
+        )
+    if any(m.kind not in PEFT_KINDS for m in modules):
+        warnings.append(
+            "diffusers will not load this file: it holds LoHa, LoKr, Tucker (lora_mid) or full modules "
+            "(sd-scripts, A1111, ComfyUI and LyCORIS load it)"
+        )
+    elif any(m.dora for m in modules):
+        warnings.append("diffusers drops the DoRA scales of this file (sd-scripts, A1111, ComfyUI and LyCORIS keep them)")
+    if adapter.passthrough:
+        warnings.append(
+            "diffusers will not read this file as kohya LoRA: it also holds keys that are not LoRA modules "
+            f"(e.g. {adapter.passthrough[0]})"
+        )
+    return warnings
 
 
 def _check_peft_kinds(adapter: Adapter) -> None:
@@ -269,8 +278,10 @@ def _folded(adapter: Adapter, module: Module, param: str, name: str, ratio: floa
     def make():
         from blora_tools.adapter.tensors import TORCH_DTYPE
 
-        value = (adapter.tensor(key).float() * ratio).to(TORCH_DTYPE[info.dtype])
-        if not bool(value.float().isfinite().all()):
+        source = adapter.tensor(key).float()
+        value = (source * ratio).to(TORCH_DTYPE[info.dtype])
+        # an overflow of the fold; NaN/Inf already in the input is Result.save's to refuse (or allow)
+        if not bool((value.float().isfinite() | ~source.isfinite()).all()):
             raise NonFiniteError(
                 f"module {module.stem}: folding its scale ×{ratio:g} into {param} overflows {info.dtype}",
                 adapter.path,

@@ -1,0 +1,12 @@
+"""Interop tests run torch on one thread: two OpenMP threads next to another busy process spin at barriers."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
