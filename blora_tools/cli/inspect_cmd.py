@@ -29,8 +29,9 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
 @click.option("--fine", is_flag=True, help="One row per LBW block (IN00…OUT11, BASE) instead of per paper group.")
 @click.option("--no-stats", is_flag=True, help="Read only the headers: no norms, no NaN check, no tensor data.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file (schema blora-inspect/1).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the per-block norms of every file as a chart (.png/.svg/.pdf; needs matplotlib).")
 @click.pass_obj
-def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_json: bool) -> None:
+def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_json: bool, plot: Path | None) -> None:
     """Show architecture, format, kinds and a per-block table of adapter FILES (or folders).
 
     Norms are Frobenius norms of each block's scaled ΔW, computed from the factors (no dense
@@ -41,10 +42,13 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
       blora-tools inspect style.safetensors
       blora-tools inspect --fine --json style.safetensors
       blora-tools inspect --no-stats ~/loras/          # one row per file, headers only
+      blora-tools inspect a.safetensors b.safetensors --plot norms.png
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.ops.stats import inspect_adapter
 
+    if plot is not None and no_stats:
+        raise click.UsageError("--plot draws norms, which --no-stats does not compute")
     files = _expand(paths)
     reports = []
     for path in files:
@@ -55,6 +59,12 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
     if len(archs) > 1:
         for r in reports:
             r["warnings"].append(f"files of mixed architectures given: {', '.join(sorted(archs))}")
+    if plot is not None:
+        from blora_tools.cli.plot import plot_blocks
+
+        series = {Path(r["path"]).name: {b: v["norm"] for b, v in r["blocks"].items()} for r in reports}
+        plot_blocks(plot, series, "per-block ΔW norm")
+        output.note(app, f"chart written to {plot}")
     if as_json:
         output.print_json(app, reports)
         for r in reports:

@@ -142,3 +142,12 @@ def test_help_for_every_command(runner):
 def test_version(runner):
     result = _invoke(runner, "--version")
     assert result.exit_code == 0 and "blora-tools" in result.stdout
+
+
+def test_inspect_plot_writes_a_png(runner, lora_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    path, _ = lora_file
+    chart = tmp_path / "norms.png"
+    result = _invoke(runner, "inspect", path, "--plot", chart)
+    assert result.exit_code == 0 and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _invoke(runner, "inspect", path, "--no-stats", "--plot", chart).exit_code == 2
