@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -285,7 +286,7 @@ class BlockwiseNetwork(nn.Module):
                     f"{list(weight_shape)}; is the file for another model?"
                 )
             rank = int(down.shape[0])
-            file_alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
+            file_alpha = _alpha_of(stem, tensors, rank, source)
             alpha = _training_alpha(stem, target, rank, file_alpha, file_spec, doc)
             planned.append(PlannedModule(target, rank, alpha, _lr_of(target.placement, lr_block, lr_slot)))
         if unmatched:
@@ -387,6 +388,7 @@ class BlockwiseNetwork(nn.Module):
     def load_factors(self, weights_sd: Mapping[str, torch.Tensor], source: str = "weights") -> _IncompatibleKeys:
         """`load_weights` for an in-memory kohya state dict."""
         stems = _group_keys(weights_sd, source)
+        _check_module_kinds(stems, source)
         plan: list[tuple[LoRAModule, torch.Tensor, torch.Tensor, float]] = []
         missing: list[str] = []
         mismatched: list[str] = []
@@ -403,7 +405,7 @@ class BlockwiseNetwork(nn.Module):
                     f"network {list(module.lora_down.weight.shape)}"
                 )
                 continue
-            alpha = float(tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
+            alpha = _alpha_of(module.lora_name, tensors, down.shape[0], source)
             plan.append((module, down, up, alpha))
         if mismatched:
             raise SpecError(
@@ -411,6 +413,21 @@ class BlockwiseNetwork(nn.Module):
                 f"({'; '.join(mismatched[:2])}); use the network_args the file was trained with, "
                 "or --dim_from_weights"
             )
+        names = sorted(m.lora_name for m in self._loras())
+        extra = sorted(set(stems) - set(names))
+        if not plan and names:
+            raise SpecError(
+                f"{source}: none of its {len(stems)} modules is one of this network's {len(names)} "
+                f"(file: {', '.join(sorted(stems)[:2]) or 'no LoRA modules'}; network: {', '.join(names[:2])}); "
+                "is the file for another model, or trained with other network_args (preset, blocks, te_dim)?"
+            )
+        if extra or missing:
+            absent = sorted({key.partition(".")[0] for key in missing})
+            parts = [f"{len(absent)} network module(s) are not in the file and keep their initial values "
+                     f"(e.g. {absent[0]})"] if absent else []
+            parts += [f"{len(extra)} module(s) of the file are not in this network and are ignored "
+                      f"(e.g. {extra[0]})"] if extra else []
+            warnings.warn(f"{source}: {'; '.join(parts)}", BlockwiseWarning, stacklevel=2)
         with torch.no_grad():
             for module, down, up, alpha in plan:
                 ratio = alpha / module.alpha_value
@@ -602,8 +619,23 @@ def _lr_of(placement: Placement, lr_block: Mapping[str, float], lr_slot: Mapping
     return lr_block[placement.block]
 
 
+def _alpha_of(stem: str, tensors: Mapping[str, torch.Tensor], rank: int, source: str) -> float:
+    """A module's alpha from the file (0-d or 1-element; else the rank); AdapterFileError if unusable."""
+    if "alpha" not in tensors:
+        return float(rank)
+    alpha = tensors["alpha"]
+    if alpha.numel() != 1:
+        raise AdapterFileError(f"module {stem}: alpha has shape {list(alpha.shape)}, expected a single value", source)
+    value = float(alpha.reshape(()))
+    if not math.isfinite(value):
+        raise AdapterFileError(f"module {stem}: alpha is {value}", source)
+    return value
+
+
 def _check_module_kinds(stems: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
-    """Refuse modules this network cannot represent (LoHa, LoKr, Tucker cores, DoRA, full diffs)."""
+    """Refuse modules this network cannot represent (LoHa, LoKr, Tucker cores, DoRA, full diffs), and no modules."""
+    if not stems:
+        raise AdapterFileError("no LoRA modules in it: a full model or another kind of file, not an adapter", source)
     foreign = sorted({p for tensors in stems.values() for p in tensors if p not in _MODULE_KEYS})
     if foreign:
         raise AdapterFileError(

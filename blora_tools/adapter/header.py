@@ -130,14 +130,14 @@ def _tensor_info(name: str, entry: object, path: Path) -> TensorInfo:
     if not isinstance(entry, dict):
         raise AdapterFileError(f"tensor {name!r}: entry is not an object", path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise AdapterFileError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
         raise AdapterFileError(f"tensor {name!r}: shape {shape!r} is not a list of sizes", path)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(_is_size(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
         raise AdapterFileError(f"tensor {name!r}: bad data_offsets {offsets!r}", path)
@@ -149,6 +149,11 @@ def _tensor_info(name: str, entry: object, path: Path) -> TensorInfo:
             path,
         )
     return info
+
+
+def _is_size(value: object) -> bool:
+    """A JSON whole number ≥ 0 (`true` is a bool in JSON, though Python counts it as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_tiling(tensors: dict[str, TensorInfo], data_size: int, path: Path) -> None:

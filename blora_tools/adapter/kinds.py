@@ -125,7 +125,8 @@ def delta_weight(kind: Kind, t: Mapping[str, "torch.Tensor"], scale: float, shap
         w2 = _lokr_half(t, "2")
         if w2.dim() == 4 and w1.dim() == 2:
             w1 = w1[:, :, None, None]
-        return (scale * torch.kron(w1, w2)).reshape(shape)
+        # contiguous: torch.kron fails on the strided result of the Tucker einsum (lokr_t2)
+        return (scale * torch.kron(w1.contiguous(), w2.contiguous())).reshape(shape)
     if kind is Kind.FULL:
         return t["diff"].float().reshape(shape)
     return t["w_norm"].float().reshape(shape)

@@ -203,10 +203,10 @@ def _module(
     kind = kind_of(frozenset(params), len(down) if down is not None else None, kernel)
     if not isinstance(kind, Kind):
         raise AdapterFileError(f"module {stem}: {kind}", path)
+    _check_factor_shapes(stem, kind, shapes, path)
     rank = _rank(kind, shapes)
     if rank == 0:
         raise AdapterFileError(f"module {stem}: rank 0 (empty factors)", path)
-    _check_factor_shapes(stem, kind, shapes, path)
     alpha = peft_alphas.get(stem)
     if "alpha" in params:
         alpha = _read_alpha(header, params["alpha"], stem, path)
@@ -220,6 +220,8 @@ def _rank(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     if kind is Kind.LOHA:
         return shapes["hada_w1_b"][0]
     if kind is Kind.LOKR:
+        if "lokr_t2" in shapes and "lokr_w2_a" in shapes:  # Tucker form: w2_a is (rank, out), as t2 is (rank, rank, k, k)
+            return shapes["lokr_w2_a"][0]
         for factor in ("lokr_w2_a", "lokr_w1_a"):
             if factor in shapes:
                 return shapes[factor][1]
@@ -228,11 +230,73 @@ def _rank(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
 
 
 def _check_factor_shapes(stem: str, kind: Kind, shapes: Mapping[str, tuple[int, ...]], path: Path) -> None:
-    if not kind.is_lora:
-        return
-    up, down = shapes["lora_up.weight"], shapes["lora_down.weight"]
-    if len(up) < 2 or len(down) < 2 or up[1] != down[0] and kind is not Kind.TUCKER:
-        raise AdapterFileError(f"module {stem}: lora_up {list(up)} does not fit lora_down {list(down)}", path)
+    """Refuse factors whose shapes cannot make one ΔW of the module's weight shape (before any tensor is read)."""
+    problem = _shape_problem(kind, shapes)
+    if problem is None and kind.has_rank:
+        made = _delta_shape(kind, shapes)
+        if math.prod(made) != math.prod(_weight_shape(kind, shapes)):
+            problem = f"its factors make a {list(made)} ΔW, not one of the weight shape {list(_weight_shape(kind, shapes))}"
+    if problem is not None:
+        raise AdapterFileError(f"module {stem}: {problem}", path)
+
+
+def _shape_problem(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why the factor shapes do not fit together (the arithmetic of `kinds.delta_weight`), or None."""
+    if kind.is_lora:
+        up, down = shapes["lora_up.weight"], shapes["lora_down.weight"]
+        if len(up) < 2 or len(down) < 2 or up[1] != down[0] and kind is not Kind.TUCKER or any(d != 1 for d in up[2:]):
+            return f"lora_up {list(up)} does not fit lora_down {list(down)}"
+        mid = shapes.get("lora_mid.weight")
+        if kind is Kind.TUCKER and (len(mid) != 4 or mid[0] != up[1] or mid[1] != down[0] or any(d != 1 for d in down[2:])):
+            return f"lora_mid {list(mid)} does not fit lora_up {list(up)} and lora_down {list(down)}"
+        return None
+    if kind is Kind.LOHA:
+        halves = [_half_shape(shapes, f"hada_w{i}_a", f"hada_w{i}_b", f"hada_t{i}", flat=True) for i in "12"]
+        problem = next((h for h in halves if isinstance(h, str)), None)
+        if problem is None and halves[0] != halves[1]:
+            problem = f"its two Hadamard halves have shapes {list(halves[0])} and {list(halves[1])}"
+        return problem
+    if kind is Kind.LOKR:
+        for i in "12":
+            half = _lokr_shape(shapes, i)
+            if isinstance(half, str):
+                return half
+            if i == "1" and len(half) != 2 or len(half) not in (2, 4):
+                return f"lokr_w{i} would have shape {list(half)}"
+    return None
+
+
+def _half_shape(shapes: Mapping[str, tuple[int, ...]], a_key: str, b_key: str, core_key: str, *, flat: bool):
+    """Shape of a_key @ b_key (with an optional Tucker core), or a message; `flat` flattens b's trailing dims."""
+    a, b, core = shapes[a_key], shapes[b_key], shapes.get(core_key)
+    if len(a) != 2 or len(b) < 2 or (not flat and core is None and len(b) not in (2, 4)):
+        return f"{a_key} {list(a)} and {b_key} {list(b)} are not factor shapes"
+    if core is not None:
+        if len(core) != 4 or core[0] != a[0] or core[1] != b[0]:
+            return f"{core_key} {list(core)} does not fit {a_key} {list(a)} and {b_key} {list(b)}"
+        return (a[1], math.prod(b[1:])) + tuple(core[2:])
+    if a[1] != b[0]:
+        return f"{a_key} {list(a)} does not fit {b_key} {list(b)}"
+    return (a[0], math.prod(b[1:])) if flat else (a[0],) + tuple(b[1:])
+
+
+def _lokr_shape(shapes: Mapping[str, tuple[int, ...]], i: str):
+    whole = shapes.get(f"lokr_w{i}")
+    if whole is not None:
+        return tuple(whole)
+    return _half_shape(shapes, f"lokr_w{i}_a", f"lokr_w{i}_b", "lokr_t2" if i == "2" else "", flat=False)
+
+
+def _delta_shape(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape `kinds.delta_weight` makes before its final reshape (shapes already checked)."""
+    if kind.is_lora:
+        up, down = shapes["lora_up.weight"], shapes["lora_down.weight"]
+        inner = shapes["lora_mid.weight"][2:] if kind is Kind.TUCKER else down[2:]
+        return (up[0], down[1] * math.prod(inner))
+    if kind is Kind.LOHA:
+        return _half_shape(shapes, "hada_w1_a", "hada_w1_b", "hada_t1", flat=True)
+    w1, w2 = _lokr_shape(shapes, "1"), _lokr_shape(shapes, "2")
+    return (w1[0] * w2[0], w1[1] * w2[1]) + tuple(w2[2:])
 
 
 def _weight_shape(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
@@ -247,8 +311,7 @@ def _weight_shape(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> tuple[in
             return (a[1], b[1]) + tuple(shapes["hada_t1"][2:])
         return (a[0],) + tuple(b[1:])
     if kind is Kind.LOKR:
-        w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
-        w2 = shapes.get("lokr_w2") or (shapes["lokr_w2_a"][0],) + tuple(shapes["lokr_w2_b"][1:])
+        w1, w2 = _lokr_shape(shapes, "1"), _lokr_shape(shapes, "2")
         return (w1[0] * w2[0], w1[1] * w2[1]) + tuple(w2[2:])
     return tuple(shapes["diff" if kind is Kind.FULL else "w_norm"])
 

@@ -105,7 +105,10 @@ def write_entries(
     if hashes:
         meta.update(_PLACEHOLDER)
     head = header_bytes(items, meta)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # a read-only or full folder: nothing was created
+        raise OutputError(f"cannot write in {path.parent}: {err.strerror or err}; nothing was written", path) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w+b") as f:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import SELECTOR, force_option, json_option, output_option
+from blora_tools.cli.params import SELECTOR, allow_nonfinite_option, force_option, json_option, output_option
 from blora_tools.cli.prune_cmd import done, group_key, save_result, show_json
 
 DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -93,9 +93,10 @@ conv_rank_option = click.option("--conv-rank", type=click.IntRange(min=1), help=
 @dtype_option
 @click.option("--strict", is_flag=True, help="Refuse inputs trained on different base models (otherwise a warning).")
 @force_option
+@allow_nonfinite_option
 @json_option
 @click.pass_obj
-def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_rank, clamp_quantile, alpha, dtype, strict, force, as_json) -> None:
+def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_rank, clamp_quantile, alpha, dtype, strict, force, allow_nonfinite, as_json) -> None:
     """Merge adapter INPUTS, each with its own ratio and blocks, into -o OUT.
 
     --ratios is one comma list aligned with the inputs; --blocks is given once per input, in input order.
@@ -151,7 +152,7 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
         strict=strict,
         arguments=arguments,
     )
-    written = save_result(app, result, output, force)
+    written = save_result(app, result, output, force, allow_nonfinite)
     if as_json:
         show_json(app, result, written)
         return

@@ -54,5 +54,10 @@ def output_option(required: bool = True):
 
 
 force_option = click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+allow_nonfinite_option = click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Write NaN/Inf values anyway (otherwise a tensor holding any is an error and nothing is written).",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
 input_file = click.argument("file", type=click.Path(path_type=Path))

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import SELECTOR, force_option, input_file, json_option, output_option
+from blora_tools.cli.params import SELECTOR, allow_nonfinite_option, force_option, input_file, json_option, output_option
 
 
 @click.command("prune")
@@ -21,9 +21,12 @@ from blora_tools.cli.params import SELECTOR, force_option, input_file, json_opti
 @output_option(required=False)
 @click.option("--dry-run", is_flag=True, help="List what would be removed; write nothing (no -o needed).")
 @force_option
+@allow_nonfinite_option
 @json_option
 @click.pass_obj
-def prune_cmd(app, file: Path, keep, drop, output: Path | None, dry_run: bool, force: bool, as_json: bool) -> None:
+def prune_cmd(
+    app, file: Path, keep, drop, output: Path | None, dry_run: bool, force: bool, allow_nonfinite: bool, as_json: bool
+) -> None:
     """Remove whole modules of FILE by block and write the rest to -o OUT.
 
     Every key of a removed module goes (alpha, dora_scale, lora_mid, …), so no orphan is left; every kept
@@ -50,7 +53,7 @@ def prune_cmd(app, file: Path, keep, drop, output: Path | None, dry_run: bool, f
         check_output(output, [file], force)
     blocks = selector.resolve(known_arch(adapter))
     result = prune(adapter, blocks, keep=keep is not None, selector=selector.text)
-    written = None if dry_run else save_result(app, result, output, force)
+    written = None if dry_run else save_result(app, result, output, force, allow_nonfinite)
     if as_json:
         show_json(app, result, written)
         return
@@ -77,10 +80,10 @@ def _show_dry_run(app, result) -> None:
 # --- shared by the surgery commands --------------------------------------------------------------------
 
 
-def save_result(app, result, path: Path, force: bool) -> Path:
-    """Write a Result atomically, with a progress bar over the bytes written."""
+def save_result(app, result, path: Path, force: bool, allow_nonfinite: bool = False) -> Path:
+    """Write a Result atomically, with a progress bar over the bytes written (NaN/Inf refused unless allowed)."""
     with ui.progress(app, f"writing {Path(path).name}", result.nbytes) as advance:
-        return result.save(path, force=force, on_bytes=advance)
+        return result.save(path, force=force, on_bytes=advance, allow_nonfinite=allow_nonfinite)
 
 
 def show_json(app, result, written: Path | None) -> None:

@@ -8,7 +8,7 @@ import click
 
 from blora_tools.cli import output as ui
 from blora_tools.cli.merge_cmd import DTYPES, RANK, RULE, alpha_option, clamp_option, conv_rank_option, dtype_option, show_ranks
-from blora_tools.cli.params import force_option, input_file, json_option, output_option
+from blora_tools.cli.params import allow_nonfinite_option, force_option, input_file, json_option, output_option
 from blora_tools.cli.prune_cmd import done, save_result, show_json
 
 
@@ -22,9 +22,10 @@ from blora_tools.cli.prune_cmd import done, save_result, show_json
 @dtype_option
 @output_option()
 @force_option
+@allow_nonfinite_option
 @json_option
 @click.pass_obj
-def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha, dtype, output: Path, force: bool, as_json: bool) -> None:
+def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha, dtype, output: Path, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
     """Re-compress FILE to new ranks and write -o OUT, with a table of what each block keeps.
 
     Each module's ΔW is decomposed through QR of its factors plus a small SVD (no dense matrix for LoRA
@@ -50,7 +51,7 @@ def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha,
     plan = rank_plan(rank, known_arch(adapter), conv=conv_rank, rule=dynamic)
     with ui.progress(app, f"decomposing {file.name}", len(adapter.modules)) as advance:
         result = resize(adapter, plan, alpha=alpha, dtype=DTYPES[dtype] if dtype else None, clamp_quantile=clamp_quantile, text=rank or "", progress=advance)
-    written = save_result(app, result, output, force)
+    written = save_result(app, result, output, force, allow_nonfinite)
     if as_json:
         show_json(app, result, written)
         return

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import WEIGHTS, force_option, input_file, json_option, output_option
+from blora_tools.cli.params import WEIGHTS, allow_nonfinite_option, force_option, input_file, json_option, output_option
 from blora_tools.cli.prune_cmd import done, group_key, save_result, show_json
 
 
@@ -20,9 +20,10 @@ from blora_tools.cli.prune_cmd import done, group_key, save_result, show_json
 @click.option("--lbw-fill", type=float, default=0.0, show_default=True, help="Weight of blocks an LBW vector does not name (LBW: 0; kohya --lbws: 1).")
 @output_option()
 @force_option
+@allow_nonfinite_option
 @json_option
 @click.pass_obj
-def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: float, output: Path, force: bool, as_json: bool) -> None:
+def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: float, output: Path, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
     """Multiply each module of FILE by its block's weight and write -o OUT.
 
     Exactly one factor per module is scaled (lora_up, hada_w1_a, lokr_w1, diff, w_norm), so the effect is
@@ -53,7 +54,7 @@ def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: f
     check_output(output, [file], force)
     resolved = spec.resolve(known_arch(adapter), fill=lbw_fill)
     result = reweight(adapter, resolved, text=spec.text)
-    written = save_result(app, result, output, force)
+    written = save_result(app, result, output, force, allow_nonfinite)
     if as_json:
         show_json(app, result, written)
         return

@@ -259,7 +259,7 @@ def _plan_one(stem: str, parts: list[_Part], method: str, plan: RankPlan) -> _Pl
             raise BloraError(
                 f"module {stem} is {names}, which has no up/down factors to concatenate; use --method svd "
                 "(it makes such modules dense and compresses them)",
-                parts[0].adapter.path,
+                next(p for p in parts if not p.module.kind.is_lora).adapter.path,  # the file holding it
             )
         route = "dense"
     first = parts[0].module
@@ -318,6 +318,7 @@ def _decompose(p: _Plan) -> Decomposition:
         ups, downs = [], []
         for part in p.parts:
             up, down = _terms(part)
+            _require_finite(part, up, down)
             ups.append(up * part.coefficient)
             downs.append(down)
         return decompose_factors(ups, downs)
@@ -329,8 +330,18 @@ def _dense(p: _Plan) -> "torch.Tensor":
     for part in p.parts:
         m = part.module
         delta = delta_weight(m.kind, part.adapter.tensors(m), m.scale, m.weight_shape).reshape(p.weight_shape[0], -1)
+        _require_finite(part, delta)
         total = delta * part.ratio if total is None else total + delta * part.ratio
     return total
+
+
+def _require_finite(part: _Part, *tensors: "torch.Tensor") -> None:
+    """An SVD cannot take NaN/Inf (not even with --allow-nonfinite): refuse, naming the module and its file."""
+    if not all(bool(t.isfinite().all()) for t in tensors):
+        raise NonFiniteError(
+            f"module {part.module.stem} holds NaN or Inf values, which cannot be decomposed; repair or prune it first",
+            part.adapter.path,
+        )
 
 
 def _concat(p: _Plan, file_alpha: float) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -382,13 +393,8 @@ class _Lazy:
         self._tensors: dict[str, "torch.Tensor"] | None = None
 
     def take(self, name: str) -> "torch.Tensor":
-        import torch
-
         if self._tensors is None or name not in self._tensors:
-            self._tensors = self._make()
-            for param, tensor in self._tensors.items():
-                if not bool(torch.isfinite(tensor).all()):
-                    raise NonFiniteError(f"module {self._stem}: {param} came out NaN/Inf (an input holds non-finite values?)", self._path)
+            self._tensors = self._make()  # NaN/Inf is refused as it is written (Result.save), naming the input
         tensor = self._tensors.pop(name)
         if not self._tensors:
             self._tensors = None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blora_tools.adapter.writer import Entry, write_entries
-from blora_tools.errors import AdapterFileError
+from blora_tools.errors import AdapterFileError, NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -41,9 +41,19 @@ class Result:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
 
-    def save(self, path: str | Path, *, force: bool = False, on_bytes: Progress | None = None) -> Path:
-        """Write atomically (never onto an input; an existing file only with `force`)."""
-        entries = self.entries if on_bytes is None else [_reporting(e, on_bytes) for e in self.entries]
+    def save(
+        self, path: str | Path, *, force: bool = False, on_bytes: Progress | None = None, allow_nonfinite: bool = False
+    ) -> Path:
+        """Write atomically (never onto an input; an existing file only with `force`).
+
+        Every float tensor written, copied or computed, is checked for NaN/Inf as it is produced: NonFiniteError
+        naming the module (and the input holding it) unless `allow_nonfinite`; nothing is left at `path` then.
+        """
+        entries = self.entries
+        if not allow_nonfinite:
+            entries = [_finite_checked(e, self.inputs, Path(path)) for e in entries]
+        if on_bytes is not None:
+            entries = [_reporting(e, on_bytes) for e in entries]
         return write_entries(path, entries, self.metadata, inputs=self.inputs, force=force)
 
 
@@ -54,6 +64,50 @@ def _reporting(entry: Entry, on_bytes: Progress) -> Entry:
         return data
 
     return Entry(entry.name, entry.dtype, entry.shape, produce)
+
+
+_EXPONENT_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+                  "F64": ("<u8", 0x7FF0000000000000), "F8_E5M2": ("u1", 0x7C), "F8_E4M3": ("u1", 0x7F)}
+"""Float dtypes → (unsigned view, mask): a value is NaN/Inf when all its mask bits are set (E4M3: NaN only)."""
+
+
+def finite_bytes(data: bytes, dtype: str) -> bool:
+    """Whether stored tensor bytes hold no NaN/Inf (integer and bool dtypes always do); numpy, no torch."""
+    if dtype not in _EXPONENT_BITS or not data:
+        return True
+    import numpy as np
+
+    view, mask = _EXPONENT_BITS[dtype]
+    bits = np.frombuffer(data, dtype=view)
+    return not bool(np.any((bits & bits.dtype.type(mask)) == mask))
+
+
+def _finite_checked(entry: Entry, inputs: tuple[Path, ...], output: Path) -> Entry:
+    def produce() -> bytes:
+        data = entry.produce()
+        if not finite_bytes(data, entry.dtype):
+            raise _nonfinite_error(entry.name, inputs, output)
+        return data
+
+    return Entry(entry.name, entry.dtype, entry.shape, produce)
+
+
+def _nonfinite_error(name: str, inputs: tuple[Path, ...], output: Path) -> NonFiniteError:
+    """Name the module and, where one holds it, the input whose tensors are NaN/Inf (else the overflow)."""
+    from blora_tools.adapter.formats import split_key
+    from blora_tools.adapter.model import open_adapter
+
+    key = split_key(name)
+    stem = key.stem if key is not None else name
+    fix = "nothing written; repair or prune it, or pass --allow-nonfinite to write it anyway"
+    for source in inputs:
+        adapter = open_adapter(source)
+        module = adapter.modules.get(stem)
+        keys = list(module.keys.values()) if module is not None else [name] if name in adapter.header.tensors else []
+        if any(not finite_bytes(adapter.raw(k), adapter.info(k).dtype) for k in keys):
+            return NonFiniteError(f"module {stem} holds NaN or Inf values; {fix}", source)
+    param = key.param if key is not None else name
+    return NonFiniteError(f"module {stem}: {param} comes out NaN or Inf (overflow?); {fix}", output)
 
 
 def copied(adapter: "Adapter", key: str, name: str | None = None) -> Entry:

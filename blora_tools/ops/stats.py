@@ -32,10 +32,9 @@ class BlockFigures:
     norm_sq: float | None = None
 
     def to_json(self, total_sq: float | None) -> dict:
-        norm = None if self.norm_sq is None else math.sqrt(self.norm_sq)
-        share = None
-        if self.norm_sq is not None and total_sq:
-            share = self.norm_sq / total_sq
+        finite = self.norm_sq is not None and math.isfinite(self.norm_sq)  # NaN/Inf modules: no norm (and valid JSON)
+        norm = math.sqrt(self.norm_sq) if finite else None
+        share = self.norm_sq / total_sq if finite and total_sq else None
         return {
             "modules": self.modules,
             "rank_min": min(self.ranks) if self.ranks else None,

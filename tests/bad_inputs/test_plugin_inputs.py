@@ -1,0 +1,311 @@
+"""The plugin's bad inputs: every invalid `--network_args` value is refused by `create_network` (a SpecError naming
+the argument) and the models are exactly as they were; `load_weights` of a file that does not fit the network says
+which modules do not fit, and leaves the network as it was.
+
+tests/plugin/test_args.py checks the parser's messages one by one; here every key goes through `create_network`
+itself, as sd-scripts calls it (string values, `neuron_dropout` from --network_dropout), on real tiny models.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from adapters import make_adapter
+from corrupt_files import FILE_CASES
+from fake_trainer import tiny_models
+from safetensors.torch import load_file, save_file
+
+from blora_tools.errors import AdapterFileError, BloraError, SpecError
+from kohya_plugin.args import KNOWN_KEYS
+from kohya_plugin.blockwise import create_network, create_network_from_weights
+from kohya_plugin.network import BlockwiseWarning
+
+
+@pytest.fixture(scope="module")
+def sd1_models():
+    return tiny_models("sd1")
+
+
+@pytest.fixture(scope="module")
+def sdxl_models():
+    return tiny_models("sdxl")
+
+
+def fingerprint(*models) -> dict:
+    """Everything create_network could change: parameters and buffers (values and identity), module tree,
+    instance-level forwards (the swap), hooks."""
+    state = {}
+    for i, model in enumerate(models):
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            state[f"{i}:{name}"] = (id(tensor), tensor.detach().clone())
+        for name, module in model.named_modules():
+            state[f"{i}:{name}:module"] = (
+                type(module).__name__,
+                "forward" in vars(module),
+                len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks),
+            )
+    return state
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if isinstance(value[1], torch.Tensor):
+            assert value[0] == after[key][0] and torch.equal(value[1], after[key][1]), key
+        else:
+            assert value == after[key], key
+
+
+def _create(tes, unet, dim=4, alpha=1.0, neuron_dropout=None, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BlockwiseWarning)
+        return create_network(1.0, dim, alpha, None, tes[0], unet, neuron_dropout=neuron_dropout, **kwargs)
+
+
+def _ones(n: int, value: str = "1") -> str:
+    return ",".join([value] * n)
+
+
+# (network_args, words the message must contain): at least one bad value for every key, as the strings
+# sd-scripts passes.
+BAD_ARGS = [
+    ({"presets": "style"}, ["presets", "known keys"]),
+    ({"preset": "styel"}, ["preset"]),
+    ({"preset": ""}, ["preset"]),
+    ({"blocks": "in9"}, ["blocks"]),
+    ({"blocks": ""}, ["blocks"]),
+    ({"blocks": "NOT"}, ["blocks"]),
+    ({"blocks": "in3"}, ["blocks=in3", "no attention", "conv_dim"]),  # found once the U-Net is read, still unchanged
+    ({"block_ranks": "in0=abc"}, ["block_ranks"]),
+    ({"block_ranks": "in0=-1"}, ["block_ranks"]),
+    ({"block_ranks": "in0=1.5"}, ["block_ranks", "whole number"]),
+    ({"block_ranks": "in0"}, ["block_ranks"]),
+    ({"block_ranks": "in0=inf"}, ["block_ranks"]),
+    ({"block_alphas": "in0=-1"}, ["block_alphas"]),
+    ({"block_alphas": "in0=nan"}, ["block_alphas"]),
+    ({"block_alphas": "1,2"}, ["block_alphas"]),
+    ({"block_alphas": _ones(24) + ",-1"}, ["block_alphas"]),
+    ({"conv_dim": "x"}, ["conv_dim"]),
+    ({"conv_dim": ""}, ["conv_dim"]),
+    ({"conv_dim": "-1"}, ["conv_dim"]),
+    ({"conv_dim": "2.5"}, ["conv_dim"]),
+    ({"conv_dim": "4", "conv_alpha": "-1"}, ["conv_alpha"]),
+    ({"conv_dim": "4", "conv_alpha": "inf"}, ["conv_alpha"]),
+    ({"conv_alpha": "2"}, ["conv_alpha", "no convolution"]),
+    ({"conv_block_ranks": "in0=x"}, ["conv_block_ranks"]),
+    ({"conv_block_ranks": _ones(25)}, ["conv_block_ranks", "conv_block_dims"]),
+    ({"conv_dim": "4", "conv_block_alphas": "in0=-2"}, ["conv_block_alphas"]),
+    ({"te_dim": "-1"}, ["te_dim"]),
+    ({"te_dim": "x"}, ["te_dim"]),
+    ({"te_alpha": "-1"}, ["te_alpha"]),
+    ({"te_alpha": "inf"}, ["te_alpha"]),
+    ({"algo": "loha"}, ["algo", "lora, locon"]),
+    ({"algo": ""}, ["algo"]),
+    ({"algo": "lora", "conv_dim": "4"}, ["algo=lora", "conv_dim"]),
+    ({"block_dims": _ones(24)}, ["block_dims", "25", "not 24"]),
+    ({"block_dims": _ones(25, "a")}, ["block_dims"]),
+    ({"block_dims": _ones(24) + ",-3"}, ["block_dims"]),
+    ({"conv_block_dims": _ones(24) + ",x"}, ["conv_block_dims"]),
+    ({"block_lr": "in0=-1"}, ["block_lr"]),
+    ({"block_lr": "in0=x"}, ["block_lr"]),
+    ({"block_lr": _ones(5)}, ["block_lr"]),
+    ({"down_lr_weight": "sine+x"}, ["down_lr_weight"]),
+    ({"down_lr_weight": "1,2,x"}, ["down_lr_weight"]),
+    ({"down_lr_weight": _ones(13)}, ["down_lr_weight", "at most 12"]),
+    ({"mid_lr_weight": "x"}, ["mid_lr_weight"]),
+    ({"mid_lr_weight": "1,2"}, ["mid_lr_weight"]),
+    ({"up_lr_weight": "linear+nan"}, ["up_lr_weight"]),
+    ({"up_lr_weight": "-1"}, ["up_lr_weight"]),
+    ({"block_lr_zero_threshold": "-1"}, ["block_lr_zero_threshold"]),
+    ({"block_lr_zero_threshold": "x"}, ["block_lr_zero_threshold"]),
+    ({"dropout": "1"}, ["dropout"]),
+    ({"dropout": "-0.5"}, ["dropout"]),
+    ({"dropout": "x"}, ["dropout"]),
+    ({"rank_dropout": "2"}, ["rank_dropout"]),
+    ({"module_dropout": "1.0"}, ["module_dropout"]),
+    ({"module_dropout": "nan"}, ["module_dropout"]),
+    ({"loraplus_lr_ratio": "0"}, ["loraplus_lr_ratio"]),
+    ({"loraplus_unet_lr_ratio": "-1"}, ["loraplus_unet_lr_ratio"]),
+    ({"loraplus_text_encoder_lr_ratio": "x"}, ["loraplus_text_encoder_lr_ratio"]),
+    ({"verbose": "maybe"}, ["verbose"]),
+    ({"verbose": "2"}, ["verbose"]),
+    ({"preset": "style", "blocks": "in0"}, ["preset", "blocks"]),
+    ({"block_lr": "all=0"}, ["trains nothing"]),
+]
+
+
+def test_every_key_has_a_bad_value_here():
+    keys = {key for args, _ in BAD_ARGS for key in args}
+    assert set(KNOWN_KEYS) <= keys
+
+
+@pytest.mark.parametrize("args, words", BAD_ARGS, ids=[" ".join(f"{k}={v}"[:40] for k, v in a.items()) for a, _ in BAD_ARGS])
+def test_bad_network_args_are_refused_before_the_models_change(sd1_models, args, words):
+    tes, unet = sd1_models
+    before = fingerprint(*tes, unet)
+    with pytest.raises(SpecError) as caught:
+        _create(tes, unet, **args)
+    message = str(caught.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+    assert isinstance(caught.value, ValueError)  # what sd-scripts and plain Python callers expect
+    assert_same(before, fingerprint(*tes, unet))
+
+
+@pytest.mark.parametrize(
+    "dim, alpha, neuron_dropout, word",
+    [("abc", 1.0, None, "network_dim"), (-1, 1.0, None, "network_dim"), (4, "x", None, "network_alpha"),
+     (4, -1.0, None, "network_alpha"), (4, float("nan"), None, "network_alpha"), (4, 1.0, 1.5, "dropout"),
+     (4, 1.0, -0.1, "dropout"), (0, 1.0, None, "trains nothing")],
+)
+def test_bad_trainer_numbers_are_refused(sd1_models, dim, alpha, neuron_dropout, word):
+    tes, unet = sd1_models
+    before = fingerprint(*tes, unet)
+    with pytest.raises(SpecError, match=word):
+        _create(tes, unet, dim, alpha, neuron_dropout)
+    assert_same(before, fingerprint(*tes, unet))
+
+
+def test_sdxl_positional_lengths_and_mid_slots(sdxl_models):
+    tes, unet = sdxl_models
+    before = fingerprint(*tes, unet)
+    for args, word in [({"block_dims": _ones(25)}, "sdxl takes 23"), ({"mid_lr_weight": "1,1,1,1"}, "at most 3"),
+                       ({"blocks": "in3"}, "blocks")]:
+        with pytest.raises(SpecError, match=word):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BlockwiseWarning)
+                create_network(1.0, 4, 1.0, None, tes, unet, **args)
+    assert_same(before, fingerprint(*tes, unet))
+
+
+def test_missing_unet_is_refused(sd1_models):
+    tes, _ = sd1_models
+    with pytest.raises(SpecError, match="U-Net"):
+        create_network(1.0, 4, 1.0, None, tes[0], None)
+
+
+def test_good_values_of_other_types_still_work(sd1_models):
+    """Python callers pass numbers, not strings; sd-scripts passes `dropout=None` along."""
+    tes, unet = sd1_models
+    network = _create(tes, unet, conv_dim=4, conv_alpha=1, dropout=None, verbose=False)
+    assert network.unet_loras and network.spec.include_conv
+
+
+# --- load_weights: a file that does not fit ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(sd1_models, tmp_path_factory):
+    """A file saved by a network with ranks 4 everywhere (te and U-Net), and that network's parameters."""
+    tes, unet = sd1_models
+    network = _create(tes, unet, 4, 2.0)
+    with torch.no_grad():
+        for i, module in enumerate(network.text_encoder_loras + network.unet_loras):
+            module.lora_up.weight.fill_(0.01 * (i + 1))
+    path = tmp_path_factory.mktemp("saved") / "rank4.safetensors"
+    network.save_weights(path, None, {})
+    return path
+
+
+def _state(network) -> dict:
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+def _load_refused(network, path, error=BloraError):
+    before = _state(network)
+    with pytest.raises(error) as caught:
+        network.load_weights(str(path))
+    after = _state(network)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), "half-loaded"
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+def test_other_ranks_name_the_first_modules_and_both_shapes(sd1_models, saved):
+    tes, unet = sd1_models
+    network = _create(tes, unet, 8, 2.0)
+    message = _load_refused(network, saved, SpecError)
+    first = network.text_encoder_loras[0].lora_name
+    assert first in message and "file [4, " in message and "network [8, " in message
+    assert "dim_from_weights" in message
+
+
+def test_a_file_for_another_architecture_names_modules_of_both(sd1_models, tmp_path):
+    tes, unet = sd1_models
+    network = _create(tes, unet)
+    xl = make_adapter(tmp_path / "xl.safetensors", "sdxl", "lora", rank=4)
+    message = _load_refused(network, xl, SpecError)
+    assert "lora_te1_" in message or "lora_unet_input_blocks" in message, message  # the file's names
+    assert any(m.lora_name in message for m in network.text_encoder_loras + network.unet_loras), message
+
+
+def test_a_file_for_other_blocks_loads_nothing_and_says_so(sd1_models, saved, tmp_path):
+    tes, unet = sd1_models
+    network = _create(tes, unet, preset="style")  # U-Net outer level only
+    te_only = tmp_path / "te.safetensors"
+    save_file({k: v for k, v in load_file(saved).items() if k.startswith("lora_te_")}, te_only)
+    message = _load_refused(network, te_only, SpecError)
+    assert "lora_te_" in message and "lora_unet_" in message
+
+
+def test_partial_overlap_loads_what_fits_and_reports_the_rest(sd1_models, saved, tmp_path):
+    tes, unet = sd1_models
+    network = _create(tes, unet, 4, 2.0, te_dim="0")  # the file also has text-encoder modules
+    with pytest.warns(BlockwiseWarning, match="lora_te_"):
+        info = network.load_weights(str(saved))
+    assert info.unexpected_keys and all(k.startswith("lora_te_") for k in info.unexpected_keys)
+    assert not info.missing_keys
+    assert any(float(m.lora_up.weight.detach().abs().max()) > 0 for m in network.unet_loras)
+
+
+@pytest.mark.parametrize("case", [c for c in FILE_CASES if c.id not in ("directory",)], ids=lambda c: c.id)
+def test_broken_files_are_adapter_file_errors(sd1_models, saved, tmp_path, case):
+    tes, unet = sd1_models
+    network = _create(tes, unet, 4, 2.0)
+    bad = case.make(saved, tmp_path)
+    _load_refused(network, bad, AdapterFileError)
+    with pytest.raises(AdapterFileError):
+        create_network_from_weights(1.0, str(bad), None, tes[0], unet)
+
+
+@pytest.mark.parametrize(
+    "edit, error, words",
+    [
+        (lambda t: {k: v.reshape(1) if k.endswith(".alpha") else v for k, v in t.items()}, None, []),
+        (lambda t: {k: torch.stack([v, v]) if k.endswith(".alpha") else v for k, v in t.items()}, BloraError,
+         ["alpha"]),
+        (lambda t: {k: v for k, v in t.items() if not k.endswith("lora_down.weight")}, AdapterFileError,
+         ["lora_down/lora_up"]),
+        (lambda t: {**t, "lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, AdapterFileError, ["plain LoRA/LoCon"]),
+    ],
+    ids=["one-element-alpha-works", "two-element-alpha", "up-without-down", "loha"],
+)
+def test_odd_modules_in_load_weights(sd1_models, saved, tmp_path, edit, error, words):
+    tes, unet = sd1_models
+    path = tmp_path / "edited.safetensors"
+    save_file(edit(load_file(saved)), path)
+    network = _create(tes, unet, 4, 2.0)
+    if error is None:
+        info = network.load_weights(str(path))
+        assert not info.missing_keys and not info.unexpected_keys
+        reference = _create(tes, unet, 4, 2.0)
+        reference.load_weights(str(saved))
+        assert all(torch.equal(a, b) for a, b in zip(_state(network).values(), _state(reference).values()))
+        return
+    message = _load_refused(network, path, error)
+    for word in words:
+        assert word in message, message
+    with pytest.raises(error):
+        create_network_from_weights(1.0, str(path), None, tes[0], unet)
+
+
+def test_peft_file_says_to_convert(sd1_models, tmp_path):
+    tes, unet = sd1_models
+    network = _create(tes, unet)
+    peft = make_adapter(tmp_path / "peft.safetensors", "sd1", "lora", fmt="peft", rank=4)
+    message = _load_refused(network, peft, AdapterFileError)
+    assert "convert" in message
