@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -94,12 +95,16 @@ class Adapter:
         return self.header.tensors[key]
 
     def raw(self, key: str) -> bytes:
-        """A tensor's bytes exactly as stored."""
+        """A tensor's bytes exactly as stored (one unbuffered read at its offset: no read-ahead copy)."""
         info = self.header.tensors[key]
         try:
-            with self.path.open("rb") as f:
-                f.seek(self.header.data_start + info.begin)
-                data = f.read(info.nbytes)
+            with self.path.open("rb", buffering=0) as f:
+                data = os.pread(f.fileno(), info.nbytes, self.header.data_start + info.begin) if info.nbytes else b""
+                while 0 < len(data) < info.nbytes:  # a short read from a slow or network filesystem
+                    more = os.pread(f.fileno(), info.nbytes - len(data), self.header.data_start + info.begin + len(data))
+                    if not more:
+                        break
+                    data += more
         except OSError as err:
             raise AdapterFileError(f"cannot read tensor {key!r}: {err.strerror or err}", self.path) from None
         if len(data) != info.nbytes:
@@ -324,9 +329,8 @@ def _read_alpha(header: Header, key: str, stem: str, path: Path) -> float:
     info = header.tensors[key]
     if info.numel != 1:
         raise AdapterFileError(f"module {stem}: alpha has shape {list(info.shape)}, expected a single value", path)
-    with path.open("rb") as f:
-        f.seek(header.data_start + info.begin)
-        data = f.read(info.nbytes)
+    with path.open("rb", buffering=0) as f:  # unbuffered: a few bytes, not a read-ahead block, per alpha
+        data = os.pread(f.fileno(), info.nbytes, header.data_start + info.begin)
     if info.dtype == "BF16":
         value = struct.unpack("<f", b"\x00\x00" + data)[0]
     elif info.dtype in _SCALAR_FORMATS:

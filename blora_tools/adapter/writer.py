@@ -16,10 +16,11 @@ import queue
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from blora_tools.adapter.header import DTYPE_BYTES
 from blora_tools.errors import OutputError
@@ -105,40 +106,25 @@ def write_entries(
     if hashes:
         meta.update(_PLACEHOLDER)
     head = header_bytes(items, meta)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:  # a read-only or full folder: nothing was created
-        raise OutputError(f"cannot write in {path.parent}: {err.strerror or err}; nothing was written", path) from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            f.write(struct.pack("<Q", len(head)) + head)
-            data_hash = _BackgroundHash()
-            try:
-                for e in items:
-                    data = e.produce()
-                    if len(data) != e.nbytes:
-                        raise ValueError(f"tensor {e.name}: produced {len(data)} bytes, expected {e.nbytes}")
-                    data_hash.update(data)
-                    f.write(data)
-            finally:
-                digest = data_hash.hexdigest()
-            if hashes:
-                meta["sshs_model_hash"] = digest
-                meta["sshs_legacy_hash"] = _legacy_hash(f, items, meta, 8 + len(head))
-                final = header_bytes(items, meta)
-                assert len(final) == len(head), "hash placeholders keep the header length"
-                f.seek(8)
-                f.write(final)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write: {err.strerror or err}; nothing was written", path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        data_hash = _BackgroundHash()
+        try:
+            for e in items:
+                data = e.produce()
+                if len(data) != e.nbytes:
+                    raise ValueError(f"tensor {e.name}: produced {len(data)} bytes, expected {e.nbytes}")
+                data_hash.update(data)
+                f.write(data)
+        finally:
+            digest = data_hash.hexdigest()
+        if hashes:
+            meta["sshs_model_hash"] = digest
+            meta["sshs_legacy_hash"] = _legacy_hash(f, items, meta, 8 + len(head))
+            final = header_bytes(items, meta)
+            assert len(final) == len(head), "hash placeholders keep the header length"
+            f.seek(8)
+            f.write(final)
     return path
 
 
@@ -162,6 +148,40 @@ class _BackgroundHash:
         self._queue.put(None)
         self._thread.join()
         return self._hash.hexdigest()
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file opened for writing that appears at `path` only when the block completes.
+
+    It is a temporary file beside `path`, fsynced and renamed into place; on any exception (a full disk,
+    Ctrl-C) it is removed and an existing file at `path` stays as it was. OSError becomes OutputError.
+    """
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # a read-only or full folder: nothing was created
+        raise OutputError(f"cannot write in {path.parent}: {err.strerror or err}; nothing was written", path) from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write: {err.strerror or err}; nothing was written", path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see `atomic_file`)."""
+    path = Path(path)
+    with atomic_file(path) as f:
+        f.write(data)
+    return path
 
 
 def _legacy_hash(f, items: list[Entry], meta: Mapping[str, str], data_start: int) -> str:

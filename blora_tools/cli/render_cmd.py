@@ -125,7 +125,8 @@ def render_cmd(app, model_path: Path, config, loras, prompt, negative, seed, ste
         _show_plan(app, plan, selections, adapters)
         return
 
-    from blora_tools.render.grid import dumps, json_path_for, png_bytes, write_atomic
+    from blora_tools.adapter.writer import write_bytes_atomic as write_atomic
+    from blora_tools.render.grid import dumps, json_path_for, png_bytes
     from blora_tools.render.pipeline import check_arch, load_model, peek_arch, render_grid
 
     arch = peek_arch(model_path, config)

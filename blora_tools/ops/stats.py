@@ -88,12 +88,16 @@ def inspect_adapter(
         if with_stats:
             from blora_tools.adapter.kinds import frobenius_norm
 
+            # One pass over the data: NaN/Inf in any factor makes the norm NaN/Inf (a Gram diagonal holds every
+            # entry's square), so only a non-finite norm needs the element-wise check.
             tensors = adapter.tensors(module)
-            if not all(bool(t.float().isfinite().all()) for t in tensors.values()):
-                nonfinite.append(module.stem)
-                norm = float("nan")
-            else:
-                norm = frobenius_norm(module.kind, tensors, module.scale, module.weight_shape)
+            norm = frobenius_norm(module.kind, tensors, module.scale, module.weight_shape)
+            if not math.isfinite(norm):
+                if all(bool(t.float().isfinite().all()) for t in tensors.values()):
+                    warnings.append(f"module {module.stem}: its norm overflows float32; left out of the norms")
+                    norm = 0.0
+                else:
+                    nonfinite.append(module.stem)
             figures.norm_sq = (figures.norm_sq or 0.0) + norm * norm
         if on_module:
             on_module()

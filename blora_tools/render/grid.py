@@ -635,29 +635,6 @@ def json_path_for(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside `path`, fsync, rename; nothing is left behind on failure."""
-    import os
-    import tempfile
-
-    from blora_tools.errors import OutputError
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write: {err.strerror or err}; nothing was written", path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def png_bytes(image: "Image.Image", doc: dict | None = None) -> bytes:
     """The image as PNG bytes, with the render map as a `blora-render` text chunk when given."""
     import io

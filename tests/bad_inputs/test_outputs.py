@@ -320,28 +320,41 @@ def test_ctrl_c_while_planning(runner, tmp_path, monkeypatch):
     assert_refused(result, tmp_path, {}, "interrupted", code=130)
 
 
-# --- render's own atomic write (the CLI reaches it only after loading a diffusers model) -----------------------
+# --- the atomic byte write render uses for its PNG and JSON (the CLI reaches it only after loading a model) ---
 
 
 def test_render_write_is_atomic_when_the_disk_fills(tmp_path, monkeypatch):
-    require("render")
-    from blora_tools.render import grid
+    from blora_tools.adapter.writer import write_bytes_atomic
 
     real_fdopen = os.fdopen
     monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FullDisk(real_fdopen(fd, *a, **k), fail_at=1))
     with pytest.raises(OutputError, match="No space left"):
-        grid.write_atomic(tmp_path / "grid.png", b"png bytes")
+        write_bytes_atomic(tmp_path / "grid.png", b"png bytes")
     assert os.listdir(tmp_path) == []
 
 
 def test_render_write_interrupted_leaves_nothing(tmp_path, monkeypatch):
-    require("render")
-    from blora_tools.render import grid
+    from blora_tools.adapter.writer import write_bytes_atomic
 
     def interrupted(fd):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        grid.write_atomic(tmp_path / "grid.png", b"png bytes")
+        write_bytes_atomic(tmp_path / "grid.png", b"png bytes")
+    assert os.listdir(tmp_path) == []
+
+
+def test_byte_write_in_a_read_only_folder_is_one_clean_error(tmp_path, monkeypatch):
+    """Regression: render's own copy of the atomic write created its temporary file outside the try."""
+    import tempfile
+
+    from blora_tools.adapter.writer import write_bytes_atomic
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(OutputError, match="Permission denied"):
+        write_bytes_atomic(tmp_path / "grid.png", b"png bytes")
     assert os.listdir(tmp_path) == []
