@@ -18,10 +18,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-# The test matrices are tiny: one thread is faster, and several busy threads on a shared 2-core machine make
-# small SVDs a hundred times slower (OpenMP spin-waiting).
-torch.set_num_threads(1)
-
 KINDS = ("lora", "locon", "tucker", "loha", "lokr", "full", "dora")
 """`lora`: linear + 1×1 conv (attention); `locon`: also 3×3 convs; `tucker`: 3×3 convs with a `lora_mid` core;
 `loha`/`lokr`/`full`: LyCORIS kinds on linear layers; `dora`: LoRA with `dora_scale`."""

@@ -55,21 +55,16 @@ def convert_cmd(
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.adapter.writer import check_output
-    from blora_tools.cli.prune_cmd import done, save_result, show_json
     from blora_tools.ops.convert import convert
 
     adapter = open_adapter(file)
     check_output(output, [file], force)
     result = convert(adapter, to=target, uniform_alpha=uniform_alpha, names=names)
-    written = save_result(app, result, output, force, allow_nonfinite)
-    if as_json:
-        show_json(app, result, written)
-        return
+    written = ui.save_result(app, result, output, force, allow_nonfinite)
     s = result.summary
     what = f"{s['arch']} {s['from']} → {s['to']}, {s['modules']} modules"
     if s["names"]:
         what += f", {s['names']} names"
     if s["uniform_alpha"] is not None:
         what += f", alpha {s['uniform_alpha']:g} everywhere ({s['rescaled']} rescaled)"
-    done(app, written, what)
-    ui.warn_all(app, result.warnings)
+    ui.report(app, result, written, as_json, what)

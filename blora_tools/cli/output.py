@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
@@ -76,3 +77,69 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+# --- results of the writing commands -------------------------------------------------------------------------
+
+
+def save_result(app, result, path: Path, force: bool, allow_nonfinite: bool = False) -> Path:
+    """Write a Result atomically, with a progress bar over the bytes written (NaN/Inf refused unless allowed)."""
+    with progress(app, f"writing {Path(path).name}", result.nbytes) as advance:
+        return result.save(path, force=force, on_bytes=advance, allow_nonfinite=allow_nonfinite)
+
+
+def show_json(app, result, written: Path | None) -> None:
+    """The --json document: the operation's summary plus `output` (null for a dry run) and `warnings`."""
+    doc = dict(result.summary)
+    doc["output"] = None if written is None else str(written)
+    doc["warnings"] = list(result.warnings)
+    print_json(app, doc)
+    warn_all(app, result.warnings)
+
+
+def done(app, written: Path, what: str) -> None:
+    """The closing line on stdout: what was written and how big it is."""
+    size = human_bytes(written.stat().st_size)
+    app.out.print(Text("wrote ", style="green") + Text(f"{written} ({what}, {size})"))
+
+
+def group_key(arch: str):
+    """A sort key putting paper groups in LBW order (text encoders first, `none` last)."""
+    from blora_tools.taxonomy.blocks import table as arch_table
+
+    order = list(arch_table(arch).groups) + ["none"]
+    return lambda g: order.index(g) if g in order else len(order)
+
+
+def report(app, result, written: Path, as_json: bool, what: str, show: Callable | None = None) -> None:
+    """How a writing command ends: the JSON summary, or `show(app, result)`, the closing line and warnings."""
+    if as_json:
+        show_json(app, result, written)
+        return
+    if show is not None:
+        show(app, result)
+    done(app, written, what)
+    warn_all(app, result.warnings)
+
+
+def show_ranks(app, result) -> None:
+    """A per-block table of ranks in and out (and the share of ‖ΔW‖² kept, when measured)."""
+    blocks = result.summary["blocks"]
+    measured = any("retained" in b for b in blocks.values())
+    rows = []
+    for group in sorted(blocks, key=group_key(result.summary["arch"])):
+        b = blocks[group]
+        row = [group, b["modules"], _span(b["rank_in"]), _span(b["rank_out"])]
+        if measured:
+            kept = b.get("retained")
+            row += ["" if kept is None else f"{100 * kept:.2f}%", "" if kept is None else bar(kept)]
+        rows.append(row)
+    columns = ["block", "modules", "rank in", "rank out"] + (["‖ΔW‖² kept", ""] if measured else [])
+    app.out.print(table(None, columns, rows, right=(1, 2, 3, 4)))
+
+
+def _span(span) -> str:
+    if not span:
+        return "—"
+    low, high = span
+    return str(low) if low == high else f"{low}–{high}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -61,3 +62,74 @@ allow_nonfinite_option = click.option(
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
 input_file = click.argument("file", type=click.Path(path_type=Path))
+
+
+# --- ranks, ratios and dtypes of computed outputs (merge, resize) -------------------------------------------
+
+DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+
+
+class RatiosParam(click.ParamType):
+    """A comma list of finite numbers: `1,0.8`."""
+
+    name = "RATIOS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            ratios = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma list of numbers such as 1,0.8", param, ctx)
+        if not all(math.isfinite(r) for r in ratios):
+            self.fail(f"{value!r} has a value that is not finite", param, ctx)
+        return ratios
+
+
+class RankParam(click.ParamType):
+    """A rank: `16`, or per block `in0=8,out3=16` (checked here; resolved once the architecture is known)."""
+
+    name = "RANK"
+
+    def convert(self, value, param, ctx):
+        from blora_tools.errors import SelectorError
+        from blora_tools.taxonomy.weights import parse_weights
+
+        text = str(value).strip()
+        if text.isdigit():
+            if int(text) < 1:
+                self.fail("a rank must be at least 1", param, ctx)
+            return text
+        try:
+            spec = parse_weights(text)
+        except SelectorError as err:
+            self.fail(str(err), param, ctx)
+        if spec.vector is not None or any(v < 0 or not float(v).is_integer() for _, v in spec.named):
+            self.fail(f"{text!r}: give one whole number or block=rank pairs such as in0=8,out3=16", param, ctx)
+        return text
+
+
+class RuleParam(click.ParamType):
+    """A dynamic rank rule: sv_fro:0.95, sv_ratio:20, sv_cumulative:0.9."""
+
+    name = "RULE"
+
+    def convert(self, value, param, ctx):
+        from blora_tools.errors import BloraError
+        from blora_tools.ops.lowrank import RankRule
+
+        if isinstance(value, RankRule):
+            return value
+        try:
+            return RankRule.from_text(str(value))
+        except BloraError as err:
+            self.fail(str(err), param, ctx)
+
+
+RANK = RankParam()
+RULE = RuleParam()
+
+alpha_option = click.option("--alpha", type=float, help="The one alpha value the output uses for every module (default: its largest rank).")
+dtype_option = click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Output tensor dtype (default: the first input's).")
+clamp_option = click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True), help="Clamp factor entries at this quantile of their magnitudes (kohya's svd_merge option; off by default).")
+conv_rank_option = click.option("--conv-rank", type=click.IntRange(min=1), help="Rank for k×k convolutions (LoCon); default: as --rank.")

@@ -5,8 +5,6 @@ Only the figure API is used (no pyplot), so drawing changes no global matplotlib
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -55,16 +53,8 @@ def plot_blocks(path: str | Path, series: Mapping[str, Mapping[str, float | None
     axes.axhline(0.0, color="black", linewidth=0.5)
     if len(series) > 1:
         axes.legend(fontsize="small")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        figure.savefig(tmp, format=path.suffix[1:].lower(), dpi=120)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write chart: {err.strerror or err}", path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from blora_tools.adapter.writer import atomic_file
+
+    with atomic_file(path) as f:
+        figure.savefig(f, format=path.suffix[1:].lower(), dpi=120)
     return path

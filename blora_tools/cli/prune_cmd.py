@@ -53,18 +53,18 @@ def prune_cmd(
         check_output(output, [file], force)
     blocks = selector.resolve(known_arch(adapter))
     result = prune(adapter, blocks, keep=keep is not None, selector=selector.text)
-    written = None if dry_run else save_result(app, result, output, force, allow_nonfinite)
+    written = None if dry_run else ui.save_result(app, result, output, force, allow_nonfinite)
     if as_json:
-        show_json(app, result, written)
+        ui.show_json(app, result, written)
         return
     summary = result.summary
     if dry_run:
         _show_dry_run(app, result)
     else:
-        groups = sorted(set(summary["kept"]) | set(summary["dropped"]), key=group_key(summary["arch"]))
+        groups = sorted(set(summary["kept"]) | set(summary["dropped"]), key=ui.group_key(summary["arch"]))
         rows = [[g, summary["kept"].get(g, 0) + summary["dropped"].get(g, 0), summary["kept"].get(g, "·"), summary["dropped"].get(g, "·")] for g in groups]
         app.out.print(ui.table(None, ["block", "modules", "kept", "dropped"], rows, right=(1, 2, 3)))
-        done(app, written, f"{summary['modules_after']} of {summary['modules_before']} modules kept")
+        ui.done(app, written, f"{summary['modules_after']} of {summary['modules_before']} modules kept")
     ui.warn_all(app, result.warnings)
 
 
@@ -75,38 +75,3 @@ def _show_dry_run(app, result) -> None:
     for stem in dropped:
         app.out.print(f"  {stem}", markup=False)
     ui.note(app, "dry run: nothing written")
-
-
-# --- shared by the surgery commands --------------------------------------------------------------------
-
-
-def save_result(app, result, path: Path, force: bool, allow_nonfinite: bool = False) -> Path:
-    """Write a Result atomically, with a progress bar over the bytes written (NaN/Inf refused unless allowed)."""
-    with ui.progress(app, f"writing {Path(path).name}", result.nbytes) as advance:
-        return result.save(path, force=force, on_bytes=advance, allow_nonfinite=allow_nonfinite)
-
-
-def show_json(app, result, written: Path | None) -> None:
-    """The --json document: the operation's summary plus `output` (null for a dry run) and `warnings`."""
-    doc = dict(result.summary)
-    doc["output"] = None if written is None else str(written)
-    doc["warnings"] = list(result.warnings)
-    ui.print_json(app, doc)
-    ui.warn_all(app, result.warnings)
-
-
-def done(app, written: Path, what: str) -> None:
-    """The closing line on stdout: what was written and how big it is."""
-    from rich.text import Text
-
-    size = ui.human_bytes(written.stat().st_size)
-    app.out.print(Text("wrote ", style="green") + Text(f"{written} ({what}, {size})"))
-
-
-def group_key(arch: str):
-    """A sort key putting paper groups in LBW order (text encoders first, `none` last)."""
-    from blora_tools.taxonomy.blocks import table
-
-    layout = table(arch)
-    order = [c.value for c in layout.text_encoders] + list(layout.unet_groups) + ["none"]
-    return lambda g: order.index(g) if g in order else len(order)

@@ -7,9 +7,20 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.merge_cmd import DTYPES, RANK, RULE, alpha_option, clamp_option, conv_rank_option, dtype_option, show_ranks
-from blora_tools.cli.params import allow_nonfinite_option, force_option, input_file, json_option, output_option
-from blora_tools.cli.prune_cmd import done, save_result, show_json
+from blora_tools.cli.params import (
+    DTYPES,
+    RANK,
+    RULE,
+    allow_nonfinite_option,
+    alpha_option,
+    clamp_option,
+    conv_rank_option,
+    dtype_option,
+    force_option,
+    input_file,
+    json_option,
+    output_option,
+)
 
 
 @click.command("resize")
@@ -51,11 +62,7 @@ def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha,
     plan = rank_plan(rank, known_arch(adapter), conv=conv_rank, rule=dynamic)
     with ui.progress(app, f"decomposing {file.name}", len(adapter.modules)) as advance:
         result = resize(adapter, plan, alpha=alpha, dtype=DTYPES[dtype] if dtype else None, clamp_quantile=clamp_quantile, text=rank or "", progress=advance)
-    written = save_result(app, result, output, force, allow_nonfinite)
-    if as_json:
-        show_json(app, result, written)
-        return
-    show_ranks(app, result)
+    written = ui.save_result(app, result, output, force, allow_nonfinite)
     s = result.summary
-    done(app, written, f"{s['modules']} modules, alpha {s['alpha']:g}, {100 * s.get('retained', 1.0):.2f}% of ‖ΔW‖² kept")
-    ui.warn_all(app, result.warnings)
+    kept = f"{100 * s.get('retained', 1.0):.2f}% of ‖ΔW‖² kept"
+    ui.report(app, result, written, as_json, f"{s['modules']} modules, alpha {s['alpha']:g}, {kept}", ui.show_ranks)

@@ -8,7 +8,6 @@ import click
 
 from blora_tools.cli import output as ui
 from blora_tools.cli.params import WEIGHTS, allow_nonfinite_option, force_option, input_file, json_option, output_option
-from blora_tools.cli.prune_cmd import done, group_key, save_result, show_json
 
 
 @click.command("reweight")
@@ -54,19 +53,18 @@ def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: f
     check_output(output, [file], force)
     resolved = spec.resolve(known_arch(adapter), fill=lbw_fill)
     result = reweight(adapter, resolved, text=spec.text)
-    written = save_result(app, result, output, force, allow_nonfinite)
-    if as_json:
-        show_json(app, result, written)
-        return
-    key = group_key(result.summary["arch"])
+    written = ui.save_result(app, result, output, force, allow_nonfinite)
+    s = result.summary
+    ui.report(app, result, written, as_json, f"{s['scaled']} modules scaled, {s['removed']} removed", _show_weights)
+
+
+def _show_weights(app, result) -> None:
+    key = ui.group_key(result.summary["arch"])
     rows = []
     for group in sorted(result.summary["blocks"], key=key):
         row = result.summary["blocks"][group]
         rows.append([group, row["modules"], ", ".join(f"{w:g}" for w in row["weights"]), row["removed"] or "·"])
     app.out.print(ui.table(None, ["block", "modules", "weight", "removed"], rows, right=(1, 3)))
-    s = result.summary
-    done(app, written, f"{s['scaled']} modules scaled, {s['removed']} removed")
-    ui.warn_all(app, result.warnings)
 
 
 def _preset(name: str, preset_file: Path | None):

@@ -63,6 +63,11 @@ class ArchTable:
         return tuple(self.group_members)
 
     @property
+    def groups(self) -> tuple[str, ...]:
+        """Every paper group, text encoders first: `te` (or `te1`, `te2`), `in0`…, `mid`, `out0`…."""
+        return tuple(c.value for c in self.text_encoders) + self.unet_groups
+
+    @property
     def blocks(self) -> tuple[str, ...]:
         """Every block of the architecture, in LBW order (text encoders first, `OTHER` last)."""
         return tuple(c.value for c in self.text_encoders) + self.unet_lbw + (OTHER,)

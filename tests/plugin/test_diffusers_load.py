@@ -24,7 +24,6 @@ def test_diffusers_loads_the_file_exactly(tmp_path):
     pytest.importorskip("peft")
     from diffusers import StableDiffusionPipeline
 
-    torch.set_num_threads(1)
     path = tmp_path / "mixed.safetensors"
     tes, unet = tiny_models("sd1")
     batch = synthetic_batch("sd1")

@@ -26,13 +26,6 @@ CHARACTER_ARGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def snapshot(*models):
     return [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
@@ -45,7 +38,6 @@ def unchanged(a, b) -> bool:
 @pytest.fixture(scope="module")
 def character(tmp_path_factory):
     """A 30-step character run (all blocks, mixed ranks and alphas, LoCon, block lr) saved to a file."""
-    torch.set_num_threads(1)
     tes, unet = tiny_models("sd1")
     batch = synthetic_batch("sd1")
     before = snapshot(unet, *tes)

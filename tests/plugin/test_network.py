@@ -23,14 +23,6 @@ from kohya_plugin.modules import LoRAModule
 from kohya_plugin.network import BlockwiseNetwork, BlockwiseWarning
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads competing with another busy process spin at barriers (see ../shared/kohya_real).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def quiet_network(*args, **kwargs) -> BlockwiseNetwork:
     with warnings.catch_warnings():

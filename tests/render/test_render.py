@@ -18,14 +18,13 @@ from blora_tools.cli import main
 from blora_tools.render.grid import Axis, CellSettings, LoraUse, plan_grid, resolve_plan
 from blora_tools.render.pipeline import WeightPatcher, attach_adapter, load_model, render_plan
 
-from render_fixtures import (  # noqa: F401 - model_dirs and one_thread are fixtures
+from render_fixtures import (  # noqa: F401 - model_dirs is a fixture
     SIZE,
     STEPS,
     load_pipe,
     make_lora,
     merge_by_hand,
     model_dirs,
-    one_thread,
     reference_image,
     targets,
 )
