@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,9 +176,29 @@ def evaluate(files: dict[str, Path | None], sets: tuple[DemoData, ...], seed: in
     return losses
 
 
+@contextmanager
+def _one_thread():
+    """Run torch on one intra-op thread, then restore the setting.
+
+    The demo's models are tiny: one thread is as fast as several on an idle machine, and next to any other busy
+    process two OpenMP threads spin against each other (a demo measured here went from 20 s to over 5 minutes).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(out_dir: Path, *, steps: int = 40, seed: int = 0, force: bool = False,
              on_stage: Callable[[str], None] | None = None, on_step: Callable[[], None] | None = None) -> DemoResult:
     """Train, cut, merge and compare; write every file into `out_dir`. Refuses to overwrite without `force`."""
+    with _one_thread():
+        return _run_demo(out_dir, steps, seed, force, on_stage, on_step)
+
+
+def _run_demo(out_dir: Path, steps: int, seed: int, force: bool, on_stage, on_step) -> DemoResult:
     from blora_tools.adapter.model import open_adapter
     from blora_tools.ops.compare import compare
     from blora_tools.ops.merge import Source, merge
