@@ -337,7 +337,7 @@ class BlockwiseNetwork(nn.Module):
             per_group.setdefault(placement.group, set()).add(placement.block)
         layout = table(self.arch)
         parts: list[str] = []
-        for group in (*(c.value for c in layout.text_encoders), *layout.unet_groups, "none"):
+        for group in (*layout.groups, "none"):
             blocks = per_group.get(group, set())
             if blocks and blocks <= present:
                 parts.append(group)

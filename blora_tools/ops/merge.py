@@ -507,7 +507,7 @@ def _spec(plans: list[_Plan], arch, file_alpha: float, operation: str) -> dict |
         (conv_ranks if p.conv else ranks).setdefault(p.group, set()).add(p.rank)
     if any(len(v) > 1 for v in (*ranks.values(), *conv_ranks.values())):
         return None
-    groups = [c.value for c in layout.text_encoders] + list(layout.unet_groups)
+    groups = list(layout.groups)
     blocks = {}
     for g in groups:
         rank = next(iter(ranks.get(g, {0})))
@@ -520,7 +520,7 @@ def _summary(
     sources: Sequence[Source], plans: list[_Plan], arch, method: str, file_alpha: float, dtype: str, operation: str
 ) -> dict:
     layout = table(arch)
-    order = [c.value for c in layout.text_encoders] + list(layout.unet_groups) + ["none"]
+    order = [*layout.groups, "none"]
     groups: dict[str, dict] = {}
     for p in plans:
         g = groups.setdefault(

@@ -120,4 +120,4 @@ def _nontrivial(weights: BlockWeights) -> dict[str, float]:
 
 def _group_order(arch) -> tuple[str, ...]:
     layout = table(arch)
-    return tuple(c.value for c in layout.text_encoders) + layout.unet_groups + ("none",)
+    return (*layout.groups, "none")

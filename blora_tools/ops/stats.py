@@ -63,7 +63,7 @@ def row_order(arch: Arch, fine: bool) -> list[str]:
     layout = table(arch)
     if fine:
         return list(layout.lbw_full) + ["OTHER"]
-    return [c.value for c in layout.text_encoders] + list(layout.unet_groups)
+    return list(layout.groups)
 
 
 def inspect_adapter(

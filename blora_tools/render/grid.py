@@ -575,7 +575,7 @@ def select_modules(name: str, adapter, selector: str, arch) -> Selection:
             group = layout.group_of(block)
             if group != "none":
                 by_group.setdefault(group, set()).add(block)
-        order = [c.value for c in layout.text_encoders] + list(layout.unet_groups)
+        order = list(layout.groups)
         empty = [g for g in order if g in by_group and not (by_group[g] & present)]
     return Selection(name, selector, blocks, stems, tuple(empty))
 

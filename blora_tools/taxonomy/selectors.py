@@ -99,7 +99,7 @@ def vocabulary_hint(layout: ArchTable | None = None) -> str:
             "LBW IDs BASE, IN00..IN11, M00/MID, OUT00..OUT11 and ranges like IN04-OUT05; "
             "presets upper/style, middle, bottom, character; NOT or !term to exclude"
         )
-    groups = ", ".join(tuple(c.value for c in layout.text_encoders) + layout.unet_groups)
+    groups = ", ".join(layout.groups)
     return (
         f"valid on {layout.arch.value}: {groups}, unet, all; LBW IDs BASE, "
         f"{layout.unet_lbw[0]}..{layout.unet_lbw[-1]} (MID = M00) and ranges; "
