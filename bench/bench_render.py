@@ -25,27 +25,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _tokenizer(folder: Path):
-    """A CLIP tokenizer with a small character vocabulary (ids fit CLIP-L's 49408)."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {}
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = 49406
-    vocab["<|endoftext|>"] = 49407
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
-                         model_max_length=77)
-
-
 def build_sd15(device: torch.device, dtype: torch.dtype, folder: Path):
     """StableDiffusionPipeline with SD1.5's shapes and random weights, on `device` in `dtype`."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from blora_tools.models import build_text_encoders, build_unet
+    from blora_tools.models import build_text_encoders, build_tokenizer, build_unet
 
     unet = build_unet("sd1", "full", device=device)
     (text_encoder,) = build_text_encoders("sd1", "full", device=device)
@@ -56,7 +40,7 @@ def build_sd15(device: torch.device, dtype: torch.dtype, folder: Path):
             up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
         )
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(folder), unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(folder, 49408), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     return pipe.to(device=device, dtype=dtype)

@@ -42,6 +42,7 @@ __all__ = [
     "Upsample2D",
     "build_unet",
     "build_text_encoders",
+    "build_tokenizer",
     "timestep_embedding",
 ]
 
@@ -486,3 +487,29 @@ def build_text_encoders(
             model = cls(config)
         models.append(model)
     return models
+
+
+def build_tokenizer(folder, vocab_size: int = 1000):
+    """A CLIP tokenizer with a small character vocabulary, written into `folder` (no download).
+
+    Its ids fit a text encoder of `vocab_size` (the tiny ones: 1000; CLIP-L: 49408): the start and end tokens
+    take the last two ids, as in CLIP.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = vocab_size - 2
+    vocab["<|endoftext|>"] = vocab_size - 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )

@@ -1,6 +1,6 @@
 """Helpers for the render tests: tiny SD1 / SD2 / SDXL diffusers pipelines saved to a temporary folder, and synthetic kohya adapters for them.
 
-Nothing is downloaded: the tokenizer's vocab.json and merges.txt are written here, the U-Nets, VAE and text
+Nothing is downloaded: the tokenizer's vocab.json and merges.txt are written by `build_tokenizer`, the U-Nets, VAE and text
 encoders are built in code with small widths. The adapters' dense ΔW is computed here from the random factors
 (the oracle the renderer is checked against).
 """
@@ -18,24 +18,6 @@ from blora_tools.taxonomy.arch import Arch
 
 SIZE = 32  # pixels; the tiny VAE halves it, the tiny U-Nets need latents divisible by 8 (SD) or 4 (SDXL)
 STEPS = 2
-
-
-def write_tokenizer(folder: Path):
-    """A CLIPTokenizer with a 80-token character vocabulary (ids < 1000, the tiny encoders' vocabulary)."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {}
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = 998
-    vocab["<|endoftext|>"] = 999
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
-    )
 
 
 def _tiny_vae():
@@ -81,12 +63,12 @@ def build_pipeline(arch: Arch, folder: Path):
     """Build a tiny pipeline of `arch` (seeded) and save it to `folder`."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from blora_tools.models import build_text_encoders, build_unet
+    from blora_tools.models import build_text_encoders, build_tokenizer, build_unet
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = _tiny_vae()
-        tokenizer = write_tokenizer(folder / "_tokenizer_src")
+        tokenizer = build_tokenizer(folder / "_tokenizer_src")
         encoders = build_text_encoders(arch, "tiny")
         if arch is Arch.SDXL:
             unet = tiny_sdxl_unet()
