@@ -1,26 +1,37 @@
-"""`--network_args` strings → a BlockSpec and training options; every check lives here.
+"""`--network_args` strings → a BlockSpec and training options; every check of them lives here.
 
 sd-scripts hands each `--network_args` value over as a string (and injects `dropout`, None or a float).
-`parse_network_args` reads them all, before any model is touched, and raises `SpecError` naming the argument
-and the valid choices for an unknown key, a bad value, a contradiction or a configuration that trains nothing.
+Every key is declared once, in `NETWORK_ARGS` (name, value reader, default, help, the kohya module it comes
+from); the known-key set, the "unknown key" message and the README table (`python -m kohya_plugin.args
+--markdown`) are derived from it. `parse_network_args` runs, before any model is touched, in stages:
 
-Resolution order, per block (DESIGN.md §4):
-1. defaults: U-Net blocks get `network_dim`/`network_alpha`, text encoders `te_dim`/`te_alpha` (default the same),
-   convolutions `conv_dim`/`conv_alpha` (no convolutions unless `conv_dim`, `conv_block_*` or `algo=locon`);
-2. kohya's positional `block_dims`, `block_alphas`, `conv_block_dims`, `conv_block_alphas` (25 values on
-   SD1/SD2: IN00..IN11, MID, OUT00..OUT11; 23 on SDXL: emb, IN00..IN08, middle_block 0..2, OUT00..OUT08, out);
-3. named `block_ranks`, `block_alphas`, `conv_block_ranks`, `conv_block_alphas` (`in0=16,out3=8`; later terms win);
-4. `preset` or `blocks`: blocks outside the selection get rank 0;
-5. learning-rate weights (`block_lr`, or kohya's `down_lr_weight`/`mid_lr_weight`/`up_lr_weight`); a weight
-   at or below `block_lr_zero_threshold` (default 0) is 0, and a block with weight 0 is not trained (as kohya).
+1. `read_strings`: drop None values, refuse unknown keys and keys that exclude each other;
+2. `parse_values`: each value through its key's reader (numbers, selectors, positional lists), naming the key;
+3. `_resolve_grid`: per block, in order —
+   defaults (U-Net blocks get `network_dim`/`network_alpha`, text encoders `te_dim`/`te_alpha` (default the
+   same), convolutions `conv_dim`/`conv_alpha`: no convolutions unless `conv_dim`, `conv_block_*` or
+   `algo=locon`); kohya's positional `block_dims`, `block_alphas`, `conv_block_dims`, `conv_block_alphas`
+   (25 values on SD1/SD2: IN00..IN11, MID, OUT00..OUT11; 23 on SDXL: emb, IN00..IN08, middle_block 0..2,
+   OUT00..OUT08, out); named `block_ranks`, `block_alphas`, `conv_block_ranks`, `conv_block_alphas`
+   (`in0=16,out3=8`; later terms win); `preset` or `blocks` (blocks outside the selection get rank 0);
+   learning-rate weights (`block_lr`, or kohya's `down_lr_weight`/`mid_lr_weight`/`up_lr_weight`; a weight at
+   or below `block_lr_zero_threshold` (default 0) is 0, and a block with weight 0 is not trained, as kohya);
+4. `_build_spec`: the BlockSpec, refusing a configuration that trains nothing;
+5. `_options`: dropouts, LoRA+ ratios, verbosity.
+
+Each failure is a `SpecError` (a ValueError) naming the argument and the valid choices. Ranks are only
+checked to be whole numbers ≥ 0 here; the upper bound needs the model's layer widths and is checked by
+`kohya_plugin.planning`, still before the model is touched.
 """
 
 from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 from types import MappingProxyType
 
 from blora_tools.errors import SelectorError, SpecError
@@ -45,18 +56,6 @@ PRESETS: Mapping[str, str] = MappingProxyType(
 LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 """kohya's named `down_lr_weight`/`up_lr_weight` curves (optionally `+number`)."""
 
-RANK_KEYS = (
-    "preset", "blocks", "block_ranks", "block_alphas", "conv_dim", "conv_alpha", "conv_block_ranks",
-    "conv_block_alphas", "te_dim", "te_alpha", "algo", "block_dims", "conv_block_dims",
-)
-LR_KEYS = ("block_lr", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
-OPTION_KEYS = (
-    "dropout", "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-    "loraplus_text_encoder_lr_ratio", "verbose",
-)
-KNOWN_KEYS = tuple(sorted(RANK_KEYS + LR_KEYS + OPTION_KEYS))
-"""Every `--network_args` key this network module accepts."""
-
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 _FIELDS = ("rank", "alpha", "conv_rank", "conv_alpha", "lr_weight")
@@ -68,6 +67,289 @@ _KOHYA_FORM = MappingProxyType(
     }
 )
 _MID_SLOTS = (10, 11, 12)  # SDXL middle_block_0..2 in kohya's 23-slot order
+_EXCLUSIVE = (("preset", "blocks"), ("block_dims", "block_ranks"), ("conv_block_dims", "conv_block_ranks"))
+_KOHYA_LR = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+
+
+# --- value readers: (key, raw value, layout) → parsed value, or SpecError naming the key ----------------------
+
+
+def _text(raw: object) -> str:
+    return raw.strip() if isinstance(raw, str) else str(raw)
+
+
+def _fail(key: str, raw: object, problem: str) -> SpecError:
+    return SpecError(f"network_args {key}={_text(raw)!r}: {problem}")
+
+
+def _int(key: str, raw: object, layout: ArchTable | None = None) -> int:
+    try:
+        value = int(_text(raw))
+    except ValueError:
+        raise _fail(key, raw, f"not a whole number; give a rank ≥ 0, e.g. {key}=8") from None
+    if value < 0:
+        raise _fail(key, raw, "a rank cannot be negative; 0 means not trained")
+    return value
+
+
+def _float(key: str, raw: object, layout: ArchTable | None = None, *, what: str = "a number ≥ 0",
+           upper: float | None = None) -> float:
+    try:
+        value = float(_text(raw))
+    except ValueError:
+        raise _fail(key, raw, f"not a number; give {what}") from None
+    if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
+        raise _fail(key, raw, f"out of range; give {what}")
+    return value
+
+
+def _probability(key: str, raw: object, layout: ArchTable | None = None) -> float:
+    return _float(key, raw, what="a probability 0 ≤ p < 1", upper=1.0)
+
+
+def _ratio(key: str, raw: object, layout: ArchTable | None = None) -> float:
+    value = _float(key, raw, what="a ratio > 0, e.g. 16")
+    if value == 0:
+        raise _fail(key, raw, "out of range; give a ratio > 0, e.g. 16")
+    return value
+
+
+def _bool(key: str, raw: object, layout: ArchTable | None = None) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = _text(raw).lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise _fail(key, raw, "not a boolean; use true/false, 1/0 or yes/no")
+
+
+def _choice(key: str, raw: object, choices: Iterable[str]) -> str:
+    text = _text(raw).lower()
+    choices = tuple(choices)
+    if text not in choices:
+        raise _fail(key, raw, f"unknown value; choose one of {', '.join(choices)}")
+    return text
+
+
+def _preset(key: str, raw: object, layout: ArchTable) -> str:
+    return _choice(key, raw, PRESETS)
+
+
+def _algo(key: str, raw: object, layout: ArchTable) -> Algo:
+    return Algo(_choice(key, raw, [a.value for a in Algo]))
+
+
+def _selector(key: str, raw: object, layout: ArchTable) -> frozenset[str]:
+    try:
+        return resolve_selector(_text(raw), layout.arch)
+    except SelectorError as err:
+        raise _fail(key, raw, err.message) from None
+
+
+def _positional(key: str, raw: object, layout: ArchTable, *, whole: bool) -> list[float]:
+    """A kohya positional list: exactly 25 (SD1/SD2) or 23 (SDXL) comma-separated values."""
+    n = len(layout.kohya_slots)
+    parts = [p.strip() for p in _text(raw).split(",")]
+    if len(parts) != n:
+        order = (
+            "emb, IN00..IN08, middle_block 0..2, OUT00..OUT08, out"
+            if layout.arch is Arch.SDXL
+            else "IN00..IN11, MID, OUT00..OUT11"
+        )
+        raise _fail(key, raw, f"{layout.arch.value} takes {n} comma-separated values ({order}), not {len(parts)}")
+    reader = _int if whole else _float
+    return [reader(key, p) for p in parts]
+
+
+def _positional_ranks(key: str, raw: object, layout: ArchTable) -> list[float]:
+    return _positional(key, raw, layout, whole=True)
+
+
+Terms = list[tuple[frozenset[str], float]]
+"""Named weights resolved: (blocks, value) in the order given."""
+
+
+def _named(key: str, raw: object, layout: ArchTable, *, whole: bool) -> Terms:
+    """Named weights (`in0=16,out3=8`, or an LBW vector) → [(blocks, value)] in order; values checked."""
+    text = _text(raw)
+    if "=" not in text and len(text.split(",")) == len(layout.kohya_slots) and key in _KOHYA_FORM:
+        raise _fail(key, raw, f"{len(layout.kohya_slots)} positional values are kohya's form: use "
+                              f"{_KOHYA_FORM[key]}, or name blocks (in0=16,out3=8)")
+    try:
+        parsed = parse_weights(text)
+        if parsed.vector is not None:
+            weights = parsed.resolve(layout.arch)
+            terms = [(frozenset({b}), v) for b, v in weights.values.items()]
+        else:
+            terms = [(resolve_term(term, layout), v) for term, v in parsed.named]
+    except SelectorError as err:
+        raise _fail(key, raw, err.message) from None
+    for _, value in terms:
+        if not math.isfinite(value) or value < 0 or (whole and value != int(value)):
+            raise _fail(key, raw, f"{value:g} is not {'a whole number ≥ 0' if whole else 'a number ≥ 0'}")
+    return [(blocks, int(v) if whole else float(v)) for blocks, v in terms]
+
+
+def _named_ranks(key: str, raw: object, layout: ArchTable) -> Terms:
+    return _named(key, raw, layout, whole=True)
+
+
+def _named_weights(key: str, raw: object, layout: ArchTable) -> Terms:
+    return _named(key, raw, layout, whole=False)
+
+
+@dataclass(frozen=True)
+class SlotValues:
+    """A kohya positional list: one value per kohya block index."""
+
+    values: tuple[float, ...]
+
+
+def _alphas(key: str, raw: object, layout: ArchTable) -> SlotValues | Terms:
+    """`block_alphas` / `conv_block_alphas`: kohya's positional list when it has 25/23 plain numbers, else named."""
+    text = _text(raw)
+    if len(text.split(",")) == len(layout.kohya_slots) and "=" not in text:
+        return SlotValues(tuple(_positional(key, raw, layout, whole=False)))
+    return _named(key, raw, layout, whole=False)
+
+
+def _lr_lengths(layout: ArchTable) -> tuple[int, int]:
+    """kohya's (down/up, mid) lr-weight list lengths: 12 and 1 on SD1/SD2, 9 and 3 on SDXL."""
+    return (9, 3) if layout.arch is Arch.SDXL else (12, 1)
+
+
+def _lr_list(key: str, raw: object, length: int, *, preset_ok: bool) -> list[float]:
+    """kohya's down/up (`preset[+base]` or values) or mid lr-weight list; up to `length` values (padded later)."""
+    text = _text(raw)
+    if "," not in text and preset_ok:
+        name, plus, base_text = text.partition("+")
+        if name not in LR_WEIGHT_PRESETS:
+            raise _fail(
+                key, raw,
+                f"give {length} comma-separated weights or a preset: {', '.join(LR_WEIGHT_PRESETS)} "
+                "(optionally +number, e.g. sine+0.5)",
+            )
+        base = _float(key, base_text) if plus else 0.0
+        steps = [i / (length - 1) for i in range(length)]
+        curve = {
+            "sine": [math.sin(math.pi * s / 2) for s in steps],
+            "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
+            "linear": steps,
+            "reverse_linear": list(reversed(steps)),
+            "zeros": [0.0] * length,
+        }[name]
+        return [w + base for w in curve]
+    values = [(_float(key, p) if p.strip() else 0.0) for p in text.split(",")]
+    if len(values) > length:
+        raise _fail(key, raw, f"takes at most {length} values, not {len(values)}")
+    return values
+
+
+def _side_lr(key: str, raw: object, layout: ArchTable) -> list[float]:
+    return _lr_list(key, raw, _lr_lengths(layout)[0], preset_ok=True)
+
+
+def _mid_lr(key: str, raw: object, layout: ArchTable) -> list[float]:
+    return _lr_list(key, raw, _lr_lengths(layout)[1], preset_ok=False)
+
+
+# --- the table of keys -----------------------------------------------------------------------------------------
+
+BLOCKWISE = "blockwise"
+KOHYA_LORA = "networks.lora"
+BOTH = "blockwise (named), networks.lora (positional)"
+
+RANKS, LRS, OPTIONS = "ranks", "learning rates", "options"
+"""What a key sets: ranks/alphas/blocks (ignored for a network built from a file), lr weights, other options."""
+
+
+@dataclass(frozen=True)
+class ArgKey:
+    """One `--network_args` key: how its string is read, its default, its help and where it comes from."""
+
+    name: str
+    reader: Callable[[str, object, ArchTable], object]
+    value: str
+    """The form of the value, for the README."""
+    default: str
+    help: str
+    origin: str
+    """`blockwise` (ours) or the kohya module whose meaning the key keeps."""
+    sets: str
+    """RANKS, LRS or OPTIONS."""
+
+
+NETWORK_ARGS: tuple[ArgKey, ...] = (
+    ArgKey("preset", _preset, "`all`/`character`, `style`/`upper`, `middle`, `bottom`", "all blocks",
+           "The paper's settings: train all blocks, or one resolution level (`style` = outermost).",
+           BLOCKWISE, RANKS),
+    ArgKey("blocks", _selector, "selector, e.g. `in0,out3` or `IN04-OUT05`", "all blocks",
+           "The blocks to train; the rest get rank 0. Excludes `preset`.", BLOCKWISE, RANKS),
+    ArgKey("block_ranks", _named_ranks, "named ranks, e.g. `in0=16,out3=8`", "`--network_dim`",
+           "Rank per block (selector terms; later terms win; 0 = not trained).", BLOCKWISE, RANKS),
+    ArgKey("block_alphas", _alphas, "named alphas, or kohya's 25/23 positional values", "`--network_alpha`",
+           "Alpha per block (0 = the rank).", BOTH, RANKS),
+    ArgKey("conv_dim", _int, "whole number ≥ 0", "0 (`--network_dim` with `algo=locon`)",
+           "Rank of the 3×3 convolutions (LoCon); 0 = no convolutions.", KOHYA_LORA, RANKS),
+    ArgKey("conv_alpha", _float, "number ≥ 0", "1", "Alpha of the convolutions.", KOHYA_LORA, RANKS),
+    ArgKey("conv_block_ranks", _named_ranks, "named ranks", "`conv_dim`", "Convolution rank per block.",
+           BLOCKWISE, RANKS),
+    ArgKey("conv_block_alphas", _alphas, "named alphas, or kohya's 25/23 positional values", "`conv_alpha`",
+           "Convolution alpha per block.", BOTH, RANKS),
+    ArgKey("te_dim", _int, "whole number ≥ 0", "`--network_dim`", "Text-encoder rank; 0 = no text-encoder adapter.",
+           BLOCKWISE, RANKS),
+    ArgKey("te_alpha", _float, "number ≥ 0", "`--network_alpha`", "Text-encoder alpha.", BLOCKWISE, RANKS),
+    ArgKey("algo", _algo, "`lora`, `locon`", "`locon` when a conv rank is given, else `lora`",
+           "Attention layers only, or convolutions too.", BLOCKWISE, RANKS),
+    ArgKey("block_dims", _positional_ranks, "25 (SD1/SD2) or 23 (SDXL) comma-separated ranks", "`--network_dim`",
+           "kohya's positional rank per block index. Excludes `block_ranks`.", KOHYA_LORA, RANKS),
+    ArgKey("conv_block_dims", _positional_ranks, "25 or 23 comma-separated ranks", "`conv_dim`",
+           "kohya's positional convolution rank per block index. Excludes `conv_block_ranks`.", KOHYA_LORA, RANKS),
+    ArgKey("block_lr", _named_weights, "named weights, e.g. `in0=1,mid=0.5`, or an LBW vector", "1",
+           "Learning-rate weight per block (× the U-Net or text-encoder rate; 0 = not trained).", BLOCKWISE, LRS),
+    ArgKey("down_lr_weight", _side_lr, "12 (SDXL 9) weights, or `cosine`/`sine`/`linear`/`reverse_linear`/`zeros`"
+           "[+number]", "1", "kohya's learning-rate weights of the input blocks (short lists are padded with 1).",
+           KOHYA_LORA, LRS),
+    ArgKey("mid_lr_weight", _mid_lr, "1 (SDXL 3) weights", "1", "kohya's learning-rate weight of the middle block.",
+           KOHYA_LORA, LRS),
+    ArgKey("up_lr_weight", _side_lr, "like `down_lr_weight`", "1",
+           "kohya's learning-rate weights of the output blocks.", KOHYA_LORA, LRS),
+    ArgKey("block_lr_zero_threshold", _float, "number ≥ 0", "0",
+           "Learning-rate weights at or below it become 0 (the block is not trained).", KOHYA_LORA, LRS),
+    ArgKey("dropout", _probability, "probability 0 ≤ p < 1", "`--network_dropout`",
+           "Dropout of the down projection's output.", KOHYA_LORA, OPTIONS),
+    ArgKey("rank_dropout", _probability, "probability 0 ≤ p < 1", "none", "Drops whole ranks per sample.",
+           KOHYA_LORA, OPTIONS),
+    ArgKey("module_dropout", _probability, "probability 0 ≤ p < 1", "none", "Skips a whole module per step.",
+           KOHYA_LORA, OPTIONS),
+    ArgKey("loraplus_lr_ratio", _ratio, "ratio > 0", "none", "LoRA+: up factors learn this many times faster.",
+           KOHYA_LORA, OPTIONS),
+    ArgKey("loraplus_unet_lr_ratio", _ratio, "ratio > 0", "`loraplus_lr_ratio`", "LoRA+ ratio of the U-Net.",
+           KOHYA_LORA, OPTIONS),
+    ArgKey("loraplus_text_encoder_lr_ratio", _ratio, "ratio > 0", "`loraplus_lr_ratio`",
+           "LoRA+ ratio of the text encoders.", KOHYA_LORA, OPTIONS),
+    ArgKey("verbose", _bool, "`true`/`false`, `1`/`0`, `yes`/`no`", "false",
+           "Log rank, alpha and learning-rate weight per block.", KOHYA_LORA, OPTIONS),
+)
+"""Every `--network_args` key, once."""
+
+ARGS_BY_NAME: Mapping[str, ArgKey] = MappingProxyType({a.name: a for a in NETWORK_ARGS})
+KNOWN_KEYS: tuple[str, ...] = tuple(sorted(ARGS_BY_NAME))
+"""Every `--network_args` key this network module accepts."""
+RANK_KEYS: tuple[str, ...] = tuple(a.name for a in NETWORK_ARGS if a.sets == RANKS)
+LR_KEYS: tuple[str, ...] = tuple(a.name for a in NETWORK_ARGS if a.sets == LRS)
+
+
+def network_args_markdown() -> str:
+    """The README table of `--network_args` keys, one row per key of `NETWORK_ARGS`."""
+    rows = ["| key | value | default | meaning | from |", "|---|---|---|---|---|"]
+    rows += [f"| `{a.name}` | {a.value} | {a.default} | {a.help} | {a.origin} |" for a in NETWORK_ARGS]
+    return "\n".join(rows)
+
+
+# --- the parsed result -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -107,6 +389,18 @@ class NetworkArgs:
     """How the blocks were chosen, for messages (`preset=style`, `blocks=in0,out3`)."""
 
 
+class WeightsArgs(NamedTuple):
+    """The `--network_args` of a network built from a file: learning-rate weights and options only."""
+
+    lr_block: Mapping[str, float]
+    """Learning-rate weight per block."""
+    lr_slot: Mapping[int, float]
+    """Per SDXL middle-block kohya slot, where the three differ (else empty)."""
+    options: TrainOptions
+    lr_given: bool
+    notes: tuple[str, ...]
+
+
 def split_network_args(text: str) -> dict[str, str]:
     """Split `"preset=style conv_dim=8 block_ranks='in0=16,out3=8'"` into a key → value dict (shell quoting)."""
     try:
@@ -124,85 +418,44 @@ def split_network_args(text: str) -> dict[str, str]:
     return result
 
 
-# --- value readers ---------------------------------------------------------------------------------
-
-
-def _text(key: str, raw: object) -> str:
-    return raw.strip() if isinstance(raw, str) else str(raw)
-
-
-def _fail(key: str, raw: object, problem: str) -> SpecError:
-    return SpecError(f"network_args {key}={_text(key, raw)!r}: {problem}")
-
-
-def _int(key: str, raw: object) -> int:
-    text = _text(key, raw)
+def read_multiplier(value: object) -> float:
+    """The trainer's multiplier (ΔW strength) as a finite float; SpecError otherwise (NaN would poison outputs)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise _fail(key, raw, f"not a whole number; give a rank ≥ 0, e.g. {key}=8") from None
-    if value < 0:
-        raise _fail(key, raw, "a rank cannot be negative; 0 means not trained")
-    return value
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SpecError(f"multiplier {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise SpecError(f"multiplier {value!r} is not finite; give a number such as 1.0")
+    return number
 
 
-def _float(key: str, raw: object, *, what: str = "a number ≥ 0", upper: float | None = None) -> float:
-    text = _text(key, raw)
-    try:
-        value = float(text)
-    except ValueError:
-        raise _fail(key, raw, f"not a number; give {what}") from None
-    if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
-        raise _fail(key, raw, f"out of range; give {what}")
-    return value
+# --- stage 1 and 2: strings, then values ----------------------------------------------------------------------
 
 
-def _probability(key: str, raw: object) -> float:
-    return _float(key, raw, what="a probability 0 ≤ p < 1", upper=1.0)
-
-
-def _ratio(key: str, raw: object) -> float:
-    value = _float(key, raw, what="a ratio > 0, e.g. 16")
-    if value == 0:
-        raise _fail(key, raw, "out of range; give a ratio > 0, e.g. 16")
-    return value
-
-
-def _bool(key: str, raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = _text(key, raw).lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise _fail(key, raw, "not a boolean; use true/false, 1/0 or yes/no")
-
-
-def _choice(key: str, raw: object, choices: Iterable[str]) -> str:
-    text = _text(key, raw).lower()
-    choices = tuple(choices)
-    if text not in choices:
-        raise _fail(key, raw, f"unknown value; choose one of {', '.join(choices)}")
-    return text
-
-
-def _positional(key: str, raw: object, layout: ArchTable, *, whole: bool) -> list[float]:
-    """A kohya positional list: exactly 25 (SD1/SD2) or 23 (SDXL) comma-separated values."""
-    n = len(layout.kohya_slots)
-    parts = [p.strip() for p in _text(key, raw).split(",")]
-    if len(parts) != n:
-        order = (
-            "emb, IN00..IN08, middle_block 0..2, OUT00..OUT08, out"
-            if layout.arch is Arch.SDXL
-            else "IN00..IN11, MID, OUT00..OUT11"
+def read_strings(args: Mapping[str, object]) -> dict[str, object]:
+    """The given keys (None values dropped), after refusing unknown keys and keys that exclude each other."""
+    kw = {k: v for k, v in args.items() if v is not None}
+    unknown = sorted(set(kw) - set(ARGS_BY_NAME))
+    if unknown:
+        raise SpecError(
+            f"network_args: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"known keys: {', '.join(KNOWN_KEYS)}"
         )
-        raise _fail(key, raw, f"{layout.arch.value} takes {n} comma-separated values ({order}), not {len(parts)}")
-    reader = _int if whole else _float
-    return [reader(key, p) for p in parts]
+    for a, b in _EXCLUSIVE:
+        if a in kw and b in kw:
+            raise SpecError(f"network_args: give {a} or {b}, not both")
+    kohya_lr = [k for k in _KOHYA_LR if k in kw]
+    if kohya_lr and "block_lr" in kw:
+        raise SpecError(f"network_args: give block_lr or kohya's {'/'.join(kohya_lr)}, not both")
+    return kw
 
 
-# --- the per-unit grid -----------------------------------------------------------------------------
+def parse_values(kw: Mapping[str, object], layout: ArchTable) -> dict[str, object]:
+    """Every given value through its key's reader, in table order (so the first bad key is reported)."""
+    return {a.name: a.reader(a.name, kw[a.name], layout) for a in NETWORK_ARGS if a.name in kw}
+
+
+# --- stage 3: the per-unit grid --------------------------------------------------------------------------------
 
 _Unit = tuple[str, "int | None"]
 
@@ -233,6 +486,10 @@ class _Grid:
         for unit in self.units_of(blocks):
             self.values[unit][name] = value
 
+    def set_terms(self, name: str, terms: Terms) -> None:
+        for blocks, value in terms:
+            self.set(name, blocks, value)
+
     def set_slots(self, name: str, values: list[float]) -> None:
         for slot, value in enumerate(values):
             if self.layout.arch is Arch.SDXL and slot == 0:
@@ -259,130 +516,150 @@ class _Grid:
         return BlockSpec(self.layout.arch, algo, blocks, slots, dim, alpha)
 
 
-# --- parsing ---------------------------------------------------------------------------------------
-
-
-def _present(args: Mapping[str, object]) -> dict[str, object]:
-    return {k: v for k, v in args.items() if v is not None}
-
-
-def _check_keys(kw: Mapping[str, object]) -> None:
-    unknown = sorted(set(kw) - set(KNOWN_KEYS))
-    if unknown:
+def _defaults(values: Mapping[str, object], dim: int, alpha: float) -> dict[str, dict[str, float]]:
+    """Stage 3a: the starting numbers of U-Net and text-encoder blocks."""
+    algo = values.get("algo")
+    conv_args = [k for k in ("conv_dim", "conv_block_dims", "conv_block_ranks") if k in values]
+    if algo is Algo.LORA and conv_args:
         raise SpecError(
-            f"network_args: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-            f"known keys: {', '.join(KNOWN_KEYS)}"
+            f"network_args: algo=lora trains no convolutions but {', '.join(conv_args)} is given; "
+            "use algo=locon or drop it"
         )
-    for a, b in (("preset", "blocks"), ("block_dims", "block_ranks"), ("conv_block_dims", "conv_block_ranks")):
-        if a in kw and b in kw:
-            raise SpecError(f"network_args: give {a} or {b}, not both")
-    kohya_lr = [k for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if k in kw]
-    if kohya_lr and "block_lr" in kw:
-        raise SpecError(f"network_args: give block_lr or kohya's {'/'.join(kohya_lr)}, not both")
+    conv_dim = values.get("conv_dim", dim if algo is Algo.LOCON else 0)
+    conv_alpha = values.get("conv_alpha", 1.0)
+    te_dim = values.get("te_dim", dim)
+    te_alpha = values.get("te_alpha", alpha)
+    return {
+        "unet": {"rank": dim, "alpha": alpha, "conv_rank": conv_dim, "conv_alpha": conv_alpha, "lr_weight": 1.0},
+        "te": {"rank": te_dim, "alpha": te_alpha, "conv_rank": 0, "conv_alpha": conv_alpha, "lr_weight": 1.0},
+    }
 
 
-def _named(key: str, raw: object, layout: ArchTable, *, whole: bool) -> list[tuple[frozenset[str], float]]:
-    """Named weights (`in0=16,out3=8`, or an LBW vector) → [(blocks, value)] in order; values checked."""
-    text = _text(key, raw)
-    if "=" not in text and len(text.split(",")) == len(layout.kohya_slots) and key in _KOHYA_FORM:
-        raise _fail(key, raw, f"{len(layout.kohya_slots)} positional values are kohya's form: use "
-                              f"{_KOHYA_FORM[key]}, or name blocks (in0=16,out3=8)")
-    try:
-        parsed = parse_weights(text)
-        if parsed.vector is not None:
-            weights = parsed.resolve(layout.arch)
-            terms = [(frozenset({b}), v) for b, v in weights.values.items()]
-        else:
-            terms = [(resolve_term(term, layout), v) for term, v in parsed.named]
-    except SelectorError as err:
-        raise _fail(key, raw, err.message) from None
-    for _, value in terms:
-        if value < 0 or (whole and value != int(value)):
-            raise _fail(key, raw, f"{value:g} is not {'a whole number ≥ 0' if whole else 'a number ≥ 0'}")
-    return [(blocks, int(v) if whole else float(v)) for blocks, v in terms]
+def _apply_ranks(values: Mapping[str, object], grid: _Grid) -> None:
+    """Stage 3b: kohya's positional lists, then named ranks and alphas (later terms win)."""
+    for key, name in (("block_dims", "rank"), ("conv_block_dims", "conv_rank")):
+        if key in values:
+            grid.set_slots(name, values[key])
+    for key, name in (("block_alphas", "alpha"), ("conv_block_alphas", "conv_alpha")):
+        given = values.get(key)
+        if isinstance(given, SlotValues):
+            grid.set_slots(name, list(given.values))
+        elif given is not None:
+            grid.set_terms(name, given)
+    for key, name in (("block_ranks", "rank"), ("conv_block_ranks", "conv_rank")):
+        if key in values:
+            grid.set_terms(name, values[key])
 
 
-def _alpha_arg(key: str, raw: object, layout: ArchTable) -> tuple[list[float] | None, list | None]:
-    """`block_alphas` / `conv_block_alphas`: kohya's positional list when it has 25/23 plain numbers, else named."""
-    text = _text(key, raw)
-    parts = text.split(",")
-    if len(parts) == len(layout.kohya_slots) and "=" not in text:
-        return _positional(key, raw, layout, whole=False), None
-    return None, _named(key, raw, layout, whole=False)
+def _selection(values: Mapping[str, object], kw: Mapping[str, object],
+               layout: ArchTable) -> tuple[frozenset[str] | None, str]:
+    """Stage 3c: the blocks `preset` or `blocks` selects (None: no selection) and how to name the choice."""
+    if "preset" in values:
+        preset = values["preset"]
+        return resolve_selector(PRESETS[preset], layout.arch), f"preset={preset}"
+    if "blocks" in values:
+        return values["blocks"], f"blocks={_text(kw['blocks'])}"
+    return None, "network_args"
 
 
-def _kohya_lr_list(key: str, raw: object, length: int, notes: list[str], *, preset_ok: bool) -> list[float]:
-    """kohya's down/up (`preset[+base]` or values) or mid lr-weight list, padded with 1 when short."""
-    text = _text(key, raw)
-    if "," not in text and preset_ok:
-        name, plus, base_text = text.partition("+")
-        if name not in LR_WEIGHT_PRESETS:
-            raise _fail(
-                key, raw,
-                f"give {length} comma-separated weights or a preset: {', '.join(LR_WEIGHT_PRESETS)} "
-                "(optionally +number, e.g. sine+0.5)",
-            )
-        base = _float(key, base_text) if plus else 0.0
-        steps = [i / (length - 1) for i in range(length)]
-        curve = {
-            "sine": [math.sin(math.pi * s / 2) for s in steps],
-            "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
-            "linear": steps,
-            "reverse_linear": list(reversed(steps)),
-            "zeros": [0.0] * length,
-        }[name]
-        return [w + base for w in curve]
-    values = [(_float(key, p) if p.strip() else 0.0) for p in text.split(",")]
-    if len(values) > length:
-        raise _fail(key, raw, f"takes at most {length} values, not {len(values)}")
-    if len(values) < length:
-        notes.append(f"{key}: {len(values)} of {length} values given; the rest are 1 (as kohya)")
-        values += [1.0] * (length - len(values))
-    return values
-
-
-def _lr_weights(kw: Mapping[str, object], grid: _Grid, notes: list[str]) -> bool:
-    """Apply learning-rate weights to the grid; True when any was given."""
+def _restrict(values: Mapping[str, object], grid: _Grid, selected: frozenset[str], chooser: str) -> None:
+    """Stage 3d: rank 0 outside the selection; refuse ranks given for blocks the selection leaves out."""
     layout = grid.layout
-    given = False
-    if "block_lr" in kw:
-        given = True
-        for blocks, value in _named("block_lr", kw["block_lr"], layout, whole=False):
-            grid.set("lr_weight", blocks, value)
-    kohya = {k: kw[k] for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if k in kw}
-    if kohya:
-        given = True
-        xl = layout.arch is Arch.SDXL
-        side, mid = (9, 3) if xl else (12, 1)
-        down = _kohya_lr_list("down_lr_weight", kohya["down_lr_weight"], side, notes, preset_ok=True) \
-            if "down_lr_weight" in kohya else [1.0] * side
-        middle = _kohya_lr_list("mid_lr_weight", kohya["mid_lr_weight"], mid, notes, preset_ok=False) \
-            if "mid_lr_weight" in kohya else [1.0] * mid
-        up = _kohya_lr_list("up_lr_weight", kohya["up_lr_weight"], side, notes, preset_ok=True) \
-            if "up_lr_weight" in kohya else [1.0] * side
-        slots = ([1.0] + down + middle + up + [1.0]) if xl else (down + middle + up)
-        grid.set_slots("lr_weight", slots)
-    threshold = _float("block_lr_zero_threshold", kw["block_lr_zero_threshold"]) \
-        if "block_lr_zero_threshold" in kw else 0.0
-    for values in grid.values.values():
-        if values["lr_weight"] <= threshold:
-            values["lr_weight"] = 0.0
-    return given
+    te_names = {c.value for c in layout.text_encoders}
+    te_dim = values.get("te_dim", 0)
+    if te_dim > 0 and not (te_names & selected):
+        raise SpecError(
+            f"network_args: te_dim={te_dim} but {chooser} trains no text encoder; add te to blocks= or drop te_dim"
+        )
+    for key in ("block_ranks", "conv_block_ranks"):
+        for blocks, value in values.get(key, ()):
+            outside = sorted(blocks - selected)
+            if value > 0 and outside and not (blocks & selected):
+                raise SpecError(
+                    f"network_args: {key} gives {', '.join(outside)} rank {value} but {chooser} does not train "
+                    f"{'it' if len(outside) == 1 else 'them'}; add it to blocks= or drop it from {key}"
+                )
+    unselected = [b for b in layout.blocks if b not in selected]
+    grid.set("rank", unselected, 0)
+    grid.set("conv_rank", unselected, 0)
 
 
-def _options(kw: Mapping[str, object], neuron_dropout: float | None) -> TrainOptions:
-    dropout = kw.get("dropout", neuron_dropout)
+def _apply_lr_weights(values: Mapping[str, object], grid: _Grid, notes: list[str]) -> bool:
+    """Stage 3e: learning-rate weights into the grid (kohya lists padded with 1, with a note); True when given."""
+    if "block_lr" in values:
+        grid.set_terms("lr_weight", values["block_lr"])
+    if any(k in values for k in _KOHYA_LR):
+        side, mid = _lr_lengths(grid.layout)
+        lists = []
+        for key, length in zip(_KOHYA_LR, (side, mid, side)):
+            given = list(values.get(key, ()))
+            if key in values and len(given) < length:
+                notes.append(f"{key}: {len(given)} of {length} values given; the rest are 1 (as kohya)")
+            lists.append(given + [1.0] * (length - len(given)))
+        slots = lists[0] + lists[1] + lists[2]
+        grid.set_slots("lr_weight", [1.0, *slots, 1.0] if grid.layout.arch is Arch.SDXL else slots)
+    threshold = values.get("block_lr_zero_threshold", 0.0)
+    for unit_values in grid.values.values():
+        if unit_values["lr_weight"] <= threshold:
+            unit_values["lr_weight"] = 0.0
+    return any(k in values for k in ("block_lr", *_KOHYA_LR))
+
+
+def _resolve_grid(values: Mapping[str, object], kw: Mapping[str, object], layout: ArchTable, dim: int,
+                  alpha: float, notes: list[str]) -> tuple[_Grid, str, bool]:
+    """Stage 3: every block's numbers. Returns (grid, chooser, whether lr weights were given)."""
+    grid = _Grid(layout, _defaults(values, dim, alpha))
+    _apply_ranks(values, grid)
+    selected, chooser = _selection(values, kw, layout)
+    if selected is not None:
+        _restrict(values, grid, selected, chooser)
+    lr_given = _apply_lr_weights(values, grid, notes)
+    for unit_values in grid.values.values():
+        if unit_values["lr_weight"] == 0:
+            unit_values["rank"] = 0
+            unit_values["conv_rank"] = 0
+    return grid, chooser, lr_given
+
+
+# --- stage 4 and 5: the spec and the options -------------------------------------------------------------------
+
+
+def _build_spec(values: Mapping[str, object], kw: Mapping[str, object], grid: _Grid, dim: int,
+                alpha: float) -> BlockSpec:
+    """Stage 4: the BlockSpec; refuses a configuration that trains nothing or asks for convolutions it lacks."""
+    layout = grid.layout
+    algo = values.get("algo")
+    spec_algo = algo or (Algo.LOCON if any(v["conv_rank"] > 0 for v in grid.values.values()) else Algo.LORA)
+    spec = grid.to_spec(spec_algo, dim, alpha)
+    # IN00 and OTHER (conv_in, embeddings, conv_out) are outside every paper group and never targeted.
+    if not any(layout.group_of(b) != "none" for b in spec.trained_blocks):
+        raise SpecError(
+            "network_args: this configuration trains nothing (every block has rank 0 or learning-rate weight 0); "
+            f"check network_dim, preset/blocks, block_ranks/block_dims and the lr weights ({_describe(kw)})"
+        )
+    if algo is Algo.LOCON and not spec.include_conv:
+        raise SpecError("network_args: algo=locon but no block has a conv rank > 0; set conv_dim=N")
+    conv_alphas = [k for k in ("conv_alpha", "conv_block_alphas") if k in values]
+    if conv_alphas and not spec.include_conv:
+        raise SpecError(
+            f"network_args: {', '.join(conv_alphas)} given but no convolution is trained; add conv_dim=N or drop it"
+        )
+    return spec
+
+
+def _options(values: Mapping[str, object], neuron_dropout: float | None) -> TrainOptions:
+    """Stage 5: options that are not per block; the `dropout` key wins over the trainer's `--network_dropout`."""
+    dropout = values.get("dropout")
+    if dropout is None and neuron_dropout is not None:
+        dropout = _probability("dropout", neuron_dropout)
     return TrainOptions(
-        dropout=None if dropout is None else _probability("dropout", dropout),
-        rank_dropout=_probability("rank_dropout", kw["rank_dropout"]) if "rank_dropout" in kw else None,
-        module_dropout=_probability("module_dropout", kw["module_dropout"]) if "module_dropout" in kw else None,
-        loraplus_lr_ratio=_ratio("loraplus_lr_ratio", kw["loraplus_lr_ratio"])
-        if "loraplus_lr_ratio" in kw else None,
-        loraplus_unet_lr_ratio=_ratio("loraplus_unet_lr_ratio", kw["loraplus_unet_lr_ratio"])
-        if "loraplus_unet_lr_ratio" in kw else None,
-        loraplus_text_encoder_lr_ratio=_ratio("loraplus_text_encoder_lr_ratio", kw["loraplus_text_encoder_lr_ratio"])
-        if "loraplus_text_encoder_lr_ratio" in kw else None,
-        verbose=_bool("verbose", kw["verbose"]) if "verbose" in kw else False,
+        dropout=dropout,
+        rank_dropout=values.get("rank_dropout"),
+        module_dropout=values.get("module_dropout"),
+        loraplus_lr_ratio=values.get("loraplus_lr_ratio"),
+        loraplus_unet_lr_ratio=values.get("loraplus_unet_lr_ratio"),
+        loraplus_text_encoder_lr_ratio=values.get("loraplus_text_encoder_lr_ratio"),
+        verbose=values.get("verbose", False),
     )
 
 
@@ -404,141 +681,53 @@ def parse_network_args(
     `network_dim` (None → 4) and `network_alpha` (None → 1.0) are the trainer's `--network_dim` and
     `--network_alpha`; `neuron_dropout` its `--network_dropout` (a `dropout` key wins over it).
     """
-    kw = _present(args)
-    _check_keys(kw)
+    kw = read_strings(args)
     layout = table(arch)
     dim, alpha = _base_numbers(network_dim, network_alpha)
+    values = parse_values(kw, layout)
+    options = _options(values, neuron_dropout)
     notes: list[str] = []
-    options = _options(kw, neuron_dropout)
-
-    algo = Algo(_choice("algo", kw["algo"], [a.value for a in Algo])) if "algo" in kw else None
-    conv_args = [k for k in ("conv_dim", "conv_block_dims", "conv_block_ranks") if k in kw]
-    if algo is Algo.LORA and conv_args:
-        raise SpecError(
-            f"network_args: algo=lora trains no convolutions but {', '.join(conv_args)} is given; "
-            "use algo=locon or drop it"
-        )
-    conv_dim = _int("conv_dim", kw["conv_dim"]) if "conv_dim" in kw else (dim if algo is Algo.LOCON else 0)
-    conv_alpha = _float("conv_alpha", kw["conv_alpha"]) if "conv_alpha" in kw else 1.0
-    te_dim = _int("te_dim", kw["te_dim"]) if "te_dim" in kw else dim
-    te_alpha = _float("te_alpha", kw["te_alpha"]) if "te_alpha" in kw else alpha
-    defaults = {
-        "unet": {"rank": dim, "alpha": alpha, "conv_rank": conv_dim, "conv_alpha": conv_alpha, "lr_weight": 1.0},
-        "te": {"rank": te_dim, "alpha": te_alpha, "conv_rank": 0, "conv_alpha": conv_alpha, "lr_weight": 1.0},
-    }
-    grid = _Grid(layout, defaults)
-
-    # kohya positional forms
-    if "block_dims" in kw:
-        grid.set_slots("rank", _positional("block_dims", kw["block_dims"], layout, whole=True))
-    if "conv_block_dims" in kw:
-        grid.set_slots("conv_rank", _positional("conv_block_dims", kw["conv_block_dims"], layout, whole=True))
-    named_ranks: list[tuple[str, frozenset[str], float]] = []
-    for key, name in (("block_alphas", "alpha"), ("conv_block_alphas", "conv_alpha")):
-        if key in kw:
-            positional, named = _alpha_arg(key, kw[key], layout)
-            if positional is not None:
-                grid.set_slots(name, positional)
-            for blocks, value in named or ():
-                grid.set(name, blocks, value)
-    for key, name in (("block_ranks", "rank"), ("conv_block_ranks", "conv_rank")):
-        if key in kw:
-            for blocks, value in _named(key, kw[key], layout, whole=True):
-                grid.set(name, blocks, value)
-                named_ranks.append((key, blocks, value))
-
-    # selection
-    selected: frozenset[str] | None = None
-    chooser = "network_args"
-    if "preset" in kw:
-        preset = _choice("preset", kw["preset"], PRESETS)
-        selected = resolve_selector(PRESETS[preset], layout.arch)
-        chooser = f"preset={preset}"
-    elif "blocks" in kw:
-        try:
-            selected = resolve_selector(_text("blocks", kw["blocks"]), layout.arch)
-        except SelectorError as err:
-            raise _fail("blocks", kw["blocks"], err.message) from None
-        chooser = f"blocks={_text('blocks', kw['blocks'])}"
-    if selected is not None:
-        te_names = {c.value for c in layout.text_encoders}
-        if "te_dim" in kw and te_dim > 0 and not (te_names & selected):
-            raise SpecError(
-                f"network_args: te_dim={te_dim} but {chooser} trains no text encoder; "
-                "add te to blocks= or drop te_dim"
-            )
-        for key, blocks, value in named_ranks:
-            outside = sorted(blocks - selected)
-            if value > 0 and outside and not (blocks & selected):
-                raise SpecError(
-                    f"network_args: {key} gives {', '.join(outside)} rank {value} but {chooser} does not train "
-                    f"{'it' if len(outside) == 1 else 'them'}; add it to blocks= or drop it from {key}"
-                )
-        unselected = [b for b in layout.blocks if b not in selected]
-        grid.set("rank", unselected, 0)
-        grid.set("conv_rank", unselected, 0)
-
-    lr_given = _lr_weights(kw, grid, notes)
-    for values in grid.values.values():
-        if values["lr_weight"] == 0:
-            values["rank"] = 0
-            values["conv_rank"] = 0
-
-    spec_algo = algo or (Algo.LOCON if any(v["conv_rank"] > 0 for v in grid.values.values()) else Algo.LORA)
-    spec = grid.to_spec(spec_algo, dim, alpha)
-    # IN00 and OTHER (conv_in, embeddings, conv_out) are outside every paper group and never targeted.
-    if not any(layout.group_of(b) != "none" for b in spec.trained_blocks):
-        raise SpecError(
-            "network_args: this configuration trains nothing (every block has rank 0 or learning-rate weight 0); "
-            f"check network_dim, preset/blocks, block_ranks/block_dims and the lr weights ({_describe(kw)})"
-        )
-    if algo is Algo.LOCON and not spec.include_conv:
-        raise SpecError("network_args: algo=locon but no block has a conv rank > 0; set conv_dim=N")
-    conv_alphas = [k for k in ("conv_alpha", "conv_block_alphas") if k in kw]
-    if conv_alphas and not spec.include_conv:
-        raise SpecError(
-            f"network_args: {', '.join(conv_alphas)} given but no convolution is trained; add conv_dim=N or drop it"
-        )
+    grid, chooser, lr_given = _resolve_grid(values, kw, layout, dim, alpha, notes)
+    spec = _build_spec(values, kw, grid, dim, alpha)
     explicit = any(k in kw for k in ("preset", "blocks", "block_ranks", "block_dims", "conv_block_ranks",
                                      "conv_block_dims"))
     return NetworkArgs(spec, options, explicit, lr_given, tuple(notes), chooser)
 
 
-def parse_weights_args(
-    args: Mapping[str, object], arch: Arch | str, neuron_dropout: float | None = None
-) -> tuple[dict[str, float], dict[int, float], TrainOptions, bool, tuple[str, ...]]:
-    """For a network built from a file: learning-rate weights and options only; rank keys are noted as ignored.
-
-    Returns (lr weight per block, lr weight per SDXL middle-block slot where they differ, options,
-    whether lr weights were given, notes).
-    """
-    kw = _present(args)
-    _check_keys(kw)
+def parse_weights_args(args: Mapping[str, object], arch: Arch | str,
+                       neuron_dropout: float | None = None) -> WeightsArgs:
+    """For a network built from a file: learning-rate weights and options only; rank keys are noted as ignored."""
+    kw = read_strings(args)
     layout = table(arch)
     notes: list[str] = []
     ignored = sorted(k for k in kw if k in RANK_KEYS)
     if ignored:
-        notes.append(
-            f"network_args {', '.join(ignored)} ignored: ranks and alphas come from the weights file"
-        )
+        notes.append(f"network_args {', '.join(ignored)} ignored: ranks and alphas come from the weights file")
+    values = parse_values({k: v for k, v in kw.items() if k not in RANK_KEYS}, layout)
     defaults = {"rank": 0, "alpha": 1.0, "conv_rank": 0, "conv_alpha": 1.0, "lr_weight": 1.0}
     grid = _Grid(layout, {"unet": defaults, "te": defaults})
-    lr_given = _lr_weights(kw, grid, notes)
+    lr_given = _apply_lr_weights(values, grid, notes)
     per_block: dict[str, float] = {}
     per_slot: dict[int, float] = {}
-    for (block, slot), values in grid.values.items():
+    for (block, slot), unit_values in grid.values.items():
         if slot is None:
-            per_block[block] = values["lr_weight"]
+            per_block[block] = unit_values["lr_weight"]
         else:
-            per_slot[slot] = values["lr_weight"]
+            per_slot[slot] = unit_values["lr_weight"]
     if len(set(per_slot.values())) <= 1:
         per_block["M00"] = next(iter(per_slot.values()), per_block.get("M00", 1.0))
         per_slot = {}
     else:
         per_block["M00"] = max(per_slot.values())
-    return per_block, per_slot, _options(kw, neuron_dropout), lr_given, tuple(notes)
+    return WeightsArgs(per_block, per_slot, _options(values, neuron_dropout), lr_given, tuple(notes))
 
 
 def _describe(kw: Mapping[str, object]) -> str:
-    shown = [f"{k}={_text(k, v)}" for k, v in kw.items() if k in RANK_KEYS + LR_KEYS]
+    shown = [f"{k}={_text(v)}" for k, v in kw.items() if k in RANK_KEYS + LR_KEYS]
     return " ".join(shown) if shown else "no network_args"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m kohya_plugin.args --markdown   (prints the README table of --network_args keys)")
+    print(network_args_markdown())

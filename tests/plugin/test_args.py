@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
 from blora_tools.errors import SpecError
 from blora_tools.spec import Algo
 from blora_tools.taxonomy.blocks import table
-from kohya_plugin.args import KNOWN_KEYS, parse_network_args, parse_weights_args, split_network_args
+from kohya_plugin.args import (
+    KNOWN_KEYS,
+    NETWORK_ARGS,
+    network_args_markdown,
+    parse_network_args,
+    parse_weights_args,
+    read_multiplier,
+    split_network_args,
+)
 
 
 def ranks(parsed, field="rank"):
@@ -274,3 +284,66 @@ def test_weights_args_ignore_ranks_with_a_note():
     assert per_block["IN01"] == 0.5 and per_block["OUT11"] == 1.0 and not per_slot
     assert options.rank_dropout == 0.1 and given
     assert any("preset ignored" in n for n in notes)
+
+
+# --- the table of keys -----------------------------------------------------------------------------------------
+
+
+def test_markdown_table_lists_every_declared_key_once():
+    rows = [line for line in network_args_markdown().splitlines() if line.startswith("| `")]
+    keys = [row.split("|")[1].strip().strip("`") for row in rows]
+    assert sorted(keys) == sorted(KNOWN_KEYS) and len(keys) == len(set(keys))
+    for row, arg in zip(rows, NETWORK_ARGS):
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells == [f"`{arg.name}`", arg.value, arg.default, arg.help, arg.origin]
+        assert all(cells), row
+
+
+def test_markdown_table_from_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "kohya_plugin.args", "--markdown"], capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert result.stdout.strip() == network_args_markdown()
+    usage = subprocess.run([sys.executable, "-m", "kohya_plugin.args"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode != 0 and "--markdown" in usage.stderr
+
+
+def test_unknown_key_message_lists_the_declared_keys():
+    with pytest.raises(SpecError) as caught:
+        parse_network_args({"conv_dims": "4"}, "sd1")
+    listed = str(caught.value).split("known keys: ")[1].split(", ")
+    assert listed == sorted(a.name for a in NETWORK_ARGS)
+
+
+def test_every_key_is_read_by_its_own_reader():
+    """Each declared reader accepts a good value of its key and names the key in its error for a bad one."""
+    layout = table("sd1")
+    good = {"preset": "style", "blocks": "in0", "block_ranks": "in0=8", "block_alphas": "in0=2", "conv_dim": "4",
+            "conv_alpha": "2", "conv_block_ranks": "in0=2", "conv_block_alphas": "in0=1", "te_dim": "0",
+            "te_alpha": "1", "algo": "locon", "block_dims": ",".join(["4"] * 25),
+            "conv_block_dims": ",".join(["2"] * 25), "block_lr": "in0=0.5", "down_lr_weight": "sine",
+            "mid_lr_weight": "0.5", "up_lr_weight": "1,1", "block_lr_zero_threshold": "0.1", "dropout": "0.1",
+            "rank_dropout": "0.1", "module_dropout": "0.1", "loraplus_lr_ratio": "16",
+            "loraplus_unet_lr_ratio": "8", "loraplus_text_encoder_lr_ratio": "4", "verbose": "yes"}
+    assert set(good) == set(KNOWN_KEYS)
+    for arg in NETWORK_ARGS:
+        arg.reader(arg.name, good[arg.name], layout)
+        with pytest.raises(SpecError, match=f"network_args {arg.name}="):
+            arg.reader(arg.name, "-x,nan", layout)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{"te_alpha": "nan"}, {"conv_dim": "4", "conv_alpha": "nan"}, {"block_alphas": "in0=inf"},
+     {"block_lr": "in0=inf"}, {"block_lr": "in0=nan"}, {"down_lr_weight": "1,nan"}, {"mid_lr_weight": "inf"},
+     {"up_lr_weight": "sine+inf"}, {"block_lr_zero_threshold": "inf"}, {"block_alphas": ",".join(["1"] * 24) + ",inf"}],
+)
+def test_non_finite_alphas_and_lr_weights_are_refused(args):
+    with pytest.raises(SpecError, match=f"network_args {list(args)[-1]}="):
+        parse_network_args(args, "sd1")
+
+
+@pytest.mark.parametrize("multiplier", [float("nan"), float("inf"), "x", None])
+def test_read_multiplier_refuses_what_is_not_a_finite_number(multiplier):
+    with pytest.raises(SpecError, match="multiplier"):
+        read_multiplier(multiplier)
+    assert read_multiplier("-0.5") == -0.5  # negative strengths are legitimate (kohya, A1111)
