@@ -77,6 +77,8 @@ def read_header(path: str | Path) -> Header:
         raise AdapterFileError("no such file", path)
     if path.is_dir():
         raise AdapterFileError("is a directory, not a .safetensors file", path)
+    if not path.is_file():  # a FIFO or device: opening it could block forever
+        raise AdapterFileError("is not a regular file (a FIFO, socket or device), not a .safetensors file", path)
     try:
         with path.open("rb") as f:
             size = path.stat().st_size
