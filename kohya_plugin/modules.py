@@ -227,11 +227,10 @@ class LoRAModule(nn.Module):
             self.lora_down.weight.mul_(root)
             self.lora_up.weight.mul_(root)
 
-    def merge_to(self, tensors: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> None:
-        """Merge a file's factors for this module (`lora_down.weight`, `lora_up.weight`, optional `alpha`)
-        into the layer's weight, times this module's multiplier."""
-        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
+    def merge_to(self, down: torch.Tensor, up: torch.Tensor, alpha: float,
+                 device: torch.device | str | None = None) -> None:
+        """Merge a file's factors for this module, with the file's alpha, into the layer's weight, times this
+        module's multiplier."""
         merge_into(self._layer, down, up, alpha, self.multiplier, device)
 
     def extra_repr(self) -> str:

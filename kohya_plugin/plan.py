@@ -17,7 +17,7 @@ from blora_tools.spec import BlockSpec
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import table
 from kohya_plugin.args import parse_network_args, split_network_args
-from kohya_plugin.network import plan_modules
+from kohya_plugin.planning import plan_modules
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,13 @@ def plan_network(
     parsed = parse_network_args(kwargs, arch, network_dim, network_alpha)
     unet = build_unet(arch, "full", "meta")
     text_encoders = build_text_encoders(arch, "full", "meta")
-    planned, messages = plan_modules(
-        text_encoders, unet, parsed.spec, explicit=parsed.explicit_blocks, chooser=parsed.chooser
-    )
+    plan = plan_modules(text_encoders, unet, parsed.spec, explicit=parsed.explicit_blocks, chooser=parsed.chooser)
     layout = table(arch)
     counts = {c.value: [0, 0] for c in layout.text_encoders}
     counts.update({g: [0, 0] for g in layout.unet_groups})
-    for module in planned:
+    for module in plan.modules:
         entry = counts.setdefault(module.target.placement.group, [0, 0])
         entry[0] += 1
         entry[1] += module.params
     blocks = {g: GroupPlan(n, p) for g, (n, p) in counts.items()}
-    return Plan(arch, parsed.spec, blocks, (*parsed.notes, *messages))
+    return Plan(arch, parsed.spec, blocks, (*parsed.notes, *plan.warnings))

@@ -8,6 +8,7 @@ itself, as sd-scripts calls it (string values, `neuron_dropout` from --network_d
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -15,12 +16,15 @@ import torch
 from adapters import make_adapter
 from corrupt_files import FILE_CASES
 from fake_trainer import tiny_models
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from blora_tools.errors import AdapterFileError, BloraError, SpecError
-from kohya_plugin.args import KNOWN_KEYS
+from kohya_plugin.args import KNOWN_KEYS, parse_network_args
 from kohya_plugin.blockwise import create_network, create_network_from_weights
 from kohya_plugin.network import BlockwiseWarning
+from kohya_plugin.plan import plan_network
+from kohya_plugin.targets import find_targets
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +232,7 @@ def _load_refused(network, path, error=BloraError):
 def test_other_ranks_name_the_first_modules_and_both_shapes(sd1_models, saved):
     tes, unet = sd1_models
     network = _create(tes, unet, 8, 2.0)
-    message = _load_refused(network, saved, SpecError)
+    message = _load_refused(network, saved, AdapterFileError)
     first = network.text_encoder_loras[0].lora_name
     assert first in message and "file [4, " in message and "network [8, " in message
     assert "dim_from_weights" in message
@@ -238,7 +242,7 @@ def test_a_file_for_another_architecture_names_modules_of_both(sd1_models, tmp_p
     tes, unet = sd1_models
     network = _create(tes, unet)
     xl = make_adapter(tmp_path / "xl.safetensors", "sdxl", "lora", rank=4)
-    message = _load_refused(network, xl, SpecError)
+    message = _load_refused(network, xl, AdapterFileError)
     assert "lora_te1_" in message or "lora_unet_input_blocks" in message, message  # the file's names
     assert any(m.lora_name in message for m in network.text_encoder_loras + network.unet_loras), message
 
@@ -248,7 +252,7 @@ def test_a_file_for_other_blocks_loads_nothing_and_says_so(sd1_models, saved, tm
     network = _create(tes, unet, preset="style")  # U-Net outer level only
     te_only = tmp_path / "te.safetensors"
     save_file({k: v for k, v in load_file(saved).items() if k.startswith("lora_te_")}, te_only)
-    message = _load_refused(network, te_only, SpecError)
+    message = _load_refused(network, te_only, AdapterFileError)
     assert "lora_te_" in message and "lora_unet_" in message
 
 
@@ -262,7 +266,7 @@ def test_partial_overlap_loads_what_fits_and_reports_the_rest(sd1_models, saved,
     assert any(float(m.lora_up.weight.detach().abs().max()) > 0 for m in network.unet_loras)
 
 
-@pytest.mark.parametrize("case", [c for c in FILE_CASES if c.id not in ("directory",)], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", FILE_CASES, ids=lambda c: c.id)
 def test_broken_files_are_adapter_file_errors(sd1_models, saved, tmp_path, case):
     tes, unet = sd1_models
     network = _create(tes, unet, 4, 2.0)
@@ -309,3 +313,182 @@ def test_peft_file_says_to_convert(sd1_models, tmp_path):
     peft = make_adapter(tmp_path / "peft.safetensors", "sd1", "lora", fmt="peft", rank=4)
     message = _load_refused(network, peft, AdapterFileError)
     assert "convert" in message
+
+
+# --- hostile numbers: refused before the models are touched, by the plugin and by `blora-tools plan` alike ---------
+
+# (network_dim, network_alpha, network_args, words the message must contain)
+HOSTILE = [
+    (4, 1.0, {"block_ranks": "in0=1e30"}, ["rank", "above", "widest layer"]),
+    (10**12, 1.0, {}, ["rank 1000000000000", "widest layer"]),
+    (4, 1.0, {"conv_dim": 1e9}, ["conv_dim"]),
+    (4, 1.0, {"conv_dim": 10**9}, ["conv rank 1000000000", "widest layer"]),
+    (4, 1.0, {"te_dim": "100000"}, ["rank 100000 for te", "widest layer"]),
+    (4, 1.0, {"block_dims": ",".join(["4"] * 24 + ["99999"])}, ["rank 99999 for OUT11"]),
+    (4, 1.0, {"conv_block_ranks": "out3=123456"}, ["conv rank 123456"]),
+    (4, float("inf"), {}, ["network_alpha"]),
+    (4, 1.0, {"te_alpha": "nan"}, ["te_alpha"]),
+    (4, 1.0, {"conv_dim": "4", "conv_alpha": "-inf"}, ["conv_alpha"]),
+    (4, 1.0, {"block_alphas": "in0=inf"}, ["block_alphas"]),
+    (4, 1.0, {"block_alphas": "out3=-2"}, ["block_alphas"]),
+    (4, 1.0, {"block_lr": "in0=nan"}, ["block_lr"]),
+    (4, 1.0, {"block_lr": "mid=inf"}, ["block_lr"]),
+    (4, 1.0, {"down_lr_weight": "1,inf"}, ["down_lr_weight"]),
+    (4, 1.0, {"mid_lr_weight": "nan"}, ["mid_lr_weight"]),
+    (4, 1.0, {"up_lr_weight": "-1,1"}, ["up_lr_weight"]),
+]
+
+
+def _hostile_id(case) -> str:
+    dim, alpha, args, _ = case
+    return " ".join([f"dim={dim}"[:20], f"alpha={alpha}", *(f"{k}={v}"[:30] for k, v in args.items())])
+
+
+@pytest.mark.parametrize("dim, alpha, args, words", HOSTILE, ids=[_hostile_id(c) for c in HOSTILE])
+def test_hostile_numbers_are_refused_before_the_models_change(sd1_models, dim, alpha, args, words):
+    tes, unet = sd1_models
+    before = fingerprint(*tes, unet)
+    with pytest.raises(SpecError) as caught:
+        _create(tes, unet, dim, alpha, **args)
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+    assert "\n" not in str(caught.value)
+    assert_same(before, fingerprint(*tes, unet))
+
+
+def _widest(tes, unet) -> int:
+    """The largest min(fan-out, fan-in·k·k) over the layers a LoCon network adapts, from the weights' shapes."""
+    _, targets = find_targets(tes, unet, include_conv=True)
+    return max(min(t.layer.weight.shape[0], t.layer.weight[0].numel()) for t in targets)
+
+
+def test_rank_bound_is_the_widest_layer(sd1_models):
+    tes, unet = sd1_models
+    widest = _widest(tes, unet)
+    network = _create(tes, unet, 4, 1.0, block_ranks=f"mid={widest}", te_dim="0")
+    assert max(m.lora_dim for m in network.unet_loras) == widest  # the bound itself is allowed
+    before = fingerprint(*tes, unet)
+    with pytest.raises(SpecError, match=f"rank {widest + 1} for M00 is above {widest}"):
+        _create(tes, unet, 4, 1.0, block_ranks=f"mid={widest + 1}", te_dim="0")
+    assert_same(before, fingerprint(*tes, unet))
+
+
+@pytest.mark.parametrize("multiplier", [float("nan"), float("inf"), "strong"])
+def test_bad_multipliers_are_refused(sd1_models, saved, multiplier):
+    tes, unet = sd1_models
+    before = fingerprint(*tes, unet)
+    with pytest.raises(SpecError, match="multiplier"):
+        create_network(multiplier, 4, 1.0, None, tes[0], unet)
+    with pytest.raises(SpecError, match="multiplier"):
+        create_network_from_weights(multiplier, str(saved), None, tes[0], unet)
+    assert_same(before, fingerprint(*tes, unet))
+    network = _create(tes, unet)
+    network.set_multiplier(0.5)
+    with pytest.raises(SpecError, match="multiplier"):
+        network.set_multiplier(multiplier)
+    assert network.multiplier == 0.5
+    assert {m.multiplier for m in network.text_encoder_loras + network.unet_loras} == {0.5}
+
+
+PLAN_CASES = [(4, 1.0, args, words) for args, words in BAD_ARGS] + HOSTILE
+
+
+@pytest.mark.parametrize("dim, alpha, args, words", PLAN_CASES,
+                         ids=[_hostile_id(c)[:60] for c in PLAN_CASES])
+def test_plan_refuses_exactly_what_the_plugin_refuses(sd1_models, dim, alpha, args, words):
+    """`blora-tools plan` (full-size models on the meta device) and `create_network` (tiny models) share one
+    validation path: every bad configuration fails in both. Where the failure does not depend on the model
+    (the arguments alone are wrong) the messages are identical."""
+    tes, unet = sd1_models
+    with pytest.raises(SpecError) as plugin:
+        _create(tes, unet, dim, alpha, **args)
+    with pytest.raises(SpecError) as planned:
+        plan_network("sd1", args, dim, alpha)
+    try:
+        parse_network_args(args, "sd1", dim, alpha)
+    except SpecError as err:
+        assert str(planned.value) == str(plugin.value) == str(err)
+    else:
+        assert str(planned.value).split(":")[0] == str(plugin.value).split(":")[0]
+
+
+def test_plan_command_refuses_hostile_ranks_in_one_line(runner):
+    from blora_tools.cli import main
+
+    for args in ("block_ranks=in0=1e30", "te_alpha=nan", "block_lr=in0=inf"):
+        result = runner.invoke(main, ["plan", "--arch", "sd1", "--network-args", args])
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        message = [line for line in result.output.splitlines() if line.strip()]
+        assert len(message) == 1, result.output
+
+
+# --- files that are not usable: every failure an AdapterFileError naming the file, nothing changed ---------------
+
+
+def _edited(saved, tmp_path, edit, metadata_edit=None, name="edited.safetensors"):
+    with safe_open(str(saved), "pt") as f:
+        metadata = dict(f.metadata())
+    path = tmp_path / name
+    save_file(edit(load_file(saved)), path, metadata_edit(metadata) if metadata_edit else metadata)
+    return path
+
+
+def _first_up(t):
+    return next(k for k in t if k.endswith("lora_up.weight"))
+
+
+FILE_EDITS = {
+    "nan-factor": (lambda t: {**t, _first_up(t): torch.full_like(t[_first_up(t)], float("nan"))}, None,
+                   "NaN or Inf"),
+    "inf-factor": (lambda t: {**t, _first_up(t): t[_first_up(t)] * float("inf")}, None, "NaN or Inf"),
+    "nan-alpha": (lambda t: {k: torch.tensor(float("nan")) if k.endswith(".alpha") else v for k, v in t.items()},
+                  None, "alpha is nan"),
+    "inf-alpha": (lambda t: {k: torch.tensor(float("inf")) if k.endswith(".alpha") else v for k, v in t.items()},
+                  None, "alpha is inf"),
+    "spec-not-json": (lambda t: t, lambda m: {**m, "blora_spec": "{not json"}, "blora_spec"),
+    "spec-other-arch": (lambda t: t, lambda m: {**m, "blora_spec": m["blora_spec"].replace('"sd1"', '"sdxl"')},
+                        "trained for sdxl"),
+    "spec-bad-module-alpha": (lambda t: t, lambda m: {**m, "blora_spec": m["blora_spec"][:-1] +
+                                                       ',"module_alphas":{"x":"NaN"}}'}, "module_alphas"),
+    "spec-negative-alpha": (lambda t: t, lambda m: {**m, "blora_spec": m["blora_spec"].replace('"alpha":2.0',
+                                                                                             '"alpha":-2.0')},
+                            "blora_spec"),
+    "factors-not-a-pair": (lambda t: {**t, _first_up(t): torch.zeros(32, 3)}, None, "not a rank-r pair"),
+    "integer-factors": (lambda t: {k: v.to(torch.int32) if k.endswith("weight") else v for k, v in t.items()},
+                        None, "not floating point"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_EDITS), ids=list(FILE_EDITS))
+def test_unusable_files_are_adapter_file_errors(sd1_models, saved, tmp_path, case):
+    edit, metadata_edit, words = FILE_EDITS[case]
+    path = _edited(saved, tmp_path, edit, metadata_edit)
+    tes, unet = sd1_models
+    before = fingerprint(*tes, unet)
+    with pytest.raises(AdapterFileError) as caught:
+        create_network_from_weights(1.0, str(path), None, tes[0], unet)
+    assert str(path) in str(caught.value) and words in str(caught.value), str(caught.value)
+    assert_same(before, fingerprint(*tes, unet))
+    if not case.startswith("spec-"):  # load_weights reads tensors only; the spec is for building a network
+        message = _load_refused(_create(tes, unet, 4, 2.0), path, AdapterFileError)
+        assert words in message, message
+
+
+def test_a_fifo_is_refused_without_blocking(sd1_models, tmp_path):
+    tes, unet = sd1_models
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(AdapterFileError, match="not a regular file"):
+        create_network_from_weights(1.0, str(fifo), None, tes[0], unet)
+    _load_refused(_create(tes, unet), fifo, AdapterFileError)
+
+
+def test_merge_to_refuses_nan_weights_before_writing(sd1_models, saved):
+    tes, unet = sd1_models
+    sd = load_file(saved)
+    network, _ = create_network_from_weights(1.0, None, None, tes[0], unet, weights_sd=sd)
+    key = _first_up(sd)
+    before = fingerprint(*tes, unet)
+    with pytest.raises(AdapterFileError, match="NaN or Inf"):
+        network.merge_to(tes[0], unet, {**sd, key: torch.full_like(sd[key], float("nan"))}, None, "cpu")
+    assert_same(before, fingerprint(*tes, unet))

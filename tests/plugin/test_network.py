@@ -389,7 +389,7 @@ def test_load_weights_restores_training_factors_before_or_after_apply(tmp_path):
         assert torch.allclose(predict("sd1", tes, unet, batch), out_target, atol=1e-6)
 
     other = quiet_network(1.0, 8, 4.0, None, tes[0], unet)
-    with pytest.raises(SpecError, match="dim_from_weights"):
+    with pytest.raises(AdapterFileError, match="dim_from_weights"):
         other.load_weights(str(path))
     style = quiet_network(1.0, 8, 4.0, None, tes[0], unet, preset="style", block_ranks="in0=4,out3=2",
                           conv_dim="2", conv_alpha="0.5")
@@ -500,7 +500,7 @@ def test_from_weights_refusals(tmp_path):
         "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 64),
         "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(64, 2),
     }
-    with pytest.raises(SpecError, match="another architecture"):
+    with pytest.raises(AdapterFileError, match="another architecture"):
         create_network_from_weights(1.0, None, None, tes[0], unet, weights_sd=sdxl_names)
     peft = {
         "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 32),
@@ -515,7 +515,7 @@ def test_from_weights_refusals(tmp_path):
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 7),
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2),
     }
-    with pytest.raises(SpecError, match="another model"):
+    with pytest.raises(AdapterFileError, match="another model"):
         create_network_from_weights(1.0, None, None, tes[0], unet, weights_sd=wrong_shape)
 
 
