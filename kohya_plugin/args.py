@@ -6,7 +6,7 @@ from); the known-key set, the "unknown key" message and the README table (`pytho
 --markdown`) are derived from it. `parse_network_args` runs, before any model is touched, in stages:
 
 1. `read_strings`: drop None values, refuse unknown keys and keys that exclude each other;
-2. `parse_values`: each value through its key's reader (numbers, selectors, positional lists), naming the key;
+2. `parse_values`: each value through its key's reader (`kohya_plugin.values`), naming the key;
 3. `_resolve_grid`: per block, in order —
    defaults (U-Net blocks get `network_dim`/`network_alpha`, text encoders `te_dim`/`te_alpha` (default the
    same), convolutions `conv_dim`/`conv_alpha`: no convolutions unless `conv_dim`, `conv_block_*` or
@@ -31,228 +31,21 @@ import shlex
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
 from types import MappingProxyType
+from typing import NamedTuple
 
-from blora_tools.errors import SelectorError, SpecError
+from blora_tools.errors import SpecError
 from blora_tools.spec import Algo, BlockSetting, BlockSpec
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import ArchTable, table
-from blora_tools.taxonomy.selectors import resolve_selector, resolve_term
-from blora_tools.taxonomy.weights import parse_weights
+from blora_tools.taxonomy.selectors import resolve_selector
+from kohya_plugin import values as readers
+from kohya_plugin.values import PRESETS, SlotValues, Terms, text_of
 
-PRESETS: Mapping[str, str] = MappingProxyType(
-    {
-        "all": "all",
-        "character": "all",
-        "style": "upper",
-        "upper": "upper",
-        "middle": "middle",
-        "bottom": "bottom",
-    }
-)
-"""`preset` values and the selector each stands for (the paper's settings; `style` = `upper`)."""
-
-LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
-"""kohya's named `down_lr_weight`/`up_lr_weight` curves (optionally `+number`)."""
-
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
 _FIELDS = ("rank", "alpha", "conv_rank", "conv_alpha", "lr_weight")
-_KOHYA_FORM = MappingProxyType(
-    {
-        "block_ranks": "block_dims",
-        "conv_block_ranks": "conv_block_dims",
-        "block_lr": "down_lr_weight/mid_lr_weight/up_lr_weight",
-    }
-)
 _MID_SLOTS = (10, 11, 12)  # SDXL middle_block_0..2 in kohya's 23-slot order
 _EXCLUSIVE = (("preset", "blocks"), ("block_dims", "block_ranks"), ("conv_block_dims", "conv_block_ranks"))
 _KOHYA_LR = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
-
-
-# --- value readers: (key, raw value, layout) → parsed value, or SpecError naming the key ----------------------
-
-
-def _text(raw: object) -> str:
-    return raw.strip() if isinstance(raw, str) else str(raw)
-
-
-def _fail(key: str, raw: object, problem: str) -> SpecError:
-    return SpecError(f"network_args {key}={_text(raw)!r}: {problem}")
-
-
-def _int(key: str, raw: object, layout: ArchTable | None = None) -> int:
-    try:
-        value = int(_text(raw))
-    except ValueError:
-        raise _fail(key, raw, f"not a whole number; give a rank ≥ 0, e.g. {key}=8") from None
-    if value < 0:
-        raise _fail(key, raw, "a rank cannot be negative; 0 means not trained")
-    return value
-
-
-def _float(key: str, raw: object, layout: ArchTable | None = None, *, what: str = "a number ≥ 0",
-           upper: float | None = None) -> float:
-    try:
-        value = float(_text(raw))
-    except ValueError:
-        raise _fail(key, raw, f"not a number; give {what}") from None
-    if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
-        raise _fail(key, raw, f"out of range; give {what}")
-    return value
-
-
-def _probability(key: str, raw: object, layout: ArchTable | None = None) -> float:
-    return _float(key, raw, what="a probability 0 ≤ p < 1", upper=1.0)
-
-
-def _ratio(key: str, raw: object, layout: ArchTable | None = None) -> float:
-    value = _float(key, raw, what="a ratio > 0, e.g. 16")
-    if value == 0:
-        raise _fail(key, raw, "out of range; give a ratio > 0, e.g. 16")
-    return value
-
-
-def _bool(key: str, raw: object, layout: ArchTable | None = None) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = _text(raw).lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise _fail(key, raw, "not a boolean; use true/false, 1/0 or yes/no")
-
-
-def _choice(key: str, raw: object, choices: Iterable[str]) -> str:
-    text = _text(raw).lower()
-    choices = tuple(choices)
-    if text not in choices:
-        raise _fail(key, raw, f"unknown value; choose one of {', '.join(choices)}")
-    return text
-
-
-def _preset(key: str, raw: object, layout: ArchTable) -> str:
-    return _choice(key, raw, PRESETS)
-
-
-def _algo(key: str, raw: object, layout: ArchTable) -> Algo:
-    return Algo(_choice(key, raw, [a.value for a in Algo]))
-
-
-def _selector(key: str, raw: object, layout: ArchTable) -> frozenset[str]:
-    try:
-        return resolve_selector(_text(raw), layout.arch)
-    except SelectorError as err:
-        raise _fail(key, raw, err.message) from None
-
-
-def _positional(key: str, raw: object, layout: ArchTable, *, whole: bool) -> list[float]:
-    """A kohya positional list: exactly 25 (SD1/SD2) or 23 (SDXL) comma-separated values."""
-    n = len(layout.kohya_slots)
-    parts = [p.strip() for p in _text(raw).split(",")]
-    if len(parts) != n:
-        order = (
-            "emb, IN00..IN08, middle_block 0..2, OUT00..OUT08, out"
-            if layout.arch is Arch.SDXL
-            else "IN00..IN11, MID, OUT00..OUT11"
-        )
-        raise _fail(key, raw, f"{layout.arch.value} takes {n} comma-separated values ({order}), not {len(parts)}")
-    reader = _int if whole else _float
-    return [reader(key, p) for p in parts]
-
-
-def _positional_ranks(key: str, raw: object, layout: ArchTable) -> list[float]:
-    return _positional(key, raw, layout, whole=True)
-
-
-Terms = list[tuple[frozenset[str], float]]
-"""Named weights resolved: (blocks, value) in the order given."""
-
-
-def _named(key: str, raw: object, layout: ArchTable, *, whole: bool) -> Terms:
-    """Named weights (`in0=16,out3=8`, or an LBW vector) → [(blocks, value)] in order; values checked."""
-    text = _text(raw)
-    if "=" not in text and len(text.split(",")) == len(layout.kohya_slots) and key in _KOHYA_FORM:
-        raise _fail(key, raw, f"{len(layout.kohya_slots)} positional values are kohya's form: use "
-                              f"{_KOHYA_FORM[key]}, or name blocks (in0=16,out3=8)")
-    try:
-        parsed = parse_weights(text)
-        if parsed.vector is not None:
-            weights = parsed.resolve(layout.arch)
-            terms = [(frozenset({b}), v) for b, v in weights.values.items()]
-        else:
-            terms = [(resolve_term(term, layout), v) for term, v in parsed.named]
-    except SelectorError as err:
-        raise _fail(key, raw, err.message) from None
-    for _, value in terms:
-        if not math.isfinite(value) or value < 0 or (whole and value != int(value)):
-            raise _fail(key, raw, f"{value:g} is not {'a whole number ≥ 0' if whole else 'a number ≥ 0'}")
-    return [(blocks, int(v) if whole else float(v)) for blocks, v in terms]
-
-
-def _named_ranks(key: str, raw: object, layout: ArchTable) -> Terms:
-    return _named(key, raw, layout, whole=True)
-
-
-def _named_weights(key: str, raw: object, layout: ArchTable) -> Terms:
-    return _named(key, raw, layout, whole=False)
-
-
-@dataclass(frozen=True)
-class SlotValues:
-    """A kohya positional list: one value per kohya block index."""
-
-    values: tuple[float, ...]
-
-
-def _alphas(key: str, raw: object, layout: ArchTable) -> SlotValues | Terms:
-    """`block_alphas` / `conv_block_alphas`: kohya's positional list when it has 25/23 plain numbers, else named."""
-    text = _text(raw)
-    if len(text.split(",")) == len(layout.kohya_slots) and "=" not in text:
-        return SlotValues(tuple(_positional(key, raw, layout, whole=False)))
-    return _named(key, raw, layout, whole=False)
-
-
-def _lr_lengths(layout: ArchTable) -> tuple[int, int]:
-    """kohya's (down/up, mid) lr-weight list lengths: 12 and 1 on SD1/SD2, 9 and 3 on SDXL."""
-    return (9, 3) if layout.arch is Arch.SDXL else (12, 1)
-
-
-def _lr_list(key: str, raw: object, length: int, *, preset_ok: bool) -> list[float]:
-    """kohya's down/up (`preset[+base]` or values) or mid lr-weight list; up to `length` values (padded later)."""
-    text = _text(raw)
-    if "," not in text and preset_ok:
-        name, plus, base_text = text.partition("+")
-        if name not in LR_WEIGHT_PRESETS:
-            raise _fail(
-                key, raw,
-                f"give {length} comma-separated weights or a preset: {', '.join(LR_WEIGHT_PRESETS)} "
-                "(optionally +number, e.g. sine+0.5)",
-            )
-        base = _float(key, base_text) if plus else 0.0
-        steps = [i / (length - 1) for i in range(length)]
-        curve = {
-            "sine": [math.sin(math.pi * s / 2) for s in steps],
-            "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
-            "linear": steps,
-            "reverse_linear": list(reversed(steps)),
-            "zeros": [0.0] * length,
-        }[name]
-        return [w + base for w in curve]
-    values = [(_float(key, p) if p.strip() else 0.0) for p in text.split(",")]
-    if len(values) > length:
-        raise _fail(key, raw, f"takes at most {length} values, not {len(values)}")
-    return values
-
-
-def _side_lr(key: str, raw: object, layout: ArchTable) -> list[float]:
-    return _lr_list(key, raw, _lr_lengths(layout)[0], preset_ok=True)
-
-
-def _mid_lr(key: str, raw: object, layout: ArchTable) -> list[float]:
-    return _lr_list(key, raw, _lr_lengths(layout)[1], preset_ok=False)
 
 
 # --- the table of keys -----------------------------------------------------------------------------------------
@@ -282,55 +75,80 @@ class ArgKey:
 
 
 NETWORK_ARGS: tuple[ArgKey, ...] = (
-    ArgKey("preset", _preset, "`all`/`character`, `style`/`upper`, `middle`, `bottom`", "all blocks",
-           "The paper's settings: train all blocks, or one resolution level (`style` = outermost).",
-           BLOCKWISE, RANKS),
-    ArgKey("blocks", _selector, "selector, e.g. `in0,out3` or `IN04-OUT05`", "all blocks",
+    ArgKey("preset", readers.preset,
+           "`all`/`character`, `style`/`upper`, `middle`, `bottom`", "all blocks",
+           "The paper's settings: train all blocks, or one resolution level (`style` = outermost).", BLOCKWISE, RANKS),
+    ArgKey("blocks", readers.selector,
+           "selector, e.g. `in0,out3` or `IN04-OUT05`", "all blocks",
            "The blocks to train; the rest get rank 0. Excludes `preset`.", BLOCKWISE, RANKS),
-    ArgKey("block_ranks", _named_ranks, "named ranks, e.g. `in0=16,out3=8`", "`--network_dim`",
+    ArgKey("block_ranks", readers.named_ranks,
+           "named ranks, e.g. `in0=16,out3=8`", "`--network_dim`",
            "Rank per block (selector terms; later terms win; 0 = not trained).", BLOCKWISE, RANKS),
-    ArgKey("block_alphas", _alphas, "named alphas, or kohya's 25/23 positional values", "`--network_alpha`",
+    ArgKey("block_alphas", readers.alphas,
+           "named alphas, or kohya's 25/23 positional values", "`--network_alpha`",
            "Alpha per block (0 = the rank).", BOTH, RANKS),
-    ArgKey("conv_dim", _int, "whole number ≥ 0", "0 (`--network_dim` with `algo=locon`)",
+    ArgKey("conv_dim", readers.rank,
+           "whole number ≥ 0", "0 (`--network_dim` with `algo=locon`)",
            "Rank of the 3×3 convolutions (LoCon); 0 = no convolutions.", KOHYA_LORA, RANKS),
-    ArgKey("conv_alpha", _float, "number ≥ 0", "1", "Alpha of the convolutions.", KOHYA_LORA, RANKS),
-    ArgKey("conv_block_ranks", _named_ranks, "named ranks", "`conv_dim`", "Convolution rank per block.",
-           BLOCKWISE, RANKS),
-    ArgKey("conv_block_alphas", _alphas, "named alphas, or kohya's 25/23 positional values", "`conv_alpha`",
+    ArgKey("conv_alpha", readers.number,
+           "number ≥ 0", "1",
+           "Alpha of the convolutions.", KOHYA_LORA, RANKS),
+    ArgKey("conv_block_ranks", readers.named_ranks,
+           "named ranks", "`conv_dim`",
+           "Convolution rank per block.", BLOCKWISE, RANKS),
+    ArgKey("conv_block_alphas", readers.alphas,
+           "named alphas, or kohya's 25/23 positional values", "`conv_alpha`",
            "Convolution alpha per block.", BOTH, RANKS),
-    ArgKey("te_dim", _int, "whole number ≥ 0", "`--network_dim`", "Text-encoder rank; 0 = no text-encoder adapter.",
-           BLOCKWISE, RANKS),
-    ArgKey("te_alpha", _float, "number ≥ 0", "`--network_alpha`", "Text-encoder alpha.", BLOCKWISE, RANKS),
-    ArgKey("algo", _algo, "`lora`, `locon`", "`locon` when a conv rank is given, else `lora`",
+    ArgKey("te_dim", readers.rank,
+           "whole number ≥ 0", "`--network_dim`",
+           "Text-encoder rank; 0 = no text-encoder adapter.", BLOCKWISE, RANKS),
+    ArgKey("te_alpha", readers.number,
+           "number ≥ 0", "`--network_alpha`",
+           "Text-encoder alpha.", BLOCKWISE, RANKS),
+    ArgKey("algo", readers.algo,
+           "`lora`, `locon`", "`locon` when a conv rank is given, else `lora`",
            "Attention layers only, or convolutions too.", BLOCKWISE, RANKS),
-    ArgKey("block_dims", _positional_ranks, "25 (SD1/SD2) or 23 (SDXL) comma-separated ranks", "`--network_dim`",
+    ArgKey("block_dims", readers.positional_ranks,
+           "25 (SD1/SD2) or 23 (SDXL) comma-separated ranks", "`--network_dim`",
            "kohya's positional rank per block index. Excludes `block_ranks`.", KOHYA_LORA, RANKS),
-    ArgKey("conv_block_dims", _positional_ranks, "25 or 23 comma-separated ranks", "`conv_dim`",
+    ArgKey("conv_block_dims", readers.positional_ranks,
+           "25 or 23 comma-separated ranks", "`conv_dim`",
            "kohya's positional convolution rank per block index. Excludes `conv_block_ranks`.", KOHYA_LORA, RANKS),
-    ArgKey("block_lr", _named_weights, "named weights, e.g. `in0=1,mid=0.5`, or an LBW vector", "1",
+    ArgKey("block_lr", readers.named_weights,
+           "named weights, e.g. `in0=1,mid=0.5`, or an LBW vector", "1",
            "Learning-rate weight per block (× the U-Net or text-encoder rate; 0 = not trained).", BLOCKWISE, LRS),
-    ArgKey("down_lr_weight", _side_lr, "12 (SDXL 9) weights, or `cosine`/`sine`/`linear`/`reverse_linear`/`zeros`"
-           "[+number]", "1", "kohya's learning-rate weights of the input blocks (short lists are padded with 1).",
-           KOHYA_LORA, LRS),
-    ArgKey("mid_lr_weight", _mid_lr, "1 (SDXL 3) weights", "1", "kohya's learning-rate weight of the middle block.",
-           KOHYA_LORA, LRS),
-    ArgKey("up_lr_weight", _side_lr, "like `down_lr_weight`", "1",
+    ArgKey("down_lr_weight", readers.side_lr,
+           "12 (SDXL 9) weights, or `cosine`/`sine`/`linear`/`reverse_linear`/`zeros`[+number]", "1",
+           "kohya's learning-rate weights of the input blocks (short lists are padded with 1).", KOHYA_LORA, LRS),
+    ArgKey("mid_lr_weight", readers.mid_lr,
+           "1 (SDXL 3) weights", "1",
+           "kohya's learning-rate weight of the middle block.", KOHYA_LORA, LRS),
+    ArgKey("up_lr_weight", readers.side_lr,
+           "like `down_lr_weight`", "1",
            "kohya's learning-rate weights of the output blocks.", KOHYA_LORA, LRS),
-    ArgKey("block_lr_zero_threshold", _float, "number ≥ 0", "0",
+    ArgKey("block_lr_zero_threshold", readers.number,
+           "number ≥ 0", "0",
            "Learning-rate weights at or below it become 0 (the block is not trained).", KOHYA_LORA, LRS),
-    ArgKey("dropout", _probability, "probability 0 ≤ p < 1", "`--network_dropout`",
+    ArgKey("dropout", readers.probability,
+           "probability 0 ≤ p < 1", "`--network_dropout`",
            "Dropout of the down projection's output.", KOHYA_LORA, OPTIONS),
-    ArgKey("rank_dropout", _probability, "probability 0 ≤ p < 1", "none", "Drops whole ranks per sample.",
-           KOHYA_LORA, OPTIONS),
-    ArgKey("module_dropout", _probability, "probability 0 ≤ p < 1", "none", "Skips a whole module per step.",
-           KOHYA_LORA, OPTIONS),
-    ArgKey("loraplus_lr_ratio", _ratio, "ratio > 0", "none", "LoRA+: up factors learn this many times faster.",
-           KOHYA_LORA, OPTIONS),
-    ArgKey("loraplus_unet_lr_ratio", _ratio, "ratio > 0", "`loraplus_lr_ratio`", "LoRA+ ratio of the U-Net.",
-           KOHYA_LORA, OPTIONS),
-    ArgKey("loraplus_text_encoder_lr_ratio", _ratio, "ratio > 0", "`loraplus_lr_ratio`",
+    ArgKey("rank_dropout", readers.probability,
+           "probability 0 ≤ p < 1", "none",
+           "Drops whole ranks per sample.", KOHYA_LORA, OPTIONS),
+    ArgKey("module_dropout", readers.probability,
+           "probability 0 ≤ p < 1", "none",
+           "Skips a whole module per step.", KOHYA_LORA, OPTIONS),
+    ArgKey("loraplus_lr_ratio", readers.ratio,
+           "ratio > 0", "none",
+           "LoRA+: up factors learn this many times faster.", KOHYA_LORA, OPTIONS),
+    ArgKey("loraplus_unet_lr_ratio", readers.ratio,
+           "ratio > 0", "`loraplus_lr_ratio`",
+           "LoRA+ ratio of the U-Net.", KOHYA_LORA, OPTIONS),
+    ArgKey("loraplus_text_encoder_lr_ratio", readers.ratio,
+           "ratio > 0", "`loraplus_lr_ratio`",
            "LoRA+ ratio of the text encoders.", KOHYA_LORA, OPTIONS),
-    ArgKey("verbose", _bool, "`true`/`false`, `1`/`0`, `yes`/`no`", "false",
+    ArgKey("verbose", readers.boolean,
+           "`true`/`false`, `1`/`0`, `yes`/`no`", "false",
            "Log rank, alpha and learning-rate weight per block.", KOHYA_LORA, OPTIONS),
 )
 """Every `--network_args` key, once."""
@@ -421,12 +239,12 @@ def split_network_args(text: str) -> dict[str, str]:
 def read_multiplier(value: object) -> float:
     """The trainer's multiplier (ΔW strength) as a finite float; SpecError otherwise (NaN would poison outputs)."""
     try:
-        number = float(value)  # type: ignore[arg-type]
+        result = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise SpecError(f"multiplier {value!r} is not a number") from None
-    if not math.isfinite(number):
+    if not math.isfinite(result):
         raise SpecError(f"multiplier {value!r} is not finite; give a number such as 1.0")
-    return number
+    return result
 
 
 # --- stage 1 and 2: strings, then values ----------------------------------------------------------------------
@@ -496,7 +314,7 @@ class _Grid:
                 continue  # slots 0 (embeddings) and 22 (out) are both `OTHER`; kohya targets neither
             self.values[self.unit_of_slot(slot)][name] = value
 
-    def to_spec(self, algo: Algo, dim: int, alpha: float) -> BlockSpec:
+    def to_spec(self, spec_algo: Algo, dim: int, alpha: float) -> BlockSpec:
         blocks: dict[str, BlockSetting] = {}
         slots: dict[int, BlockSetting] = {}
         for unit in self.units:
@@ -513,7 +331,7 @@ class _Grid:
                 slots = {}
             else:
                 blocks["M00"] = max(slots.values(), key=lambda s: (s.rank, s.conv_rank))
-        return BlockSpec(self.layout.arch, algo, blocks, slots, dim, alpha)
+        return BlockSpec(self.layout.arch, spec_algo, blocks, slots, dim, alpha)
 
 
 def _defaults(values: Mapping[str, object], dim: int, alpha: float) -> dict[str, dict[str, float]]:
@@ -558,7 +376,7 @@ def _selection(values: Mapping[str, object], kw: Mapping[str, object],
         preset = values["preset"]
         return resolve_selector(PRESETS[preset], layout.arch), f"preset={preset}"
     if "blocks" in values:
-        return values["blocks"], f"blocks={_text(kw['blocks'])}"
+        return values["blocks"], f"blocks={text_of(kw['blocks'])}"
     return None, "network_args"
 
 
@@ -589,7 +407,7 @@ def _apply_lr_weights(values: Mapping[str, object], grid: _Grid, notes: list[str
     if "block_lr" in values:
         grid.set_terms("lr_weight", values["block_lr"])
     if any(k in values for k in _KOHYA_LR):
-        side, mid = _lr_lengths(grid.layout)
+        side, mid = readers.lr_lengths(grid.layout)
         lists = []
         for key, length in zip(_KOHYA_LR, (side, mid, side)):
             given = list(values.get(key, ()))
@@ -651,7 +469,7 @@ def _options(values: Mapping[str, object], neuron_dropout: float | None) -> Trai
     """Stage 5: options that are not per block; the `dropout` key wins over the trainer's `--network_dropout`."""
     dropout = values.get("dropout")
     if dropout is None and neuron_dropout is not None:
-        dropout = _probability("dropout", neuron_dropout)
+        dropout = readers.probability("dropout", neuron_dropout)
     return TrainOptions(
         dropout=dropout,
         rank_dropout=values.get("rank_dropout"),
@@ -664,8 +482,8 @@ def _options(values: Mapping[str, object], neuron_dropout: float | None) -> Trai
 
 
 def _base_numbers(network_dim: object, network_alpha: object) -> tuple[int, float]:
-    dim = 4 if network_dim is None else _int("network_dim", network_dim)
-    alpha = 1.0 if network_alpha is None else _float("network_alpha", network_alpha)
+    dim = 4 if network_dim is None else readers.rank("network_dim", network_dim)
+    alpha = 1.0 if network_alpha is None else readers.number("network_alpha", network_alpha)
     return dim, alpha
 
 
@@ -723,7 +541,7 @@ def parse_weights_args(args: Mapping[str, object], arch: Arch | str,
 
 
 def _describe(kw: Mapping[str, object]) -> str:
-    shown = [f"{k}={_text(v)}" for k, v in kw.items() if k in RANK_KEYS + LR_KEYS]
+    shown = [f"{k}={text_of(v)}" for k, v in kw.items() if k in RANK_KEYS + LR_KEYS]
     return " ".join(shown) if shown else "no network_args"
 
 

@@ -200,7 +200,8 @@ def plan_from_file(
         )
     if not planned:
         raise AdapterFileError(f"no LoRA/LoCon module in the file matches this {arch.value} model", source)
-    notes = [f"{source}: {len(skipped_te)} text-encoder modules skipped: no text encoder was given"] if skipped_te else []
+    notes = [f"{source}: {len(skipped_te)} text-encoder modules skipped: no text encoder was given"
+             ] if skipped_te else []
     order = {t.name: i for i, t in enumerate(targets)}
     planned.sort(key=lambda p: (order.get(p.name, len(order)), p.name))
     layers = layer_kinds([*targets, *(other_layers or {}).values()])

@@ -55,7 +55,8 @@ def read_file_spec(metadata: Mapping[str, str], arch: Arch, source: str) -> File
     for stem, value in extra.items():
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
         if not math.isfinite(number) or number < 0:
-            raise AdapterFileError(f"blora_spec metadata: module_alphas.{stem} is {value!r}, not a number ≥ 0", source)
+            raise AdapterFileError(f"blora_spec metadata: module_alphas.{stem} is {value!r}, not a number ≥ 0",
+                                   source)
         alphas[stem] = float(number)
     return FileSpec(spec, alphas)
 
