@@ -122,7 +122,6 @@ class BlockwiseNetwork(nn.Module):
         `network_args` may set learning-rate weights, dropouts and LoRA+ ratios; rank arguments are ignored.
         Anything wrong with the file (`source`) is an AdapterFileError naming it, raised before any module exists.
         """
-        multiplier = read_multiplier(multiplier)
         arch = detect_unet_arch(unet)
         lr = parse_weights_args(network_args or {}, arch)
         file_spec = read_file_spec(metadata or {}, arch, source)
