@@ -34,20 +34,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-MANIFEST_CANDIDATES = (
-    os.environ.get("BLORA_MANIFESTS", ""),
-    str(REPO.parent / "shared" / "fixtures" / "kohya_manifests"),
-    str(REPO / "shared" / "fixtures" / "kohya_manifests"),
-)
+MANIFEST = REPO / "tests" / "data" / "kohya_manifests" / "sdxl_lora.json"
 RATIOS = (1.0, 0.8)
 
 
 def _manifest() -> list[dict]:
-    for folder in MANIFEST_CANDIDATES:
-        path = Path(folder, "sdxl_lora.json")
-        if folder and path.is_file():
-            return json.loads(path.read_text())["modules"]
-    sys.exit("sdxl_lora.json not found: set BLORA_MANIFESTS to the kohya_manifests folder")
+    return json.loads(MANIFEST.read_text())["modules"]
 
 
 def make_inputs(folder: Path, rank: int, every: int) -> tuple[Path, Path, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,23 +19,13 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
-def _manifest_dir() -> Path | None:
-    for candidate in (
-        os.environ.get("BLORA_MANIFESTS"),
-        REPO.parent / "shared" / "fixtures" / "kohya_manifests",
-    ):
-        if candidate and Path(candidate, "sd1_lora.json").is_file():
-            return Path(candidate)
-    return None
+MANIFEST_DIR = REPO / "tests" / "data" / "kohya_manifests"
 
 
 @pytest.fixture(scope="session")
 def manifest_dir() -> Path:
-    """The golden kohya manifests (../shared/fixtures/kohya_manifests)."""
-    found = _manifest_dir()
-    if found is None:
-        pytest.skip("golden manifests not found (set BLORA_MANIFESTS)")
-    return found
+    """The golden kohya manifests, written by scripts/make_kohya_manifests.py (see the README beside them)."""
+    return MANIFEST_DIR
 
 
 @pytest.fixture(scope="session")
