@@ -31,7 +31,7 @@ CASES = {
 
 @pytest.fixture(scope="session")
 def kohya(tmp_path_factory) -> Kohya:
-    found = Kohya.from_env(tmp_path_factory.mktemp("kohya_real"))
+    found = Kohya.from_env(tmp_path_factory.mktemp("kohya_harness"))
     if found is None:
         pytest.skip("SD_SCRIPTS is not set: point it at a kohya-ss/sd-scripts work tree to run the real trainer")
     return found
