@@ -118,7 +118,7 @@ def _kind(layer) -> str:
 
     if isinstance(layer, torch.nn.Linear):
         return "linear"
-    return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv3x3"
+    return "conv{}x{}".format(*layer.kernel_size)  # kohya's are 1x1 and 3x3
 
 
 def _component(name: str, unet_names: set[str]) -> str:
