@@ -65,6 +65,8 @@ def convert_cmd(
     what = f"{s['arch']} {s['from']} → {s['to']}, {s['modules']} modules"
     if s["names"]:
         what += f", {s['names']} names"
+    if s["alpha_is_rank"]:
+        what += f", alpha = rank ({s['rescaled']} rescaled)"
     if s["uniform_alpha"] is not None:
         what += f", alpha {s['uniform_alpha']:g} everywhere ({s['rescaled']} rescaled)"
     ui.report(app, result, written, as_json, what)

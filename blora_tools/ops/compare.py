@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from blora_tools.adapter.formats import ldm_to_diffusers, path_from_stem, stem_from_path, unet_naming
 from blora_tools.adapter.kinds import delta_weight, frobenius_norm, lora_factors
+from blora_tools.adapter.layers import modules_by_layer
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.ops.stats import row_order
 from blora_tools.taxonomy.arch import Arch
-from blora_tools.taxonomy.blocks import Component, table
+from blora_tools.taxonomy.blocks import table
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,7 @@ def compare(
         raise BloraError(f"style must be 'a' or 'b', not {style!r}")
     arch = a.arch
     warnings = [f"{x.path}: {w}" for x in (a, b) for w in x.warnings]
-    keyed_a, keyed_b = _keyed(a), _keyed(b)
+    keyed_a, keyed_b = modules_by_layer(a), modules_by_layer(b)
     groups: dict[str, _Group] = {g: _Group() for g in row_order(arch, fine=False)}
     dora = []
     for key in sorted(set(keyed_a) | set(keyed_b)):
@@ -131,32 +131,6 @@ def _norm(adapter: Adapter, module: Module, tensors: dict) -> float:
     if not math.isfinite(norm):
         raise NonFiniteError(f"module {module.stem} holds NaN or Inf values; nothing to compare", adapter.path)
     return norm
-
-
-def _keyed(adapter: Adapter) -> dict[str, Module]:
-    """Modules by a name both files agree on: kohya stem in diffusers U-Net naming (SDXL LDM names mapped)."""
-    keyed: dict[str, Module] = {}
-    for module in adapter.modules.values():
-        key = _canonical(module, adapter.arch)
-        if key in keyed:
-            raise BloraError(f"modules {keyed[key].stem} and {module.stem} adapt the same layer", adapter.path)
-        keyed[key] = module
-    return keyed
-
-
-def _canonical(module: Module, arch: Arch) -> str:
-    try:
-        component, path = path_from_stem(module.stem, arch)
-    except BloraError:
-        return module.stem  # an unusual name: matched only by identical stems
-    if component is Component.UNET and unet_naming(path) == "ldm":
-        try:
-            path = ldm_to_diffusers(path, arch)
-        except BloraError:
-            return module.stem
-    if component is Component.TE and arch is Arch.SDXL:
-        component = Component.TE1
-    return stem_from_path(component.value, path)
 
 
 def _matrices(module: Module, tensors: dict) -> tuple[str, tuple["torch.Tensor", ...]]:

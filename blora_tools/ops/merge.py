@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 
 from blora_tools.adapter.formats import Format
 from blora_tools.adapter.kinds import Kind, delta_weight, lora_factors, scaled_params
+from blora_tools.adapter.layers import NAMINGS, is_conv, layer_shape, modules_by_layer, stem_in_naming, unet_naming_of
 from blora_tools.adapter.metadata import SPEC_KEY, updated_metadata
 from blora_tools.adapter.model import PEFT_METADATA_KEY, Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
-from blora_tools.ops.result import Progress, Result, computed, copied, known_arch
+from blora_tools.ops.result import Progress, Result, computed, copied, known_arch, loader_notes
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.selectors import describe_blocks
 
@@ -103,6 +104,7 @@ def merge(
     operation: str = "merge",
     arguments: dict[str, object] | None = None,
     progress: Progress | None = None,
+    names: str | None = None,
 ) -> Result:
     """Merge `sources` into one kohya LoRA file.
 
@@ -114,6 +116,8 @@ def merge(
         strict: different base models are an error instead of a warning.
         energy: compute every module's retained share of ‖ΔW‖² for the summary (an extra pass).
         progress: called with 1 per module of any pass that looks at tensors before writing.
+        names: U-Net naming of the output (`ldm` or `diffusers`); default the first input's. A layer named
+            differently in different inputs (SDXL LDM and diffusers names) is one module of the output.
     """
     if method not in METHODS:
         raise BloraError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
@@ -121,11 +125,13 @@ def merge(
         raise BloraError("merge needs at least one input")
     if clamp_quantile is not None and (method != "svd" or not 0.0 < clamp_quantile <= 1.0):
         raise BloraError("--clamp-quantile takes a value in (0, 1] and goes with --method svd")
+    if names is not None and names not in NAMINGS:
+        raise BloraError(f"unknown naming {names!r}; valid: {', '.join(NAMINGS)}")
     plan = plan or RankPlan()
     arch = common_arch([s.adapter for s in sources])
     warnings = _source_warnings(sources)
     warnings += _base_model_check(sources, strict)
-    plans = _plan_modules(sources, method, plan, warnings)
+    plans = _plan_modules(sources, method, plan, warnings, arch, names)
     if method == "svd" and (energy or not plan.fixed()):
         _measure(plans, plan, progress)
     plans = [p for p in plans if p.rank != 0]
@@ -140,7 +146,15 @@ def merge(
     entries: list[Entry] = []
     for p in plans:
         entries += _module_entries(p, method, file_alpha, out_dtype, clamp_quantile)
-    entries += _passthrough(sources, warnings)
+    passthrough = _passthrough(sources, warnings)
+    entries += passthrough
+    warnings += loader_notes(
+        [p.parts[0].module for p in plans if p.route in ("sum", "copy")],  # every other module becomes LoRA
+        arch,
+        stems=[p.stem for p in plans],
+        one_alpha=True,
+        passthrough=[e.name for e in passthrough],
+    )
     if any(p.route == "dense" for p in plans):
         kinds = sorted({str(part.module.kind) for p in plans if p.route == "dense" for part in p.parts})
         warnings.append(
@@ -188,10 +202,17 @@ def _base_model_check(sources: Sequence[Source], strict: bool) -> list[str]:
     return warnings
 
 
-def _plan_modules(sources: Sequence[Source], method: str, plan: RankPlan, warnings: list[str]) -> list[_Plan]:
+def _plan_modules(
+    sources: Sequence[Source], method: str, plan: RankPlan, warnings: list[str], arch: "Arch", names: str | None
+) -> list[_Plan]:
+    """One plan per base-model layer (`layers.layer_id`: LDM and diffusers names of a layer are one), named in
+    `names`, else in the first input's U-Net naming."""
+    naming = names or next((n for s in sources if (n := unet_naming_of(s.adapter)) is not None), None)
     parts: dict[str, list[_Part]] = {}
+    stems: dict[str, str] = {}
     skipped_unplaced = 0
     for source in sources:
+        layer_of = {m.stem: key for key, m in modules_by_layer(source.adapter).items()}
         if not math.isfinite(source.ratio):
             raise BloraError(f"ratio {source.ratio} is not a finite number", source.adapter.path)
         if source.blocks is not None:
@@ -211,13 +232,15 @@ def _plan_modules(sources: Sequence[Source], method: str, plan: RankPlan, warnin
                     "be merged or resized in factored form (prune or reweight by 0/1 work)",
                     source.adapter.path,
                 )
-            parts.setdefault(module.stem, []).append(_Part(source.adapter, module, source.ratio))
+            key = layer_of[module.stem]
+            stems.setdefault(key, stem_in_naming(module.stem, arch, naming))
+            parts.setdefault(key, []).append(_Part(source.adapter, module, source.ratio))
     if skipped_unplaced:
         warnings.append(
             f"{skipped_unplaced} module(s) that fit no block were left out (only inputs taken with --blocks all "
             "contribute them)"
         )
-    return [_plan_one(stem, module_parts, method, plan) for stem, module_parts in parts.items()]
+    return [_plan_one(stems[key], module_parts, method, plan, arch) for key, module_parts in parts.items()]
 
 
 def _warn_empty(source: Source, warnings: list[str]) -> None:
@@ -236,16 +259,18 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def _plan_one(stem: str, parts: list[_Part], method: str, plan: RankPlan) -> _Plan:
+def _plan_one(stem: str, parts: list[_Part], method: str, plan: RankPlan, arch: "Arch") -> _Plan:
+    """How one layer is computed. Its output shape is the base layer's (`layers.layer_shape`): a conv layer
+    gets conv-shaped factors even when every input holds flattened LoHa/LoKr factors for it."""
     kinds = {p.module.kind for p in parts}
-    lora_parts = [p for p in parts if p.module.kind.is_lora]
-    shape_from = lora_parts[0] if lora_parts else parts[0]
-    weight_shape = shape_from.module.weight_shape
+    shapes = [layer_shape(p.module, arch) for p in parts]
+    shape_from = max(range(len(parts)), key=lambda i: len(shapes[i]))  # the first 4-D shape, if any
+    weight_shape = shapes[shape_from]
     for p in parts:
         if _matrix_shape(p.module.weight_shape) != _matrix_shape(weight_shape):
             raise BloraError(
                 f"module {stem} has weight shape {list(p.module.weight_shape)} in {Path(p.adapter.path).name} "
-                f"but {list(weight_shape)} in {Path(shape_from.adapter.path).name}"
+                f"but {list(weight_shape)} in {Path(parts[shape_from].adapter.path).name}"
             )
     if Kind.NORM in kinds:
         if kinds != {Kind.NORM}:
@@ -270,7 +295,7 @@ def _plan_one(stem: str, parts: list[_Part], method: str, plan: RankPlan) -> _Pl
         weight_shape,
         first.block,
         first.group,
-        conv=len(weight_shape) == 4 and math.prod(weight_shape[2:]) > 1,
+        conv=is_conv(weight_shape),
         input_ranks=[p.module.rank for p in parts if p.module.rank is not None],
     )
     if route in ("sum", "copy"):
@@ -405,7 +430,7 @@ def _module_entries(p: _Plan, method: str, file_alpha: float, dtype: str, clamp_
     path = Path(p.parts[0].adapter.path)
     if p.route == "copy" or _untouched(p, method, file_alpha, dtype):
         part = p.parts[0]
-        return [copied(part.adapter, key) for key in part.module.keys.values()]
+        return [copied(part.adapter, key, f"{p.stem}.{param}") for param, key in part.module.keys.items()]
     if p.route == "sum":
         lazy = _Lazy(p.stem, lambda: _summed(p), path)
         params = sorted({param for part in p.parts for param in part.module.keys if param != "alpha"})

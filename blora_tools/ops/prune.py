@@ -15,21 +15,24 @@ from blora_tools.errors import BloraError
 from blora_tools.ops.result import (
     Result,
     copied,
-    diffusers_warning,
-    copied_module,
+    loader_notes,
     effective_alpha,
     group_counts,
     known_arch,
     spec_without_groups,
 )
+from blora_tools.ops.uniform import module_entries, uniform_alphas
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.selectors import describe_blocks
 
 
-def prune(adapter: Adapter, blocks: frozenset[str], *, keep: bool, selector: str = "") -> Result:
+def prune(
+    adapter: Adapter, blocks: frozenset[str], *, keep: bool, selector: str = "", uniform_alpha: bool = False
+) -> Result:
     """Keep (`keep=True`) or drop (`keep=False`) the modules whose block is in `blocks`.
 
-    `selector` is the user's text, recorded in the history. Raises BloraError when nothing would be left.
+    `selector` is the user's text, recorded in the history. `uniform_alpha` gives the kept modules one alpha
+    (`ops.uniform`; ΔW unchanged). Raises BloraError when nothing would be left.
     """
     arch = known_arch(adapter)
     layout = table(arch)
@@ -60,18 +63,17 @@ def prune(adapter: Adapter, blocks: frozenset[str], *, keep: bool, selector: str
         )
     if not dropped:
         warnings.append("no module matched: the output has the same tensors as the input")
-    note = diffusers_warning(kept)
-    if note:
-        warnings.append(note)
+    alphas = uniform_alphas(adapter, kept) if uniform_alpha else {}
+    warnings += loader_notes(kept, arch, one_alpha=uniform_alpha, passthrough=adapter.passthrough)
 
-    entries = [e for m in kept for e in copied_module(adapter, m)]
+    entries = [e for m in kept for e in module_entries(adapter, m, None, alphas.get(m.stem))]
     entries += [copied(adapter, key) for key in adapter.passthrough]
     metadata = updated_metadata(
         adapter.metadata,
         operation="prune",
         arguments={"input": Path(adapter.path).name, "keep" if keep else "drop": selector or sorted(blocks)},
         ranks=[m.rank for m in kept],
-        alphas=[a for m in kept if (a := effective_alpha(m)) is not None],
+        alphas=[alphas[m.stem].value if m.stem in alphas else a for m in kept if (a := effective_alpha(m)) is not None],
     )
     spec = spec_without_groups(adapter.metadata, {m.group for m in kept})
     if spec is not None:

@@ -8,7 +8,8 @@ so a write holds one module, not the file.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,20 +184,82 @@ def spec_without_groups(metadata: Mapping[str, str], remaining_groups: set[str])
     return json.dumps(spec, sort_keys=True)
 
 
-def diffusers_warning(modules: Iterable["Module"]) -> str | None:
-    """A warning when diffusers will not load these modules as they are (DESIGN §3), else None."""
-    from blora_tools.adapter.kinds import Kind
+_LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+_DIFFUSERS_UNET = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
 
-    reasons = []
-    kinds = {m.kind for m in modules}
-    if Kind.LOHA in kinds or Kind.LOKR in kinds:
-        reasons.append("LoHa/LoKr modules")
-    if Kind.TUCKER in kinds:
-        reasons.append("lora_mid (Tucker) cores")
-    if Kind.FULL in kinds or Kind.NORM in kinds:
-        reasons.append("full/norm modules")
-    if any(m.dora for m in modules):
-        reasons.append("DoRA scales (dropped by diffusers)")
-    if not reasons:
-        return None
-    return f"diffusers will not load this file as it is: it has {', '.join(reasons)} (A1111, ComfyUI and LyCORIS do)"
+
+def loader_notes(
+    modules: Iterable["Module"],
+    arch: "Arch",
+    *,
+    stems: Iterable[str] | None = None,
+    one_alpha: bool = False,
+    passthrough: Sequence[str] = (),
+) -> list[str]:
+    """What each loader does with a kohya-format output, wherever one will not apply it as the file says.
+
+    `modules` are the output's modules as read (kinds, DoRA, alphas); `stems` the names they are written
+    under (default their own); `one_alpha` when the output gives every module one alpha. The facts, from
+    sd-scripts `networks/lora.py` (02298e3): `create_network_from_weights` builds modules only from
+    `lora_down` keys, for layers of its own U-Net (diffusers names on SD1/SD2, LDM names on SDXL), and
+    `merge_to` applies up·down·alpha/rank without `lora_mid`; diffusers 0.42 refuses LoHa/LoKr/lora_mid/full
+    and drops DoRA; LyCORIS, A1111 and ComfyUI apply every kind (tests/interop/test_kohya_rule.py).
+    """
+    from blora_tools.adapter.kinds import Kind
+    from blora_tools.taxonomy.arch import Arch
+
+    modules = list(modules)
+    stems = list(stems) if stems is not None else [m.stem for m in modules]
+    notes = []
+    kinds = Counter(m.kind for m in modules)
+    lycoris = kinds[Kind.LOHA] + kinds[Kind.LOKR]
+    if lycoris:
+        notes.append(
+            f"{lycoris} LoHa/LoKr module(s): diffusers refuses the file and sd-scripts' networks.lora "
+            "(--base_weights, merge_lora.py) skips them silently; A1111, ComfyUI and LyCORIS apply them"
+        )
+    if kinds[Kind.TUCKER]:
+        notes.append(
+            f"{kinds[Kind.TUCKER]} Tucker module(s) (lora_mid): diffusers refuses the file and sd-scripts' "
+            "networks.lora drops the lora_mid core (a wrong ΔW); A1111, ComfyUI and LyCORIS apply them"
+        )
+    whole = kinds[Kind.FULL] + kinds[Kind.NORM]
+    if whole:
+        notes.append(
+            f"{whole} full/norm module(s): diffusers refuses the file and sd-scripts' networks.lora skips them; "
+            "A1111, ComfyUI and LyCORIS apply them"
+        )
+    dora = sum(1 for m in modules if m.dora)
+    if dora:
+        notes.append(
+            f"{dora} DoRA module(s): diffusers drops their dora_scale and sd-scripts' networks.lora ignores it "
+            "(plain LoRA ΔW); A1111, ComfyUI and LyCORIS apply them"
+        )
+    if arch in (Arch.SD1, Arch.SD2):
+        ldm = sum(1 for s in stems if s.startswith(_LDM_UNET))
+        if ldm:
+            notes.append(
+                f"{ldm} U-Net module(s) have LDM names (input_blocks_…): diffusers, sd-scripts (--base_weights, "
+                "merge_lora.py) and LyCORIS skip them silently; A1111 and ComfyUI read them. "
+                "`convert --to kohya --names diffusers` writes names every loader reads"
+            )
+    elif arch is Arch.SDXL:
+        named = sum(1 for s in stems if s.startswith(_DIFFUSERS_UNET))
+        if named:
+            notes.append(
+                f"{named} SDXL U-Net module(s) have diffusers-style names (down_blocks_…): sd-scripts "
+                "(--base_weights, merge_lora.py) and LyCORIS on its U-Net skip them silently. "
+                "`convert --to kohya --names ldm` writes kohya's own SDXL names"
+            )
+    alphas = {a for m in modules if m.kind.is_lora and (a := effective_alpha(m)) is not None}
+    if not one_alpha and len(alphas) > 1:
+        notes.append(
+            f"modules keep {len(alphas)} different alpha values: diffusers loads some of them at the wrong "
+            "strength. Add --uniform-alpha to give them one alpha (ΔW unchanged)"
+        )
+    if passthrough:
+        notes.append(
+            "diffusers will not read this file as kohya LoRA: it also holds keys that are not LoRA modules "
+            f"(e.g. {passthrough[0]})"
+        )
+    return notes

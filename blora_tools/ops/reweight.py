@@ -10,40 +10,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blora_tools.adapter.kinds import scaled_params
 from blora_tools.adapter.metadata import SPEC_KEY, updated_metadata
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError
 from blora_tools.ops.result import (
     Result,
-    computed,
     copied,
-    diffusers_warning,
+    loader_notes,
     effective_alpha,
     known_arch,
     spec_without_groups,
 )
+from blora_tools.ops.uniform import module_entries, uniform_alphas
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.weights import BlockWeights
 
 
-def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "") -> Result:
+def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "", uniform_alpha: bool = False) -> Result:
     """Scale every module by `weights[module.block]`; modules that fit no block are left as they are.
 
-    `text` is the user's weight string, recorded in the history. Raises BloraError when a DoRA module gets
-    a weight other than 0 or 1, or when every module would get weight 0.
+    `text` is the user's weight string, recorded in the history. `uniform_alpha` also gives the kept modules
+    one alpha (`ops.uniform`; the fold and the weight multiply the same factor). Raises BloraError when a DoRA
+    module gets a weight other than 0 or 1, or when every module would get weight 0.
     """
     arch = known_arch(adapter)
     if weights.arch is not arch:
         raise BloraError(f"weights were resolved for {weights.arch.value} but the file is {arch.value}", adapter.path)
     warnings = list(adapter.warnings)
+    def weight_of(module: Module) -> float:
+        return 1.0 if module.block is None else float(weights[module.block])
+
+    kept_modules = [m for m in adapter.modules.values() if weight_of(m) != 0.0]
+    alphas = uniform_alphas(adapter, kept_modules) if uniform_alpha and kept_modules else {}
     entries: list[Entry] = []
     kept: list[Module] = []
     per_group: dict[str, dict[str, object]] = {}
     removed = scaled = 0
     for module in adapter.modules.values():
-        weight = 1.0 if module.block is None else float(weights[module.block])
+        weight = weight_of(module)
         row = per_group.setdefault(module.group, {"modules": 0, "weights": set(), "removed": 0})
         row["modules"] += 1
         row["weights"].add(weight)
@@ -59,32 +64,22 @@ def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "") -> Resu
             row["removed"] += 1
             continue
         kept.append(module)
-        if weight == 1.0:
-            entries += [copied(adapter, key) for key in module.keys.values()]
-            continue
-        scaled += 1
-        targets = set(scaled_params(module.kind, frozenset(module.keys)))
-        for param, key in module.keys.items():
-            if param in targets:
-                entries.append(_scaled(adapter, key, weight))
-            else:
-                entries.append(copied(adapter, key))
+        scaled += weight != 1.0
+        entries += module_entries(adapter, module, None, alphas.get(module.stem), weight=weight)
     if not any(m.block is not None for m in kept):
         raise BloraError(
             f"weights {text or '(given)'} are 0 for every block this file has modules in; nothing written",
             adapter.path,
         )
     entries += [copied(adapter, key) for key in adapter.passthrough]
-    note = diffusers_warning(kept)
-    if note:
-        warnings.append(note)
+    warnings += loader_notes(kept, arch, one_alpha=uniform_alpha, passthrough=adapter.passthrough)
 
     metadata = updated_metadata(
         adapter.metadata,
         operation="reweight",
         arguments={"input": Path(adapter.path).name, "weights": text, "resolved": _nontrivial(weights)},
         ranks=[m.rank for m in kept],
-        alphas=[a for m in kept if (a := effective_alpha(m)) is not None],
+        alphas=[alphas[m.stem].value if m.stem in alphas else a for m in kept if (a := effective_alpha(m)) is not None],
     )
     spec = spec_without_groups(adapter.metadata, {m.group for m in kept})
     if spec is not None:
@@ -106,11 +101,6 @@ def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "") -> Resu
         "blocks": blocks,
     }
     return Result("reweight", entries, metadata, (Path(adapter.path),), warnings, summary)
-
-
-def _scaled(adapter: Adapter, key: str, weight: float) -> Entry:
-    info = adapter.info(key)
-    return computed(key, info.dtype, info.shape, lambda: adapter.tensor(key).float() * weight)
 
 
 def _nontrivial(weights: BlockWeights) -> dict[str, float]:

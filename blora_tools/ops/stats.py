@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blora_tools.adapter.layers import is_conv, layer_shape
 from blora_tools.adapter.metadata import SPEC_KEY, training_summary
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.taxonomy.arch import Arch
@@ -153,7 +154,9 @@ def _empty_block_warnings(adapter: Adapter, rows: dict[str, BlockFigures], fine:
         warnings.append(f"blocks {', '.join(empty)} are in this file's blora_spec but hold no modules")
     unet_groups = [g for g in layout.unet_groups if rows.get(g) and rows[g].modules]
     no_attention = sorted(set(layout.unet_groups) - layout.attention_groups)
-    if unet_groups and set(unet_groups) <= layout.attention_groups and not raw_spec:
+    # A LoCon file pruned to attention blocks still holds their resnet convolutions: not attention-only.
+    convs = any(is_conv(layer_shape(m, adapter.arch)) for m in adapter.modules.values())
+    if unet_groups and set(unet_groups) <= layout.attention_groups and not raw_spec and not convs:
         warnings.append(
             f"attention-only file: blocks {', '.join(no_attention)} have no attention layers, so no module here "
             "can touch them (train with conv_dim / LoCon to reach them)"

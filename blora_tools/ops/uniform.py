@@ -1,0 +1,136 @@
+"""One alpha for every module, and a module's kohya tensors with a factor folded into its scaled parameter.
+
+diffusers (0.42) mis-scales kohya files whose modules have different alphas (DESIGN §3). `uniform_alphas` gives
+every module the file's most common alpha and says by how much each module's scaled parameter (the one factor
+a reweight multiplies, `kinds.scaled_params`) must grow so ΔW stays the same for every loader. `module_entries`
+writes one module that way; convert, prune and reweight (`--uniform-alpha`) all go through it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from blora_tools.adapter.formats import Format
+from blora_tools.adapter.kinds import scaled_params
+from blora_tools.adapter.model import Adapter, Module
+from blora_tools.adapter.writer import Entry
+from blora_tools.errors import BloraError, NonFiniteError
+from blora_tools.ops.result import computed, copied, effective_alpha
+
+
+@dataclass(frozen=True)
+class Alpha:
+    """The alpha a module is written with, and the factor its scaled parameter is multiplied by."""
+
+    value: float
+    dtype: str
+    ratio: float
+
+
+def uniform_alphas(adapter: Adapter, modules: Iterable[Module] | None = None) -> dict[str, Alpha]:
+    """Per module with a rank (of `modules`, default all): their most common positive alpha and the fold
+    ratio that keeps ΔW.
+
+    Alpha 0 is never chosen (a module scaled by alpha/rank = 0 cannot carry another module's scale).
+    """
+    pool = adapter.modules.values() if modules is None else modules
+    ranked = [m for m in pool if m.rank is not None and m.kind.has_rank]
+    if not ranked:
+        raise BloraError("no module has a rank and an alpha; --uniform-alpha has nothing to do", adapter.path)
+    counts = Counter(a for m in ranked if (a := effective_alpha(m)) is not None and a > 0)
+    if not counts:
+        raise BloraError("every module has alpha 0 (no effect); --uniform-alpha has no alpha to keep", adapter.path)
+    top = max(counts.values())
+    value = max(a for a, n in counts.items() if n == top)  # ties: the larger alpha keeps factors smaller
+    dtypes = Counter(adapter.info(m.keys["alpha"]).dtype for m in ranked if "alpha" in m.keys)
+    dtype = dtypes.most_common(1)[0][0] if dtypes else "F32"
+    if stored(value, dtype) != value:
+        dtype = "F32"
+    value = stored(value, dtype)
+    return {m.stem: Alpha(value, dtype, m.scale / (value / m.rank)) for m in ranked}
+
+
+def rank_alphas(adapter: Adapter) -> dict[str, Alpha]:
+    """alpha = rank for every module with a rank (its whole scale folded): what loaders that ignore PEFT's
+    `lora_adapter_metadata` assume."""
+    return {
+        m.stem: Alpha(float(m.rank), "F32", m.scale)
+        for m in adapter.modules.values()
+        if m.rank is not None and m.kind.has_rank
+    }
+
+
+def stored(value: float, dtype: str) -> float:
+    """`value` as it reads back after being stored in `dtype`."""
+    import torch
+
+    from blora_tools.adapter.tensors import TORCH_DTYPE
+
+    return float(torch.tensor(value, dtype=TORCH_DTYPE[dtype]).double())
+
+
+def alpha_entry(name: str, alpha: Alpha) -> Entry:
+    import torch
+
+    return computed(name, alpha.dtype, (), lambda: torch.tensor(alpha.value, dtype=torch.float64))
+
+
+def folded(adapter: Adapter, module: Module, param: str, name: str, ratio: float) -> Entry:
+    """The module's `param` multiplied by `ratio` in float32, written in its own dtype (an overflow is an error)."""
+    key = module.keys[param]
+    info = adapter.info(key)
+
+    def make():
+        from blora_tools.adapter.tensors import TORCH_DTYPE
+
+        source = adapter.tensor(key).float()
+        value = (source * ratio).to(TORCH_DTYPE[info.dtype])
+        # an overflow of the fold; NaN/Inf already in the input is Result.save's to refuse (or allow)
+        if not bool((value.float().isfinite() | ~source.isfinite()).all()):
+            raise NonFiniteError(
+                f"module {module.stem}: multiplying {param} by {ratio:g} overflows {info.dtype}", adapter.path
+            )
+        return value
+
+    return computed(name, info.dtype, info.shape, make)
+
+
+def module_entries(
+    adapter: Adapter,
+    module: Module,
+    stem: str | None,
+    alpha: Alpha | None,
+    *,
+    weight: float = 1.0,
+    complete_alpha: bool = False,
+) -> list[Entry]:
+    """A module's tensors: its scaled parameter multiplied by `weight` × the alpha fold ratio, the alpha
+    replaced by `alpha` (None: kept), everything else copied byte for byte. Named `<stem>.<kohya param>`, or
+    with `stem` None under the keys the file has (`alpha` is then only given for kohya files).
+
+    `complete_alpha` writes an alpha tensor for a module that has none (alpha = rank), so every loader reads
+    the same scale (a PEFT source keeps its alphas in metadata).
+    """
+    ratio = weight * (alpha.ratio if alpha is not None else 1.0)
+    replaced = alpha is not None and (alpha.ratio != 1.0 or "alpha" not in module.keys)
+    scaled = set(scaled_params(module.kind, frozenset(module.keys))) if ratio != 1.0 else set()
+    entries = []
+    for param, key in module.keys.items():
+        name = key if stem is None else f"{stem}.{param}"
+        if param == "alpha" and replaced:
+            continue
+        entries.append(folded(adapter, module, param, name, ratio) if param in scaled else copied(adapter, key, name))
+    if stem is None and replaced and adapter.format is not Format.KOHYA:
+        raise BloraError(
+            f"--uniform-alpha writes alpha tensors, which a {adapter.format.value} file has no place for; "
+            "convert it instead (`convert --to kohya --uniform-alpha`, or `--to peft`, which sets alpha = rank)",
+            adapter.path,
+        )
+    stem = module.stem if stem is None else stem
+    if replaced:
+        entries.append(alpha_entry(f"{stem}.alpha", alpha))
+    elif complete_alpha and "alpha" not in module.keys and module.rank is not None and module.kind.has_rank:
+        entries.append(alpha_entry(f"{stem}.alpha", Alpha(float(effective_alpha(module)), "F32", 1.0)))
+    return entries
