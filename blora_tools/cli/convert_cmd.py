@@ -7,7 +7,15 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import allow_nonfinite_option, force_option, input_file, json_option, output_option
+from blora_tools.cli.params import (
+    allow_nonfinite_option,
+    force_option,
+    input_file,
+    json_option,
+    names_option,
+    output_option,
+    uniform_alpha_option,
+)
 
 
 @click.command("convert")
@@ -19,18 +27,8 @@ from blora_tools.cli.params import allow_nonfinite_option, force_option, input_f
     required=True,
     help="Output format: kohya (A1111/ComfyUI/sd-scripts keys) or peft (diffusers/PEFT keys + lora_adapter_metadata).",
 )
-@click.option(
-    "--uniform-alpha",
-    is_flag=True,
-    help="Give every module the same alpha, folding the rest of its scale into its up factor (ΔW unchanged); "
-    "repairs files diffusers mis-scales.",
-)
-@click.option(
-    "--names",
-    type=click.Choice(["ldm", "diffusers"]),
-    help="U-Net naming of kohya output: ldm (input_blocks_…, kohya's SDXL names) or diffusers (down_blocks_…). "
-    "Default: kept; from PEFT, ldm for SDXL.",
-)
+@uniform_alpha_option
+@names_option
 @output_option()
 @force_option
 @allow_nonfinite_option
@@ -42,11 +40,22 @@ def convert_cmd(
 ) -> None:
     """Convert FILE between kohya and PEFT/diffusers formats and write it to -o OUT.
 
-    Lossless: factors are copied byte for byte under their new names and every module keeps its scale
-    (alphas move between kohya `alpha` tensors and PEFT's `lora_adapter_metadata`), so ΔW is the same.
+    ΔW stays the same for every module. kohya output copies factors byte for byte under their new names and
+    keeps each module's alpha (--uniform-alpha gives them one). PEFT output sets alpha = rank everywhere, each
+    module's alpha/rank folded into lora_B, because loaders that ignore lora_adapter_metadata assume it.
     LoHa, LoKr, Tucker, full and DoRA modules have no PEFT LoRA form: converting them to peft is an error.
+    From PEFT, SDXL gets kohya's LDM names unless --names says otherwise; --names defaults to the file's own.
 
-    \b
+    
+    Which format each loader wants:
+      A1111/Forge, ComfyUI   kohya (they do not map PEFT U-Net keys); any alphas
+      sd-scripts             kohya with its own names: diffusers-style on SD1/SD2, LDM on SDXL
+                             (--base_weights, merge_lora.py; LoHa/LoKr/Tucker/full need LyCORIS)
+      LyCORIS                kohya, every kind
+      diffusers              kohya or peft; kohya needs one alpha (--uniform-alpha) and no LoHa/LoKr/Tucker/full
+      PEFT                   peft
+
+    
     Examples:
       blora-tools convert char.safetensors --to peft -o char-peft.safetensors
       blora-tools convert pytorch_lora_weights.safetensors --to kohya -o char-kohya.safetensors

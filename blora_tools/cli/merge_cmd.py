@@ -19,6 +19,7 @@ from blora_tools.cli.params import (
     dtype_option,
     force_option,
     json_option,
+    names_option,
     output_option,
 )
 
@@ -33,18 +34,21 @@ from blora_tools.cli.params import (
 @clamp_option
 @alpha_option
 @dtype_option
+@names_option
 @click.option("--strict", is_flag=True, help="Refuse inputs trained on different base models (otherwise a warning).")
 @force_option
 @allow_nonfinite_option
 @json_option
 @click.pass_obj
-def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_rank, clamp_quantile, alpha, dtype, strict, force, allow_nonfinite, as_json) -> None:
+def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_rank, clamp_quantile, alpha, dtype, names, strict, force, allow_nonfinite, as_json) -> None:
     """Merge adapter INPUTS, each with its own ratio and blocks, into -o OUT.
 
     --ratios is one comma list aligned with the inputs; --blocks is given once per input, in input order.
     The output uses one alpha for every module, with each module's scale folded into its factors, so every
     loader (diffusers included) gets the same ΔW. concat is exact; svd never builds a dense ΔW for LoRA inputs
-    (LoHa, LoKr and full modules are made dense and compressed).
+    (LoHa, LoKr and full modules are made dense and compressed into conv-shaped factors on conv layers).
+    A layer named differently in different inputs (SDXL LDM and diffusers names) is one module of the output,
+    named as in the first input unless --names says otherwise.
 
     \b
     Examples (character on all blocks at 1.0, plus style on the outer level at 0.8):
@@ -83,7 +87,7 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
         "blocks": [s.selector for s in sources],
         "method": method,
     }
-    arguments.update({k: v for k, v in (("rank", rank), ("conv_rank", conv_rank), ("clamp_quantile", clamp_quantile), ("alpha", alpha)) if v is not None})
+    arguments.update({k: v for k, v in (("rank", rank), ("conv_rank", conv_rank), ("clamp_quantile", clamp_quantile), ("alpha", alpha), ("names", names)) if v is not None})
     result = merge(
         sources,
         method=method,
@@ -93,6 +97,7 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
         clamp_quantile=clamp_quantile,
         strict=strict,
         arguments=arguments,
+        names=names,
     )
     written = ui.save_result(app, result, output, force, allow_nonfinite)
     s = result.summary

@@ -133,3 +133,15 @@ alpha_option = click.option("--alpha", type=float, help="The one alpha value the
 dtype_option = click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Output tensor dtype (default: the first input's).")
 clamp_option = click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True), help="Clamp factor entries at this quantile of their magnitudes (kohya's svd_merge option; off by default).")
 conv_rank_option = click.option("--conv-rank", type=click.IntRange(min=1), help="Rank for k×k convolutions (LoCon); default: as --rank.")
+uniform_alpha_option = click.option(
+    "--uniform-alpha",
+    is_flag=True,
+    help="Give every module the same alpha (the most common one), folding the rest of its scale into its up "
+    "factor: ΔW unchanged, and diffusers, which mis-scales files whose alphas differ, loads it exactly.",
+)
+names_option = click.option(
+    "--names",
+    type=click.Choice(["ldm", "diffusers"]),
+    help="U-Net naming of kohya output: ldm (input_blocks_…, kohya's SDXL names) or diffusers (down_blocks_…, "
+    "kohya's SD1/SD2 names).",
+)

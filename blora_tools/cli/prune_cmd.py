@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import SELECTOR, allow_nonfinite_option, force_option, input_file, json_option, output_option
+from blora_tools.cli.params import SELECTOR, allow_nonfinite_option, force_option, input_file, json_option, output_option, uniform_alpha_option
 
 
 @click.command("prune")
@@ -20,17 +20,20 @@ from blora_tools.cli.params import SELECTOR, allow_nonfinite_option, force_optio
 @click.option("--drop", type=SELECTOR, help="Remove modules in these blocks, e.g. te or 'mid out0'.")
 @output_option(required=False)
 @click.option("--dry-run", is_flag=True, help="List what would be removed; write nothing (no -o needed).")
+@uniform_alpha_option
 @force_option
 @allow_nonfinite_option
 @json_option
 @click.pass_obj
 def prune_cmd(
-    app, file: Path, keep, drop, output: Path | None, dry_run: bool, force: bool, allow_nonfinite: bool, as_json: bool
+    app, file: Path, keep, drop, output: Path | None, dry_run: bool, uniform_alpha: bool, force: bool,
+    allow_nonfinite: bool, as_json: bool,
 ) -> None:
     """Remove whole modules of FILE by block and write the rest to -o OUT.
 
     Every key of a removed module goes (alpha, dora_scale, lora_mid, …), so no orphan is left; every kept
-    tensor is copied byte for byte. Text encoders are blocks like any other (te, te1, te2, BASE).
+    tensor is copied byte for byte (with --uniform-alpha, every module gets one alpha instead, ΔW unchanged:
+    diffusers mis-scales files whose alphas differ). Text encoders are blocks like any other (te, te1, te2, BASE).
 
     \b
     Examples:
@@ -52,7 +55,7 @@ def prune_cmd(
     if not dry_run:
         check_output(output, [file], force)
     blocks = selector.resolve(known_arch(adapter))
-    result = prune(adapter, blocks, keep=keep is not None, selector=selector.text)
+    result = prune(adapter, blocks, keep=keep is not None, selector=selector.text, uniform_alpha=uniform_alpha)
     written = None if dry_run else ui.save_result(app, result, output, force, allow_nonfinite)
     if as_json:
         ui.show_json(app, result, written)

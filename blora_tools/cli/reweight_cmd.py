@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import WEIGHTS, allow_nonfinite_option, force_option, input_file, json_option, output_option
+from blora_tools.cli.params import WEIGHTS, allow_nonfinite_option, force_option, input_file, json_option, output_option, uniform_alpha_option
 
 
 @click.command("reweight")
@@ -18,16 +18,18 @@ from blora_tools.cli.params import WEIGHTS, allow_nonfinite_option, force_option
 @click.option("--preset-file", type=click.Path(dir_okay=False, path_type=Path), help="A preset file of 'NAME:v1,v2,…' lines (# lines are comments).")
 @click.option("--lbw-fill", type=float, default=0.0, show_default=True, help="Weight of blocks an LBW vector does not name (LBW: 0; kohya --lbws: 1).")
 @output_option()
+@uniform_alpha_option
 @force_option
 @allow_nonfinite_option
 @json_option
 @click.pass_obj
-def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: float, output: Path, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
+def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: float, output: Path, uniform_alpha: bool, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
     """Multiply each module of FILE by its block's weight and write -o OUT.
 
     Exactly one factor per module is scaled (lora_up, hada_w1_a, lokr_w1, diff, w_norm), so the effect is
     linear, as with runtime strength; weight 0 removes the module, weight 1 copies it byte for byte.
-    Alphas stay as they are. DoRA modules take only 0 or 1.
+    Alphas stay as they are unless --uniform-alpha gives them one (files whose modules have different alphas
+    are loaded mis-scaled by diffusers). DoRA modules take only 0 or 1.
 
     \b
     Examples:
@@ -52,7 +54,7 @@ def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: f
     adapter = open_adapter(file)
     check_output(output, [file], force)
     resolved = spec.resolve(known_arch(adapter), fill=lbw_fill)
-    result = reweight(adapter, resolved, text=spec.text)
+    result = reweight(adapter, resolved, text=spec.text, uniform_alpha=uniform_alpha)
     written = ui.save_result(app, result, output, force, allow_nonfinite)
     s = result.summary
     ui.report(app, result, written, as_json, f"{s['scaled']} modules scaled, {s['removed']} removed", _show_weights)
