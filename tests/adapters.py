@@ -107,6 +107,7 @@ def make_adapter(
     per_block: int | None = 2,
     metadata: dict[str, str] | None = None,
     extra: dict[str, torch.Tensor] | None = None,
+    on: str = "linear",
 ) -> Path:
     """Write a random adapter with real kohya module names for the tiny `arch` models.
 
@@ -118,13 +119,16 @@ def make_adapter(
         fmt: `kohya` or `peft` (LoRA only; alphas go to `lora_adapter_metadata`).
         per_block: at most this many layers of each layer kind per LBW block (None = every layer).
         extra: pass-through tensors to add as they are.
+        on: the layers LoHa/LoKr/full/dora modules go on: `linear`, or `conv` (3×3 and 1×1 convolutions, stored as
+            LyCORIS stores them without a Tucker core: LoHa/LoKr `_b` factors flattened to r×(in·k·k), full `diff`
+            with the conv weight's shape).
     """
     if kind not in KINDS:
         raise ValueError(kind)
-    conv = kind in ("locon", "tucker")
+    conv = kind in ("locon", "tucker") or on == "conv"
     chosen = pick(arch, conv, blocks, per_block)
     if kind in ("loha", "lokr", "full", "dora"):
-        chosen = [l for l in chosen if l.kind == "linear"]
+        chosen = [l for l in chosen if (l.kind == "linear") == (on == "linear")]
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for layer in chosen:
@@ -146,15 +150,15 @@ def make_adapter(
         elif kind == "loha":
             for i in ("1", "2"):
                 params[f"hada_w{i}_a"] = _randn(gen, out, r, std=0.3)
-                params[f"hada_w{i}_b"] = _randn(gen, r, fan_in, std=0.3)
+                params[f"hada_w{i}_b"] = _randn(gen, r, fan_in * math.prod(kernel), std=0.3)
         elif kind == "lokr":
             f_out, f_in = _lokr_split(out), _lokr_split(fan_in)
             r = min(r, out // f_out, fan_in // f_in)
             params["lokr_w1"] = _randn(gen, f_out, f_in, std=0.5)
             params["lokr_w2_a"] = _randn(gen, out // f_out, r, std=0.3)
-            params["lokr_w2_b"] = _randn(gen, r, fan_in // f_in, std=0.3)
+            params["lokr_w2_b"] = _randn(gen, r, fan_in // f_in * math.prod(kernel), std=0.3)
         elif kind == "full":
-            params["diff"] = _randn(gen, out, fan_in, std=0.01)
+            params["diff"] = _randn(gen, out, fan_in, *kernel, std=0.01)
         if a is not None and kind != "full" and fmt == "kohya":
             params["alpha"] = torch.tensor(float(a))
         for param, tensor in params.items():

@@ -271,3 +271,64 @@ def test_concat_copies_modules_it_would_not_change(tmp_path):
     got = dense_deltas(out)
     for stem in expected:
         assert relative_error(got[stem], expected[stem]) < 1e-5
+
+
+# --- one layer, two names ----------------------------------------------------------------------------------
+
+
+def _sdxl_pair(tmp_path):
+    """An SDXL file with kohya's LDM names and its copy with diffusers-style names (same ΔW per layer)."""
+    from blora_tools.ops.convert import convert
+
+    ldm = make_adapter(tmp_path / "ldm.safetensors", "sdxl", "locon", per_block=None)
+    diffusers = tmp_path / "diffusers.safetensors"
+    convert(open_adapter(ldm), to="kohya", names="diffusers").save(diffusers)
+    return ldm, diffusers
+
+
+@pytest.mark.parametrize("method", ["concat", "svd"])
+def test_ldm_and_diffusers_names_of_one_layer_merge_into_one_module(tmp_path, method):
+    """x merged with −x (its diffusers-named copy) cancels: one module per layer, ΔW ≈ 0, first input's names."""
+    ldm, diffusers = _sdxl_pair(tmp_path)
+    layers = len(open_adapter(ldm).modules)
+    out = tmp_path / "zero.safetensors"
+    result = merge([Source(open_adapter(ldm)), Source(open_adapter(diffusers), ratio=-1.0)], method=method)
+    result.save(out)
+    merged = open_adapter(out)
+    assert len(merged.modules) == layers == result.summary["modules"]
+    assert set(merged.modules) == set(open_adapter(ldm).modules)  # the first input's (LDM) names
+    before = dense_deltas(ldm)
+    for stem, delta in dense_deltas(out).items():
+        assert float(delta.norm()) <= 1e-5 * float(before[stem].norm()), stem
+
+
+def test_merge_names_follow_the_first_input_or_names(tmp_path):
+    ldm, diffusers = _sdxl_pair(tmp_path)
+    merge([Source(open_adapter(diffusers)), Source(open_adapter(ldm))]).save(tmp_path / "d.safetensors")
+    assert set(open_adapter(tmp_path / "d.safetensors").modules) == set(open_adapter(diffusers).modules)
+    forced = merge([Source(open_adapter(diffusers)), Source(open_adapter(ldm))], names="ldm")
+    forced.save(tmp_path / "l.safetensors")
+    assert set(open_adapter(tmp_path / "l.safetensors").modules) == set(open_adapter(ldm).modules)
+    want = {s: 2 * d for s, d in dense_deltas(ldm).items()}
+    got = dense_deltas(tmp_path / "l.safetensors")
+    assert max(relative_error(got[s], want[s]) for s in want) < 1e-6
+    with pytest.raises(BloraError, match="unknown naming"):
+        merge([Source(open_adapter(ldm))], names="sgm")
+
+
+def test_one_file_naming_one_layer_twice_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ldm, diffusers = _sdxl_pair(tmp_path)
+    both = tmp_path / "both.safetensors"
+    save_file({**load_file(str(ldm)), **load_file(str(diffusers))}, str(both))
+    with pytest.raises(BloraError, match="adapt the same layer"):
+        merge([Source(open_adapter(both))])
+
+
+def test_merge_warns_what_sd_scripts_skips(tmp_path):
+    """A diffusers-named SDXL output is skipped by sd-scripts (its SDXL U-Net has LDM names): say so."""
+    ldm, diffusers = _sdxl_pair(tmp_path)
+    result = merge([Source(open_adapter(diffusers))], method="concat")
+    assert any("diffusers-style names" in w and "sd-scripts" in w for w in result.warnings)
+    assert not any("sd-scripts" in w for w in merge([Source(open_adapter(ldm))]).warnings)

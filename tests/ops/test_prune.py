@@ -150,3 +150,65 @@ def test_prune_twice_equals_prune_of_the_intersection(tmp_path_factory, first, s
     twice = prune(open_adapter(once), b, keep=True).save(tmp / "twice.safetensors")
     direct = prune(open_adapter(source), a & b, keep=True).save(tmp / "direct.safetensors")
     assert raw_bytes(twice) == raw_bytes(direct)
+
+
+# --- what loaders will do with the output ------------------------------------------------------------------
+
+
+def _mixed_alpha(layer):
+    return {"linear": 1.0, "conv1x1": 3.0, "conv3x3": 8.0}[layer.kind]
+
+
+@pytest.mark.parametrize("kind", ["lora", "locon", "tucker", "loha", "lokr", "dora"])
+def test_prune_of_mixed_alphas_warns_and_uniform_alpha_repairs(tmp_path, kind):
+    """diffusers mis-scales files whose modules have different alphas: prune says so, like inspect, and
+    --uniform-alpha gives the kept modules one alpha with every ΔW unchanged."""
+    src = make_adapter(tmp_path / "in.safetensors", "sd1", kind, alpha=lambda l: _mixed_alpha(l) + (l.block == "IN01"))
+    blocks = resolve_selector("te", "sd1")
+    plain = prune(open_adapter(src), blocks, keep=False)
+    mixed = any("different alpha values" in w and "--uniform-alpha" in w for w in plain.warnings)
+    assert mixed == (kind not in ("loha", "lokr"))  # diffusers refuses LoHa/LoKr whatever their alphas
+    out = tmp_path / "out.safetensors"
+    result = prune(open_adapter(src), blocks, keep=False, uniform_alpha=True)
+    result.save(out)
+    assert not any("different alpha values" in w for w in result.warnings)
+    adapter = open_adapter(out)
+    assert len({m.alpha for m in adapter.modules.values()}) == 1
+    before, after = dense_deltas(src), dense_deltas(out)
+    assert set(after) == {s for s in before if not s.startswith("lora_te_")}
+    for stem, delta in after.items():
+        assert torch.allclose(delta, before[stem], rtol=1e-5, atol=1e-7), stem
+
+
+def test_uniform_alpha_never_picks_alpha_zero(tmp_path):
+    """Issue #12: the most common alpha being 0 made --uniform-alpha divide by zero."""
+    from blora_tools.ops.convert import convert
+
+    src = make_adapter(tmp_path / "in.safetensors", "sd1", "locon", alpha=lambda l: 0.0 if l.kind != "conv3x3" else 2.0)
+    out = tmp_path / "out.safetensors"
+    convert(open_adapter(src), to="kohya", uniform_alpha=True).save(out)
+    assert {m.alpha for m in open_adapter(out).modules.values()} == {2.0}
+    before, after = dense_deltas(src), dense_deltas(out)
+    assert all(torch.allclose(after[s], before[s], atol=1e-7) for s in before)
+    zero = make_adapter(tmp_path / "zero.safetensors", "sd1", "lora", alpha=0.0)
+    with pytest.raises(BloraError, match="every module has alpha 0"):
+        prune(open_adapter(zero), resolve_selector("te", "sd1"), keep=False, uniform_alpha=True)
+
+
+def test_uniform_alpha_of_a_peft_file_points_to_convert(tmp_path):
+    src = make_adapter(tmp_path / "in.safetensors", "sd1", "lora", fmt="peft", alpha=_mixed_alpha)
+    with pytest.raises(BloraError, match="convert"):
+        prune(open_adapter(src), resolve_selector("te", "sd1"), keep=False, uniform_alpha=True)
+
+
+def test_pruned_locon_is_not_called_attention_only(tmp_path):
+    """inspect named in3/out0 "attention-only" for a LoCon file pruned to attention blocks, which still holds
+    their resnet convolutions."""
+    from blora_tools.ops.stats import inspect_adapter
+
+    src = make_adapter(tmp_path / "in.safetensors", "sd1", "locon")
+    out = tmp_path / "out.safetensors"
+    prune(open_adapter(src), resolve_selector("in3,out0", "sd1"), keep=False).save(out)
+    assert not any("attention-only" in w for w in inspect_adapter(open_adapter(out), with_stats=False)["warnings"])
+    lora = make_adapter(tmp_path / "lora.safetensors", "sd1", "lora")
+    assert any("attention-only" in w for w in inspect_adapter(open_adapter(lora), with_stats=False)["warnings"])

@@ -114,3 +114,21 @@ def test_reweight_a_then_b_equals_reweight_ab(tmp_path_factory, a, b, block):
     assert set(got) == set(want)
     for stem in want:
         assert relative_error(got[stem], want[stem]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["lora", "locon", "loha", "lokr", "tucker"])
+def test_reweight_with_uniform_alpha_scales_and_unifies(tmp_path, kind):
+    """The weight and the alpha fold multiply the same factor once: ΔW = weight × ΔW, one alpha."""
+    src = make_adapter(tmp_path / "in.safetensors", "sd1", kind,
+                       alpha=lambda l: {"linear": 1.0, "conv1x1": 3.0, "conv3x3": 8.0}[l.kind] + (l.block == "IN01"))
+    weights = parse_weights("in0=0.5,out3=2,te=0").resolve("sd1")
+    plain = reweight(open_adapter(src), weights)
+    assert any("different alpha values" in w for w in plain.warnings) == (kind not in ("loha", "lokr"))
+    out = tmp_path / "out.safetensors"
+    result = reweight(open_adapter(src), weights, uniform_alpha=True)
+    result.save(out)
+    assert not any("different alpha values" in w for w in result.warnings)
+    assert len({m.alpha for m in open_adapter(out).modules.values()}) == 1
+    before, after = dense_deltas(src), dense_deltas(out)
+    for stem, delta in after.items():
+        assert relative_error(delta, weights[block_of(stem, "sd1")] * before[stem]) < 1e-6, stem
