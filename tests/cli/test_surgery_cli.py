@@ -8,6 +8,7 @@ import pytest
 from adapters import block_of, dense_deltas, make_adapter, relative_error
 from conftest import sha256
 
+from blora_tools.adapter.model import open_adapter
 from blora_tools.cli import main
 
 COMMANDS = ("prune", "reweight", "merge", "resize")
@@ -224,3 +225,25 @@ def test_pickle_input_is_refused(runner, tmp_path):
         result = _run(runner, *args, "-o", tmp_path / "o.safetensors")
         assert result.exit_code == 1 and "pickle" in result.stderr
     _only_output(tmp_path, "old.ckpt")
+
+
+@pytest.mark.parametrize("args", [["prune", "--drop", "te"], ["reweight", "--weights", "in0=0.5"]])
+def test_uniform_alpha_option_on_prune_and_reweight(runner, tmp_path, args):
+    src = make_adapter(tmp_path / "mixed.safetensors", "sd1", "locon", alpha=lambda l: 4.0 if l.block == "IN01" else 1.0)
+    plain = _run(runner, args[0], src, *args[1:], "-o", tmp_path / "plain.safetensors")
+    assert plain.exit_code == 0 and "--uniform-alpha" in plain.stderr
+    fixed = _run(runner, args[0], src, *args[1:], "--uniform-alpha", "-o", tmp_path / "fixed.safetensors", "--json")
+    assert fixed.exit_code == 0 and "different alpha values" not in fixed.stderr
+    assert {m.alpha for m in open_adapter(tmp_path / "fixed.safetensors").modules.values()} == {1.0}
+    want = dense_deltas(tmp_path / "plain.safetensors")
+    got = dense_deltas(tmp_path / "fixed.safetensors")
+    assert set(got) == set(want) and max(relative_error(got[s], want[s]) for s in want) < 1e-6
+
+
+def test_merge_names_option(runner, tmp_path, char_file):
+    out = tmp_path / "ldm.safetensors"
+    result = _run(runner, "merge", char_file, "--names", "ldm", "-o", out)
+    assert result.exit_code == 0 and "LDM names" in result.stderr and "sd-scripts" in result.stderr
+    stems = set(open_adapter(out).modules)
+    assert any(s.startswith("lora_unet_input_blocks_") for s in stems)
+    assert not any(s.startswith("lora_unet_down_blocks_") for s in stems)

@@ -284,3 +284,106 @@ def test_diffusers_misscales_mixed_alphas_and_uniform_alpha_repairs_it(arch, wor
     convert(open_adapter(src), to="kohya", uniform_alpha=True).save(fixed)
     repaired = effect_error(load_diffusers(fixed, arch).outputs(), want, base)
     assert max(repaired.values()) < TOLERANCE, repaired
+
+
+# --- every writing command × every input kind ---------------------------------------------------------------
+
+DIFFUSERS_KINDS = ("lora", "locon")
+"""Kinds diffusers loads as they are; merge and resize turn every other kind into LoRA factors."""
+
+
+@cache
+def _kind_source(workdir: Path, kind: str) -> Path:
+    """An SD1 kohya file of `kind`, LoHa/LoKr/full on linear layers and on 3×3 / 1×1 convolutions (LyCORIS's
+    flattened conv form), per-module alphas that differ."""
+    from safetensors.torch import save_file
+
+    rank = 2 if kind == "lokr" else 3
+    tensors = {}
+    for on in ("linear", "conv") if kind in ("loha", "lokr", "full") else ("linear",):
+        # four linear layers per block: diffusers reads kohya text-encoder modules only with an out_proj among them
+        part = make_adapter(workdir / f"kind-{kind}-{on}.safetensors", "sd1", kind, rank=rank, alpha=mixed_alpha,
+                            per_block=4 if on == "linear" else 1, on=on)
+        tensors.update(load_file(str(part)))
+    path = workdir / f"kind-{kind}.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def _kind_output(command: str, kind: str, workdir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(output file, the dense ΔW it must apply) for one command on one input kind."""
+    from adapters import block_of
+
+    from blora_tools.ops.lowrank import RankPlan
+    from blora_tools.ops.merge import Source, merge
+    from blora_tools.ops.prune import prune
+    from blora_tools.ops.resize import resize
+    from blora_tools.ops.reweight import reweight
+    from blora_tools.taxonomy.weights import parse_weights
+
+    src = _kind_source(workdir, kind)
+    adapter = open_adapter(src)
+    want = deltas(src)
+    if command == "merge-svd":
+        result = merge([Source(adapter)], method="svd")  # lossless: every rank kept
+    elif command == "resize":
+        result = resize(adapter, RankPlan(default=64))
+    elif command == "prune":
+        result = prune(adapter, resolve_selector("mid", "sd1"), keep=False, uniform_alpha=kind != "full")
+        want = {s: d for s, d in want.items() if block_of(s, "sd1") != "M00"}
+    elif command == "reweight":
+        weights = parse_weights("in0=0.5,out3=2").resolve("sd1")
+        result = reweight(adapter, weights, uniform_alpha=kind != "full")
+        want = {s: weights[block_of(s, "sd1")] * d for s, d in want.items()}
+    elif command == "convert-uniform":
+        result = convert(adapter, to="kohya", uniform_alpha=True)
+    else:
+        result = convert(adapter, to="peft")
+    out = workdir / f"{command}-{kind}.safetensors"
+    result.save(out, force=True)
+    return out, want
+
+
+KIND_COMMANDS = ["merge-svd", "resize", "prune", "reweight", "convert-uniform", "convert-peft"]
+_ALL_KIND_CELLS = (
+    [(c, k, "diffusers") for c in ("merge-svd", "resize") for k in ("tucker", "loha", "lokr", "full")]
+    + [(c, k, "diffusers") for c in KIND_COMMANDS for k in DIFFUSERS_KINDS]
+    + [(c, k, "lycoris") for c in KIND_COMMANDS[:-1] for k in ("lora", "locon", "tucker", "loha", "lokr", "full")
+       if not (c == "convert-uniform" and k == "full")]
+)
+_DEFAULT_KIND_CELLS = {
+    *[("merge-svd", k, "diffusers") for k in ("tucker", "loha", "lokr", "full")],
+    ("resize", "loha", "diffusers"),
+    *[(c, k, "lycoris") for c in ("merge-svd", "prune", "reweight") for k in ("tucker", "loha", "lokr", "full")],
+    ("convert-uniform", "loha", "lycoris"),
+}
+"""The default suite's share (resize is an svd merge; LoRA/LoCon outputs are in test_loader_matrix); the rest
+runs with `-m slow`."""
+KIND_CELLS = [
+    pytest.param(*cell, id="-".join(cell), marks=() if cell in _DEFAULT_KIND_CELLS else pytest.mark.slow)
+    for cell in _ALL_KIND_CELLS
+]
+
+
+@pytest.mark.parametrize("command, kind, loader", KIND_CELLS)
+def test_every_command_on_every_kind_loads_with_the_expected_delta(command, kind, loader, workdir, request,
+                                                                   monkeypatch):
+    """SD1, every writing command on every input kind: diffusers (where it takes the kind) and LyCORIS apply
+    exactly the ΔW the operation promises (merge/resize: conv-shaped LoRA factors for conv layers)."""
+    path, want = _kind_output(command, kind, workdir)
+    if loader == "diffusers":
+        got = load_diffusers(path, "sd1")
+    else:
+        got, loaded = load_lycoris(path, "sd1", request.getfixturevalue("lycoris_network"), monkeypatch)
+        assert loaded == len(open_adapter(path).modules)
+    reference = TinyModels.fresh("sd1").merge(want).outputs()
+    errors = effect_error(got.outputs(), reference, base_outputs("sd1"))
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+@pytest.mark.parametrize("command", ["merge-svd", "resize", "convert-peft"])
+def test_dora_is_refused_where_it_cannot_be_kept(command, workdir):
+    from blora_tools.errors import BloraError
+
+    with pytest.raises(BloraError, match="DoRA|dora"):
+        _kind_output(command, "dora", workdir)
