@@ -210,47 +210,34 @@ def loader_notes(
 
     modules = list(modules)
     stems = list(stems) if stems is not None else [m.stem for m in modules]
-    notes = []
     kinds = Counter(m.kind for m in modules)
-    lycoris = kinds[Kind.LOHA] + kinds[Kind.LOKR]
-    if lycoris:
-        notes.append(
-            f"{lycoris} LoHa/LoKr module(s): diffusers refuses the file and sd-scripts' networks.lora "
-            "(--base_weights, merge_lora.py) skips them silently; A1111, ComfyUI and LyCORIS apply them"
-        )
-    if kinds[Kind.TUCKER]:
-        notes.append(
-            f"{kinds[Kind.TUCKER]} Tucker module(s) (lora_mid): diffusers refuses the file and sd-scripts' "
-            "networks.lora drops the lora_mid core (a wrong ΔW); A1111, ComfyUI and LyCORIS apply them"
-        )
-    whole = kinds[Kind.FULL] + kinds[Kind.NORM]
-    if whole:
-        notes.append(
-            f"{whole} full/norm module(s): diffusers refuses the file and sd-scripts' networks.lora skips them; "
-            "A1111, ComfyUI and LyCORIS apply them"
-        )
-    dora = sum(1 for m in modules if m.dora)
-    if dora:
-        notes.append(
-            f"{dora} DoRA module(s): diffusers drops their dora_scale and sd-scripts' networks.lora ignores it "
-            "(plain LoRA ΔW); A1111, ComfyUI and LyCORIS apply them"
-        )
+    both = "A1111, ComfyUI and LyCORIS apply them"
+    skipped = "skip them silently"
+    sd_scripts = "sd-scripts' networks.lora (--base_weights, merge_lora.py)"
+    counted = [
+        (kinds[Kind.LOHA] + kinds[Kind.LOKR],
+         f"LoHa/LoKr module(s): diffusers refuses the file and {sd_scripts} skips them silently; {both}"),
+        (kinds[Kind.TUCKER],
+         f"Tucker module(s) (lora_mid): diffusers refuses the file and {sd_scripts} drops the lora_mid core "
+         f"(a wrong ΔW); {both}"),
+        (kinds[Kind.FULL] + kinds[Kind.NORM],
+         f"full/norm module(s): diffusers refuses the file and {sd_scripts} skips them; {both}"),
+        (sum(1 for m in modules if m.dora),
+         f"DoRA module(s): diffusers drops their dora_scale and {sd_scripts} ignores it (plain LoRA ΔW); {both}"),
+    ]
     if arch in (Arch.SD1, Arch.SD2):
-        ldm = sum(1 for s in stems if s.startswith(_LDM_UNET))
-        if ldm:
-            notes.append(
-                f"{ldm} U-Net module(s) have LDM names (input_blocks_…): diffusers, sd-scripts (--base_weights, "
-                "merge_lora.py) and LyCORIS skip them silently; A1111 and ComfyUI read them. "
-                "`convert --to kohya --names diffusers` writes names every loader reads"
-            )
-    elif arch is Arch.SDXL:
-        named = sum(1 for s in stems if s.startswith(_DIFFUSERS_UNET))
-        if named:
-            notes.append(
-                f"{named} SDXL U-Net module(s) have diffusers-style names (down_blocks_…): sd-scripts "
-                "(--base_weights, merge_lora.py) and LyCORIS on its U-Net skip them silently. "
-                "`convert --to kohya --names ldm` writes kohya's own SDXL names"
-            )
+        counted.append((
+            sum(1 for s in stems if s.startswith(_LDM_UNET)),
+            f"U-Net module(s) have LDM names (input_blocks_…): diffusers, {sd_scripts} and LyCORIS {skipped}; "
+            "A1111 and ComfyUI read them. `convert --to kohya --names diffusers` writes names every loader reads",
+        ))
+    if arch is Arch.SDXL:
+        counted.append((
+            sum(1 for s in stems if s.startswith(_DIFFUSERS_UNET)),
+            f"SDXL U-Net module(s) have diffusers-style names (down_blocks_…): {sd_scripts} and LyCORIS on its "
+            f"U-Net {skipped}. `convert --to kohya --names ldm` writes kohya's own SDXL names",
+        ))
+    notes = [f"{n} {text}" for n, text in counted if n]
     alphas = {a for m in modules if m.kind.is_lora and (a := effective_alpha(m)) is not None}
     if not one_alpha and len(alphas) > 1:
         notes.append(
