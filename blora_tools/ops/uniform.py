@@ -16,7 +16,7 @@ from blora_tools.adapter.formats import Format
 from blora_tools.adapter.kinds import scaled_params
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.adapter.writer import Entry
-from blora_tools.errors import BloraError, NonFiniteError
+from blora_tools.errors import BloraError
 from blora_tools.ops.result import computed, copied, effective_alpha
 
 
@@ -78,23 +78,11 @@ def alpha_entry(name: str, alpha: Alpha) -> Entry:
 
 
 def folded(adapter: Adapter, module: Module, param: str, name: str, ratio: float) -> Entry:
-    """The module's `param` multiplied by `ratio` in float32, written in its own dtype (an overflow is an error)."""
+    """The module's `param` multiplied by `ratio` in float32, written in its own dtype. An overflow to Inf is
+    refused as it is written (`Result.save`, naming the module and the output)."""
     key = module.keys[param]
     info = adapter.info(key)
-
-    def make():
-        from blora_tools.adapter.tensors import TORCH_DTYPE
-
-        source = adapter.tensor(key).float()
-        value = (source * ratio).to(TORCH_DTYPE[info.dtype])
-        # an overflow of the fold; NaN/Inf already in the input is Result.save's to refuse (or allow)
-        if not bool((value.float().isfinite() | ~source.isfinite()).all()):
-            raise NonFiniteError(
-                f"module {module.stem}: multiplying {param} by {ratio:g} overflows {info.dtype}", adapter.path
-            )
-        return value
-
-    return computed(name, info.dtype, info.shape, make)
+    return computed(name, info.dtype, info.shape, lambda: adapter.tensor(key).float() * ratio)
 
 
 def module_entries(

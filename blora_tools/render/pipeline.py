@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blora_tools.adapter.formats import ldm_to_diffusers, path_from_stem, stem_from_path, unet_naming
+from blora_tools.adapter.formats import stem_from_path
+from blora_tools.adapter.layers import layer_id
 from blora_tools.adapter.kinds import Kind, delta_weight, lora_factors
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import AdapterFileError, BloraError
@@ -332,16 +333,9 @@ def check_arch(adapter: Adapter, arch: Arch) -> None:
 
 
 def _layer_for(model: RenderModel, stem: str) -> nn.Module | None:
+    """The model's layer a module adapts, whichever naming the file uses (`layers.layer_id`)."""
     layer = model.layers.get(stem)
-    if layer is not None or not stem.startswith("lora_unet_"):
-        return layer
-    try:
-        _, path = path_from_stem(stem, model.arch)
-        if unet_naming(path) == "ldm":
-            path = ldm_to_diffusers(path, model.arch)
-    except BloraError:
-        return None
-    return model.layers.get(stem_from_path("unet", path))
+    return layer if layer is not None else model.layers.get(layer_id(stem, model.arch))
 
 
 def attach_adapter(model: RenderModel, name: str, adapter: Adapter, stems: Iterable[str]) -> AttachedAdapter:
