@@ -12,7 +12,6 @@ merged file keeps the gains of both), not image quality; `blora-tools render` is
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from blora_tools.jsonio import dumps
 from blora_tools.taxonomy.arch import Arch
 
 LATENT = (4, 16, 16)
@@ -215,7 +215,7 @@ def _run_demo(out_dir: Path, steps: int, seed: int, force: bool, on_stage, on_st
         "character_upper": out_dir / "character_upper.safetensors",
         "merged": out_dir / "character+style.safetensors",
     }
-    _refuse_existing(files.values(), force)
+    _refuse_existing([*files.values(), out_dir / "report.md", out_dir / "blocks.png"], force)
     character_data, style_data = make_data(seed)
     curves = {}
     notes: list[str] = []
@@ -245,15 +245,18 @@ def _run_demo(out_dir: Path, steps: int, seed: int, force: bool, on_stage, on_st
 
 
 def _refuse_existing(paths, force: bool) -> None:
-    from blora_tools.errors import OutputError
+    """Every file the demo writes, checked by the output rules before any training starts."""
+    from blora_tools.adapter.writer import check_output
 
     for path in paths:
-        if path.exists() and not force:
-            raise OutputError("demo output exists; pass --force to replace it or choose another folder", path)
+        check_output(path, force=force, suffixes=(path.suffix,))
 
 
-def write_report(result: DemoResult, path: Path, chart: Path | None) -> Path:
-    """A short Markdown report of what the demo did and measured."""
+def write_report(result: DemoResult, path: Path, chart: Path | None, force: bool = False) -> Path:
+    """A short Markdown report of what the demo did and measured (written atomically; an existing file only
+    with `force`)."""
+    from blora_tools.adapter.writer import write_bytes_atomic
+
     lines = ["# blora-tools demo", "", f"Trained {result.steps} steps per adapter in {result.seconds:.1f} s (CPU).", ""]
     lines += ["## Denoising loss (lower is better)", "", "| model | character set | style set |", "|---|---|---|"]
     for name, values in result.losses.items():
@@ -267,9 +270,8 @@ def write_report(result: DemoResult, path: Path, chart: Path | None) -> Path:
     lines += [f"- `{p.name}` — {name}" for name, p in result.files.items()]
     if chart is not None:
         lines += ["", f"![per-block norms]({chart.name})"]
-    lines += ["", "## Compare (character vs style)", "", "```json", json.dumps(result.compare.get("blocks", {}), indent=1), "```", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    lines += ["", "## Compare (character vs style)", "", "```json", dumps(result.compare.get("blocks", {}), indent=1), "```", ""]
+    return write_bytes_atomic(path, "\n".join(lines).encode("utf-8"), force=force)
 
 
 def _fmt(value) -> str:

@@ -26,6 +26,7 @@ from enum import Enum
 from types import MappingProxyType
 
 from blora_tools.errors import SpecError
+from blora_tools.jsonio import loads_strict
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component, Placement, table
 
@@ -197,9 +198,9 @@ class BlockSpec:
     def from_json(cls, text: str | Mapping) -> "BlockSpec":
         """Read a `blora_spec` value (string or parsed JSON); raises SpecError when it is not one."""
         try:
-            doc = json.loads(text) if isinstance(text, str) else text
-        except json.JSONDecodeError as err:
-            raise SpecError(f"blora_spec is not valid JSON: {err.msg}") from None
+            doc = loads_strict(text) if isinstance(text, str) else text
+        except ValueError as err:
+            raise SpecError(f"blora_spec is not valid JSON: {' '.join(str(err).split())[:120]}") from None
         if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
             raise SpecError(f"blora_spec has no 'format': {FORMAT!r} field")
         try:

@@ -5,10 +5,12 @@ The `sshs_*` hashes are computed by the writer (they depend on the bytes written
 
 from __future__ import annotations
 
-import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
+
+from blora_tools.jsonio import dumps, json_value
 
 SPEC_KEY = "blora_spec"
 HISTORY_KEY = "blora_history"
@@ -46,7 +48,7 @@ def updated_metadata(
     meta["ss_network_dim"] = dim
     meta["ss_network_alpha"] = alpha
     if spec is not None:
-        meta[SPEC_KEY] = json.dumps(spec, sort_keys=True)
+        meta[SPEC_KEY] = dumps(spec, sort_keys=True)
     history = read_history(source)
     history.append(
         {
@@ -56,16 +58,13 @@ def updated_metadata(
             "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     )
-    meta[HISTORY_KEY] = json.dumps(history, sort_keys=True, default=str)
+    meta[HISTORY_KEY] = dumps(history, sort_keys=True)
     return meta
 
 
 def read_history(metadata: Mapping[str, str]) -> list[dict]:
     """The `blora_history` list of a file (empty when absent or unreadable)."""
-    try:
-        history = json.loads(metadata.get(HISTORY_KEY, "[]"))
-    except json.JSONDecodeError:
-        return []
+    history = json_value(metadata.get(HISTORY_KEY, "[]"))
     return history if isinstance(history, list) else []
 
 
@@ -92,14 +91,21 @@ def training_summary(metadata: Mapping[str, str]) -> dict[str, object]:
 
 
 def top_tags(metadata: Mapping[str, str], limit: int) -> list[tuple[str, int]]:
-    """Most frequent training tags across datasets of `ss_tag_frequency`."""
-    try:
-        per_dataset = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
-        return []
+    """Most frequent training tags across datasets of `ss_tag_frequency`.
+
+    Only whole, finite, non-negative counts are read (kohya writes integers); a value that is not JSON (as
+    `loads_strict` reads it) gives no tags.
+    """
+    per_dataset = json_value(metadata.get("ss_tag_frequency", "{}"))
     counts: Counter = Counter()
     if isinstance(per_dataset, dict):
         for tags in per_dataset.values():
             if isinstance(tags, dict):
-                counts.update({str(t): int(n) for t, n in tags.items() if isinstance(n, (int, float))})
+                counts.update({str(t): int(n) for t, n in tags.items() if _is_count(n)})
     return counts.most_common(limit)
+
+
+def _is_count(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and value >= 0 and float(value).is_integer()

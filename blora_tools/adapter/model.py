@@ -7,7 +7,6 @@ Tensors are read on demand; untouched tensors can be copied as raw bytes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -20,6 +19,7 @@ from blora_tools.adapter.formats import Format, KeyName, split_key
 from blora_tools.adapter.header import Header, TensorInfo, read_header
 from blora_tools.adapter.kinds import Kind, kind_of
 from blora_tools.errors import AdapterFileError
+from blora_tools.jsonio import loads_strict
 from blora_tools.taxonomy.arch import Arch, detect_arch
 from blora_tools.taxonomy.blocks import Placement, place
 
@@ -349,8 +349,8 @@ def _peft_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName]) -> d
     if not raw:
         return {}
     try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
+        doc = loads_strict(raw)
+    except ValueError:
         return {}
     if not isinstance(doc, dict):
         return {}
@@ -367,7 +367,8 @@ def _peft_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName]) -> d
         prefix = next(p for p in component_of if stem.startswith(p))
         config = configs.get(component_of[prefix]) or configs.get("") or {}
         alpha = config.get("lora_alpha")
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
+        patterns = config.get("alpha_pattern")
+        for pattern, value in (patterns.items() if isinstance(patterns, dict) else ()):
             if name.path and (name.path == pattern or name.path.endswith("." + pattern)):
                 alpha = value
         if isinstance(alpha, (int, float)):

@@ -9,14 +9,19 @@ complete: it is written to a temporary file beside the target, fsynced and renam
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
 import queue
+import stat
 import struct
+import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,22 +56,37 @@ class Entry:
         return n
 
 
-def check_output(path: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
-    """Refuse an output path that is an input, exists without `force`, or whose folder is missing."""
+def check_output(
+    path: str | Path, inputs: Iterable[str | Path] = (), force: bool = False, suffixes: Sequence[str] = (".safetensors",)
+) -> Path:
+    """The one rule for every file a command writes (adapters, charts, render's PNG and JSON, preset exports).
+
+    Refused: a name not ending in one of `suffixes`, the path of an input (by name, through a symbolic link or
+    a hard link), a directory, a missing folder, and without `force` anything already at the path, a dangling
+    symbolic link included. The write itself (`atomic_file`) checks existence again when it commits.
+    """
     path = Path(path)
-    for source in inputs:
-        source = Path(source)
-        if path.resolve() == source.resolve() or (path.exists() and source.exists() and path.samefile(source)):
-            raise OutputError("output is one of the inputs; write to a new file", path)
     if path.is_dir():
         raise OutputError("output is a directory; give a file name", path)
+    if path.suffix.lower() not in suffixes:
+        raise OutputError(f"output must end in {' or '.join(suffixes)}", path)
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise OutputError("output is one of the inputs; write to a new file", path)
     if not path.parent.is_dir():
         raise OutputError(f"output folder {path.parent} does not exist", path)
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:
         raise OutputError("output exists; pass --force to replace it", path)
-    if path.suffix.lower() != ".safetensors":
-        raise OutputError("output must end in .safetensors", path)
     return path
+
+
+def _same_file(path: Path, source: Path) -> bool:
+    try:
+        if path.resolve() == source.resolve():
+            return True
+        return path.exists() and source.exists() and path.samefile(source)
+    except (OSError, RuntimeError):  # an unreadable folder or a symbolic-link loop: not provably the same
+        return False
 
 
 def ordered(entries: Iterable[Entry]) -> list[Entry]:
@@ -106,7 +126,7 @@ def write_entries(
     if hashes:
         meta.update(_PLACEHOLDER)
     head = header_bytes(items, meta)
-    with atomic_file(path) as f:
+    with atomic_file(path, force=force, verify=check_readable) as f:
         f.write(struct.pack("<Q", len(head)) + head)
         data_hash = _BackgroundHash()
         try:
@@ -151,23 +171,44 @@ class _BackgroundHash:
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
+def atomic_file(
+    path: str | Path, force: bool = False, verify: Callable[[Path], None] | None = None
+) -> Iterator[BinaryIO]:
     """A file opened for writing that appears at `path` only when the block completes.
 
-    It is a temporary file beside `path`, fsynced and renamed into place; on any exception (a full disk,
-    Ctrl-C) it is removed and an existing file at `path` stays as it was. OSError becomes OutputError.
+    It is a short-named temporary file beside `path` (`.blora-XXXXXXXX.tmp`, so any name the folder allows
+    works), fsynced, checked by `verify(temporary path)` when given, and then moved into place. Without
+    `force` the move never replaces anything: a file that appeared at `path` while writing survives and the
+    write fails ("appeared while writing"), so of two runs writing one new path exactly one wins. With
+    `force` it replaces the file atomically and keeps that file's permission bits; a new file gets the
+    permissions any new file gets (0666 less the umask), not mkstemp's 0600. On any exception (a full disk,
+    Ctrl-C, SIGTERM) the temporary file is removed and `path` stays as it was. OSError becomes OutputError.
     """
+    path = Path(path)
+    mode = _mode_for(path, force)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=".blora-", suffix=".tmp", dir=path.parent)
     except OSError as err:  # a read-only or full folder: nothing was created
         raise OutputError(f"cannot write in {path.parent}: {err.strerror or err}; nothing was written", path) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w+b") as f:
+            os.fchmod(f.fileno(), mode)
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if verify is not None:
+            try:
+                verify(tmp)
+            except OutputError as err:
+                raise OutputError(err.message, path) from None
+        if force:
+            os.replace(tmp, path)
+        else:
+            _move_without_replacing(tmp, path)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        raise OutputError("appeared while writing; nothing replaced", path) from None
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write: {err.strerror or err}; nothing was written", path) from None
@@ -176,10 +217,92 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (see `atomic_file`)."""
+def _mode_for(path: Path, force: bool) -> int:
+    """Permission bits for the output: the replaced file's with `force`, else 0666 less the umask."""
+    if force:
+        try:
+            st = os.stat(path)
+            if stat.S_ISREG(st.st_mode):
+                return stat.S_IMODE(st.st_mode)
+        except OSError:
+            pass
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (else set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _move_without_replacing(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path` unless something is there (FileExistsError), atomically.
+
+    Linux renameat2(RENAME_NOREPLACE) where the kernel and file system support it; else a hard link (which
+    fails when the name exists) and the temporary name removed; on file systems with neither (FAT, some
+    network mounts) a last existence check and a rename, where only a file appearing in between is lost.
+    """
+    if _renameat2_noreplace(tmp, path):
+        return
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _renameat2_noreplace(tmp: Path, path: Path) -> bool:
+    """True when renameat2(RENAME_NOREPLACE) moved the file; False where it is not available."""
+    libc = _libc()
+    if libc is None:
+        return False
+    result = libc.renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(path))  # EEXIST makes a FileExistsError
+
+
+@functools.cache
+def _libc():
+    """The C library's renameat2, or None (not Linux, or glibc older than 2.28)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return libc
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, force: bool = False) -> Path:
+    """Write `data` to `path` atomically (see `atomic_file`; without `force` an existing file is never replaced)."""
     path = Path(path)
-    with atomic_file(path) as f:
+    with atomic_file(path, force=force) as f:
         f.write(data)
     return path
 
@@ -196,6 +319,25 @@ def _legacy_hash(f, items: list[Entry], meta: Mapping[str, str], data_start: int
         f.seek(data_start + data_from)
         window += f.read(want)
     return hashlib.sha256(window).hexdigest()[:8]
+
+
+def check_readable(path: Path) -> None:
+    """Refuse a written file that safetensors' own reader or this tool's header check would not open.
+
+    Header only (cheap): `safetensors.safe_open` parses and validates the header of the file on disk.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from blora_tools.adapter.header import read_header
+    from blora_tools.errors import AdapterFileError
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+        read_header(path)
+    except (SafetensorError, AdapterFileError) as err:
+        reason = err.message if isinstance(err, AdapterFileError) else str(err)
+        raise OutputError(f"the file written would not load ({reason}); nothing was written") from None
 
 
 def tensor_entry(name: str, tensor: "torch.Tensor") -> Entry:

@@ -1,13 +1,19 @@
 """The `blora-tools` command line: a Click group whose commands load lazily, one file each.
 
 Commands are thin (parse → call the library → show). Errors are mapped here, in one place:
-a BloraError prints one line on stderr and exits with its code; Ctrl-C exits 130.
+a BloraError prints one line on stderr and exits with its code; Ctrl-C exits 130, and SIGTERM and SIGHUP
+(what `timeout`, systemd and a closed terminal send) are handled like Ctrl-C: the half-written temporary
+file is removed, one line is printed and the exit code is 128 + the signal number (143, 129).
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import click
@@ -71,18 +77,72 @@ class LazyGroup(click.Group):
         return getattr(module, module_name)
 
     def invoke(self, ctx: click.Context):
+        _escape_unencodable_output()
         try:
-            return super().invoke(ctx)
+            with _signals_as_interrupts():
+                return super().invoke(ctx)
         except BloraError as err:
             _print_error(str(err))
             ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
-            _print_error("interrupted; nothing was written")
-            ctx.exit(130)
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            if signum == signal.SIGINT:
+                _print_error("interrupted; nothing was written")
+            else:
+                _print_error(f"terminated by {signal.Signals(signum).name}; nothing was written")
+            ctx.exit(128 + signum)
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every cleanup written for an interrupt runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM/SIGHUP raise Signalled (a signal already ignored, as under nohup, stays
+    ignored); the first one ignores further ones so they cannot cut the cleanup short. Handlers are restored
+    afterwards (the CLI also runs inside other programs' processes, e.g. tests)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        for number in previous:
+            signal.signal(number, signal.SIG_IGN)
+        raise Signalled(signum)
+
+    for number in _HANDLED_SIGNALS:
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def _escape_unencodable_output() -> None:
+    """Print text the terminal's encoding cannot hold (a file name with undecodable bytes) as escapes."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
 
 
 def _print_error(message: str) -> None:
-    click.echo(f"error: {' '.join(message.split())}", err=True)
+    text = " ".join(message.split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    click.echo(f"error: {text}", err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

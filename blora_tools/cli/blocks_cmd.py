@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from blora_tools.cli import output
+from blora_tools.cli.params import FINITE_FLOAT, MAX_RANK
 from blora_tools.taxonomy.arch import KNOWN_ARCHS, Arch
 
 
@@ -17,8 +18,8 @@ def _format_number(v: float) -> str:
 @click.option("--arch", "arch_name", type=click.Choice([a.value for a in KNOWN_ARCHS]), required=True, help="Architecture.")
 @click.argument("spec", required=False)
 @click.option("--as", "as_format", type=click.Choice(["table", "kohya", "lbw", "lbw-short", "diffusers"]), default="table", show_default=True, help="Output convention for SPEC.")
-@click.option("--rank", type=int, default=None, help="With a selector: the value for selected blocks (others 0), e.g. block_dims.")
-@click.option("--lbw-fill", type=float, default=0.0, show_default=True, help="Value for blocks a short LBW vector does not name (1 = kohya --lbws).")
+@click.option("--rank", type=click.IntRange(1, MAX_RANK), default=None, help="With a selector: the value for selected blocks (others 0), e.g. block_dims.")
+@click.option("--lbw-fill", type=FINITE_FLOAT, default=0.0, show_default=True, help="Value for blocks a short LBW vector does not name (1 = kohya --lbws).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table or the conversion as JSON.")
 @click.pass_obj
 def blocks_cmd(app, arch_name: str, spec: str | None, as_format: str, rank: int | None, lbw_fill: float, as_json: bool) -> None:

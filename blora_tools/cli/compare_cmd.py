@@ -30,9 +30,10 @@ _STATUS_STYLE = MappingProxyType(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also draw the per-block norms of both files to this image (.png/.svg/.pdf; needs blora-tools[plot]).",
 )
+@click.option("--force", is_flag=True, help="Replace the --plot chart if it exists.")
 @json_option
 @click.pass_obj
-def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None, as_json: bool) -> None:
+def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None, force: bool, as_json: bool) -> None:
     """Compare adapters A and B block by block, e.g. a character and a style adapter.
 
     Per paper group: which file trains it, the norm of each file's ΔW there, the cosine similarity of the
@@ -50,6 +51,10 @@ def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None
     from blora_tools.adapter.model import open_adapter
     from blora_tools.ops.compare import compare
 
+    if plot_path is not None:
+        from blora_tools.cli.plot import check_chart
+
+        check_chart(plot_path, [a, b], force)
     first, second = open_adapter(a), open_adapter(b)
     total = len(first.modules) + len(second.modules)
     with ui.progress(app, f"comparing {a.name} and {b.name}", total) as advance:
@@ -62,7 +67,7 @@ def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None
             f"A: {a.name}": {g: f["norm_a"] if f["modules_a"] else None for g, f in blocks.items()},
             f"B: {b.name}": {g: f["norm_b"] if f["modules_b"] else None for g, f in blocks.items()},
         }
-        plot_blocks(plot_path, series, f"per-block ‖ΔW‖ ({report['arch']})")
+        plot_blocks(plot_path, series, f"per-block ‖ΔW‖ ({report['arch']})", inputs=[a, b], force=force)
     if as_json:
         ui.print_json(app, report)
         ui.warn_all(app, report["warnings"])

@@ -13,7 +13,7 @@ from blora_tools.cli import output
 @click.command("demo")
 @click.argument("directory", required=False, default="blora-demo", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--steps", type=click.IntRange(1, 10_000), default=40, show_default=True, help="Training steps per adapter.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the model, the data and training.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True, help="Seed for the model, the data and training.")
 @click.option("--force", is_flag=True, help="Replace the demo files in DIRECTORY if they exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 @click.pass_obj
@@ -42,8 +42,8 @@ def demo_cmd(app, directory: Path, steps: int, seed: int, force: bool, as_json: 
         result = run_demo(directory, steps=steps, seed=seed, force=force, on_stage=stage, on_step=advance)
     for message in result.notes:
         output.note(app, f"plugin: {message}")
-    chart = _chart(app, result, directory)
-    report = write_report(result, directory / "report.md", chart)
+    chart = _chart(app, result, directory, force)
+    report = write_report(result, directory / "report.md", chart, force=force)
     if as_json:
         output.print_json(app, {
             "directory": str(directory), "seconds": result.seconds, "losses": result.losses,
@@ -54,7 +54,7 @@ def demo_cmd(app, directory: Path, steps: int, seed: int, force: bool, as_json: 
     _show(app, result, report, chart)
 
 
-def _chart(app, result, directory: Path) -> Path | None:
+def _chart(app, result, directory: Path, force: bool) -> Path | None:
     from blora_tools.errors import BloraError
 
     try:
@@ -63,7 +63,7 @@ def _chart(app, result, directory: Path) -> Path | None:
         return None
     series = {name: {b: v["norm"] for b, v in report["blocks"].items()} for name, report in result.inspect.items()}
     try:
-        return plot_blocks(directory / "blocks.png", series, "per-block ΔW norm: character vs style")
+        return plot_blocks(directory / "blocks.png", series, "per-block ΔW norm: character vs style", force=force)
     except BloraError as err:
         output.note(app, f"no chart: {err}")
         return None

@@ -30,8 +30,9 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
 @click.option("--no-stats", is_flag=True, help="Read only the headers: no norms, no NaN check, no tensor data.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file (schema blora-inspect/1).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the per-block norms of every file as a chart (.png/.svg/.pdf; needs matplotlib).")
+@click.option("--force", is_flag=True, help="Replace the --plot chart if it exists.")
 @click.pass_obj
-def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_json: bool, plot: Path | None) -> None:
+def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_json: bool, plot: Path | None, force: bool) -> None:
     """Show architecture, format, kinds and a per-block table of adapter FILES (or folders).
 
     Norms are Frobenius norms of each block's scaled ΔW, computed from the factors (no dense
@@ -50,6 +51,10 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
     if plot is not None and no_stats:
         raise click.UsageError("--plot draws norms, which --no-stats does not compute")
     files = _expand(paths)
+    if plot is not None:
+        from blora_tools.cli.plot import check_chart
+
+        check_chart(plot, [*paths, *files], force)
     reports = []
     for path in files:
         adapter = open_adapter(path)
@@ -63,7 +68,7 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
         from blora_tools.cli.plot import plot_blocks
 
         series = {Path(r["path"]).name: {b: v["norm"] for b, v in r["blocks"].items()} for r in reports}
-        plot_blocks(plot, series, "per-block ΔW norm")
+        plot_blocks(plot, series, "per-block ΔW norm", inputs=files, force=force)
         output.note(app, f"chart written to {plot}")
     if as_json:
         output.print_json(app, reports)

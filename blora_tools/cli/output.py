@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +12,10 @@ from rich.text import Text
 
 
 def print_json(app, obj) -> None:
-    """One JSON document on stdout (plain, no markup, no wrapping)."""
-    app.out.file.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """One JSON document on stdout (plain, no markup, no wrapping), always valid JSON (see jsonio.dumps)."""
+    from blora_tools.jsonio import dumps
+
+    app.out.file.write(dumps(obj, indent=2) + "\n")
 
 
 def warn(app, message: str) -> None:

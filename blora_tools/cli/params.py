@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import click
@@ -86,6 +87,10 @@ class RatiosParam(click.ParamType):
         return ratios
 
 
+MAX_RANK = 65536
+"""The largest rank an option accepts (far above any module's size; bounds a mistyped or hostile number)."""
+
+
 class RankParam(click.ParamType):
     """A rank: `16`, or per block `in0=8,out3=16` (checked here; resolved once the architecture is known)."""
 
@@ -96,17 +101,43 @@ class RankParam(click.ParamType):
         from blora_tools.taxonomy.weights import parse_weights
 
         text = str(value).strip()
-        if text.isdigit():
-            if int(text) < 1:
-                self.fail("a rank must be at least 1", param, ctx)
+        if re.fullmatch(r"[0-9]+", text):  # ASCII digits only: str.isdigit() also accepts '²' and other scripts
+            if len(text.lstrip("0")) > len(str(MAX_RANK)) or not 1 <= int(text) <= MAX_RANK:
+                self.fail(f"{_short(text)}: a rank must be a whole number from 1 to {MAX_RANK}", param, ctx)
             return text
         try:
             spec = parse_weights(text)
         except SelectorError as err:
             self.fail(str(err), param, ctx)
-        if spec.vector is not None or any(v < 0 or not float(v).is_integer() for _, v in spec.named):
-            self.fail(f"{text!r}: give one whole number or block=rank pairs such as in0=8,out3=16", param, ctx)
+        if spec.vector is not None or any(not 0 <= v <= MAX_RANK or not float(v).is_integer() for _, v in spec.named):
+            self.fail(
+                f"{_short(text)}: give one whole number (1 to {MAX_RANK}) or block=rank pairs such as in0=8,out3=16",
+                param,
+                ctx,
+            )
         return text
+
+
+class FiniteFloatParam(click.ParamType):
+    """A finite number (nan and inf are refused as usage errors)."""
+
+    name = "FLOAT"
+
+    def convert(self, value, param, ctx) -> float:
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            self.fail(f"{_short(str(value))} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{_short(str(value))} is not a finite number", param, ctx)
+        return number
+
+
+def _short(text: str) -> str:
+    """A user's value quoted for a message, cut to a readable length (a 5,000-digit number stays one line)."""
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
 
 
 class RuleParam(click.ParamType):
@@ -128,11 +159,12 @@ class RuleParam(click.ParamType):
 
 RANK = RankParam()
 RULE = RuleParam()
+FINITE_FLOAT = FiniteFloatParam()
 
-alpha_option = click.option("--alpha", type=float, help="The one alpha value the output uses for every module (default: its largest rank).")
+alpha_option = click.option("--alpha", type=FINITE_FLOAT, help="The one alpha value the output uses for every module (default: its largest rank).")
 dtype_option = click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Output tensor dtype (default: the first input's).")
 clamp_option = click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True), help="Clamp factor entries at this quantile of their magnitudes (kohya's svd_merge option; off by default).")
-conv_rank_option = click.option("--conv-rank", type=click.IntRange(min=1), help="Rank for k×k convolutions (LoCon); default: as --rank.")
+conv_rank_option = click.option("--conv-rank", type=click.IntRange(1, MAX_RANK), help="Rank for k×k convolutions (LoCon); default: as --rank.")
 uniform_alpha_option = click.option(
     "--uniform-alpha",
     is_flag=True,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import click
 
 from blora_tools.cli import output
+from blora_tools.cli.params import FINITE_FLOAT, MAX_RANK
 from blora_tools.taxonomy.arch import KNOWN_ARCHS
 
 
 @click.command("plan")
 @click.option("--arch", "arch_name", type=click.Choice([a.value for a in KNOWN_ARCHS]), required=True, help="Architecture to plan for.")
 @click.option("--network-args", default="", help='The --network_args you would give sd-scripts, e.g. "preset=style conv_dim=8".')
-@click.option("--network-dim", type=int, default=None, help="The trainer's --network_dim (default 4).")
-@click.option("--network-alpha", type=float, default=None, help="The trainer's --network_alpha (default 1).")
+@click.option("--network-dim", type=click.IntRange(1, MAX_RANK), default=None, help="The trainer's --network_dim (default 4).")
+@click.option("--network-alpha", type=FINITE_FLOAT, default=None, help="The trainer's --network_alpha (default 1).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"arch", "blocks": {group: {"modules", "params", …}}, "total", "warnings"}.')
 @click.pass_obj
 def plan_cmd(app, arch_name: str, network_args: str, network_dim: int | None, network_alpha: float | None, as_json: bool) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import WEIGHTS, allow_nonfinite_option, force_option, input_file, json_option, output_option, uniform_alpha_option
+from blora_tools.cli.params import FINITE_FLOAT, WEIGHTS, allow_nonfinite_option, force_option, input_file, json_option, output_option, uniform_alpha_option
 
 
 @click.command("reweight")
@@ -16,7 +16,7 @@ from blora_tools.cli.params import WEIGHTS, allow_nonfinite_option, force_option
 @click.option("--lbw", "lbw", type=WEIGHTS, help="An LBW vector (17/26 values SD1/SD2, 12/20 SDXL), a preset name, or 'lbw=…' pasted from a prompt.")
 @click.option("--preset", help="An LBW preset name: built in (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5, NONE) or from --preset-file.")
 @click.option("--preset-file", type=click.Path(dir_okay=False, path_type=Path), help="A preset file of 'NAME:v1,v2,…' lines (# lines are comments).")
-@click.option("--lbw-fill", type=float, default=0.0, show_default=True, help="Weight of blocks an LBW vector does not name (LBW: 0; kohya --lbws: 1).")
+@click.option("--lbw-fill", type=FINITE_FLOAT, default=0.0, show_default=True, help="Weight of blocks an LBW vector does not name (LBW: 0; kohya --lbws: 1).")
 @output_option()
 @uniform_alpha_option
 @force_option
@@ -52,7 +52,7 @@ def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: f
         raise click.BadParameter("expected an LBW vector, a preset name or lbw=…; use --weights for 'block=weight' pairs", param_hint="--lbw")
     spec = weights or lbw or _preset(preset, preset_file)
     adapter = open_adapter(file)
-    check_output(output, [file], force)
+    check_output(output, [file, *([preset_file] if preset_file is not None else [])], force)
     resolved = spec.resolve(known_arch(adapter), fill=lbw_fill)
     result = reweight(adapter, resolved, text=spec.text, uniform_alpha=uniform_alpha)
     written = ui.save_result(app, result, output, force, allow_nonfinite)

@@ -7,7 +7,6 @@ so a write holds one module, not the file.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from blora_tools.adapter.writer import Entry, write_entries
 from blora_tools.errors import AdapterFileError, NonFiniteError
+from blora_tools.jsonio import dumps, loads_strict
 
 if TYPE_CHECKING:
     import torch
@@ -170,8 +170,8 @@ def spec_without_groups(metadata: Mapping[str, str], remaining_groups: set[str])
     if raw is None:
         return None
     try:
-        spec = json.loads(raw)
-    except json.JSONDecodeError:
+        spec = loads_strict(raw)
+    except ValueError:
         return raw
     blocks = spec.get("blocks") if isinstance(spec, dict) else None
     if not isinstance(blocks, dict):
@@ -181,7 +181,7 @@ def spec_without_groups(metadata: Mapping[str, str], remaining_groups: set[str])
             for key in ("rank", "conv_rank"):
                 if key in entry:
                     entry[key] = 0
-    return json.dumps(spec, sort_keys=True)
+    return dumps(spec, sort_keys=True)
 
 
 _LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")

@@ -6,7 +6,6 @@ statistics nothing but the header (and the few bytes of each alpha) is read.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from blora_tools.adapter.layers import is_conv, layer_shape
 from blora_tools.adapter.metadata import SPEC_KEY, training_summary
 from blora_tools.adapter.model import Adapter, Module
+from blora_tools.jsonio import loads_strict
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import table
 
@@ -144,9 +144,9 @@ def _empty_block_warnings(adapter: Adapter, rows: dict[str, BlockFigures], fine:
     raw_spec = adapter.metadata.get(SPEC_KEY)
     if raw_spec:
         try:
-            blocks = json.loads(raw_spec).get("blocks", {})
+            blocks = loads_strict(raw_spec).get("blocks", {})
             wanted = {g for g, b in blocks.items() if isinstance(b, dict) and (b.get("rank") or b.get("conv_rank"))}
-        except (json.JSONDecodeError, AttributeError):
+        except (ValueError, AttributeError):  # not JSON (loads_strict's rules) or not the expected shape
             wanted = set()
     empty = sorted(g for g in wanted if g in rows and rows[g].modules == 0)
     warnings = []

@@ -22,7 +22,10 @@ from blora_tools.taxonomy.selectors import check_term, resolve_term
 
 
 def _vector(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
+    values = tuple(float(v) for v in text.split(","))
+    if not all(math.isfinite(v) for v in values):
+        raise SelectorError(f"LBW vector {_shorten(text)!r} has a value that is not finite")
+    return values
 
 
 LBW_PRESETS: Mapping[str, tuple[float, ...]] = MappingProxyType(
@@ -81,22 +84,43 @@ class WeightSpec:
         return BlockWeights(layout.arch, MappingProxyType(values))
 
 
+MAX_PRESET_FILE_BYTES = 1 << 20
+"""A preset file is a few lines; anything over 1 MiB is not one (and is refused before it is read)."""
+
+
 def read_preset_file(path: str | Path) -> dict[str, tuple[float, ...]]:
-    """Read an LBW preset file: lines `NAME:v1,v2,…`; lines with `#` and blank lines are ignored."""
+    """Read an LBW preset file: lines `NAME:v1,v2,…`; `#` starts a comment, blank lines are ignored.
+
+    UTF-8 with or without a byte-order mark; a name defined twice, a line of another form, a file over
+    `MAX_PRESET_FILE_BYTES` or anything but a regular file (a FIFO, a device) is a SelectorError naming the file
+    (and the line).
+    """
+    from blora_tools.inputs import read_text_bounded
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise SelectorError(f"cannot read preset file: {err}", path) from None
+    text = read_text_bounded(path, MAX_PRESET_FILE_BYTES, SelectorError, "a preset file")
     presets: dict[str, tuple[float, ...]] = {}
-    for number, line in enumerate(lines, 1):
-        if "#" in line or not line.strip():
+    defined_on: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        body = line.partition("#")[0].strip()
+        if not body:
             continue
-        name, sep, values = line.partition(":")
-        if not sep or not _VECTOR.match(values):
-            raise SelectorError(f"line {number} is not 'NAME:v1,v2,…': {line.strip()!r}", path)
-        presets[name.strip()] = _vector(values.replace(" ", ""))
+        name, sep, values = body.partition(":")
+        name = name.strip()
+        if not sep or not name or not _VECTOR.match(values):
+            raise SelectorError(f"line {number} is not 'NAME:v1,v2,…': {_shorten(line.strip())!r}", path)
+        if name in defined_on:
+            raise SelectorError(f"line {number}: preset {name!r} is already defined on line {defined_on[name]}", path)
+        try:
+            presets[name] = _vector(values.replace(" ", ""))
+        except SelectorError as err:
+            raise SelectorError(f"line {number}: {err.message}", path) from None
+        defined_on[name] = number
     return presets
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_weights(text: str, presets: Mapping[str, tuple[float, ...]] | None = None) -> WeightSpec:

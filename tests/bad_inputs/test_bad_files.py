@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import shutil
 
 import pytest
@@ -103,15 +102,15 @@ def test_unreadable_file(runner, tmp_path, good, monkeypatch, command):
         finally:
             bad.chmod(0o644)
     else:
-        real_open = pathlib.Path.open
+        real_open = os.open  # inputs are opened with os.open (blora_tools.inputs.open_regular)
 
-        def denied(self, *a, **k):
-            if self == bad:
-                raise PermissionError(13, "Permission denied", str(self))
-            return real_open(self, *a, **k)
+        def denied(name, *a, **k):
+            if os.fspath(name) == str(bad):
+                raise PermissionError(13, "Permission denied", str(name))
+            return real_open(name, *a, **k)
 
         with monkeypatch.context() as patch:
-            patch.setattr(pathlib.Path, "open", denied)
+            patch.setattr(os, "open", denied)
             result = invoke(runner, args)
     assert_refused(result, tmp_path, before, str(bad), "Permission denied")
 
