@@ -10,6 +10,7 @@ import click
 from rich.text import Text
 
 from blora_tools.cli import output
+from blora_tools.cli.params import FINITE_FLOAT
 from blora_tools.errors import BloraError, SelectorError
 from blora_tools.render import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, DTYPES, SAMPLERS
 from blora_tools.render.grid import Axis, LoraArg
@@ -57,7 +58,7 @@ SIZE = _FromText("WxH", _size)
 @click.option("--negative", default="", help="The negative prompt.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Noise seed (CPU generator).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=DEFAULT_STEPS, show_default=True, help="Denoising steps.")
-@click.option("--cfg", type=float, default=DEFAULT_CFG, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--cfg", type=FINITE_FLOAT, default=DEFAULT_CFG, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=DEFAULT_SAMPLER, show_default=True)
 @click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT, multiples of 8 [default: the model's own size].")
 @click.option("--grid-x", "grid_x", type=AXIS, default=None, help="Vary this across columns (see AXES above).")
@@ -140,9 +141,9 @@ def render_cmd(app, model_path: Path, config, loras, prompt, negative, seed, ste
                      f"{len(plan.cells)} cell(s), {sampler}")
     with output.progress(app, f"rendering {len(plan.cells)} cell(s)", plan.total_steps) as advance:
         grid, doc = render_grid(model, plan, adapters, selections, (width, height), on_step=advance)
-    write_atomic(targets[0], png_bytes(grid, doc))
+    write_atomic(targets[0], png_bytes(grid, doc), force=force)
     if as_json:
-        write_atomic(json_path_for(out_path), (dumps(doc) + "\n").encode())
+        write_atomic(json_path_for(out_path), (dumps(doc) + "\n").encode(), force=force)
     written = " and ".join(str(t) for t in targets)
     app.out.print(Text(f"wrote {written} ({grid.width}x{grid.height}, {len(plan.cells)} cell(s), {doc['render_s']:.1f} s)"))
 

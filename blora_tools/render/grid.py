@@ -16,7 +16,6 @@ Nothing here imports torch or diffusers; PIL is imported by `draw_grid` only. Th
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -512,7 +511,9 @@ def _axis_json(axis: Axis | None) -> dict | None:
 
 
 def dumps(doc: dict) -> str:
-    return json.dumps(doc, indent=2, ensure_ascii=False)
+    from blora_tools.jsonio import dumps as valid_json
+
+    return valid_json(doc, indent=2, ensure_ascii=False)
 
 
 # --- which modules each selector picks ---------------------------------------------------------------
@@ -610,23 +611,13 @@ def resolve_plan(plan: GridPlan, adapters: dict) -> tuple[dict[tuple[str, str], 
 
 
 def check_image_output(path: Path, force: bool, with_json: bool = False, inputs: Sequence[Path] = ()) -> list[Path]:
-    """The files a render writes (the PNG, and its .json with `with_json`) after checking they may be written."""
-    from blora_tools.errors import OutputError
+    """The files a render writes (the PNG, and its .json with `with_json`) after checking they may be written
+    (writer.check_output: the rules of every output)."""
+    from blora_tools.adapter.writer import check_output
 
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise OutputError("output must end in .png", path)
-    if path.is_dir():
-        raise OutputError("output is a directory; give a file name", path)
-    if not path.parent.is_dir():
-        raise OutputError(f"output folder {path.parent} does not exist", path)
-    for source in inputs:
-        if Path(source).exists() and path.exists() and path.samefile(source):
-            raise OutputError("output is one of the inputs; write to a new file", path)
-    targets = [path, json_path_for(path)] if with_json else [path]
-    for target in targets:
-        if target.exists() and not force:
-            raise OutputError("output exists; pass --force to replace it", target)
+    targets = [check_output(path, inputs, force, suffixes=(".png",))]
+    if with_json:
+        targets.append(check_output(json_path_for(path), inputs, force, suffixes=(".json",)))
     return targets
 
 
@@ -643,7 +634,9 @@ def png_bytes(image: "Image.Image", doc: dict | None = None) -> bytes:
 
     info = PngImagePlugin.PngInfo()
     if doc is not None:
-        info.add_itxt("blora-render", json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
+        from blora_tools.jsonio import dumps as valid_json
+
+        info.add_itxt("blora-render", valid_json(doc, ensure_ascii=False, separators=(",", ":")))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
