@@ -2,7 +2,8 @@
 
 Reading (`loads_strict`) accepts exactly the JSON text serde_json accepts, as safetensors 0.8 configures it:
 no NaN/Infinity, every number within a 64-bit float's range (integers beyond u64/i64 and `-0` become floats,
-as serde_json reads them), no lone surrogate escapes, nesting at most `MAX_DEPTH` levels. Objects keep every
+as serde_json reads them; magnitudes from 1e308 up are refused, a documented margin: serde_json overflows on
+some of them), no lone surrogate escapes, nesting at most `MAX_DEPTH` levels. Objects keep every
 (key, value) pair in `pairs`, repeats included; as a dict the last value of a repeated key wins. Deep nesting
 is a ValueError here, never a RecursionError. Metadata values holding JSON are read the same way
 (`json_value`), so a hostile `ss_tag_frequency` or `blora_history` is treated as absent, not as a crash.
@@ -22,6 +23,7 @@ MAX_DEPTH = 127
 
 _U64_MAX = 2**64 - 1
 _I64_MIN = -(2**63)
+_FLOAT_LIMIT = 1e308
 _MAX_INT_DIGITS = 20  # longer integers are beyond u64/i64 for serde_json (and JSON has no leading zeros)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -94,8 +96,10 @@ def _no_constant(name: str) -> object:
 
 
 def _float(text: str) -> float:
+    """A float within serde_json's range. Magnitudes from 1e308 up are refused: serde_json multiplies the
+    digits by a power of ten and overflows on some values Python rounds to the largest float."""
     value = float(text)
-    if math.isinf(value):
+    if not abs(value) < _FLOAT_LIMIT:
         raise ValueError(f"number out of range: {text[:40]}")
     return value
 
