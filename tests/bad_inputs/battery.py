@@ -93,3 +93,15 @@ def assert_refused(result, folder: Path, before: dict[str, str], *mentions: str,
         assert text in line, (text, line)
     assert snapshot(folder) == before, "a file was left behind, changed or lost"
     return line
+
+
+def writing_args(command: str, a: Path, b: Path, out: Path) -> list[str]:
+    """Arguments that make writing `command` read `a` (and `b`, for merge) and write `out`."""
+    args = {
+        "prune": ["prune", a, "--drop", "te", "-o", out],
+        "reweight": ["reweight", a, "--weights", "in0=0.5", "-o", out],
+        "merge": ["merge", a, b, "--ratios", "1,0.7", "-o", out],
+        "resize": ["resize", a, "--rank", "1", "-o", out],
+        "convert": ["convert", a, "--to", "kohya", "--uniform-alpha", "-o", out],
+    }[command]
+    return [str(x) for x in args]

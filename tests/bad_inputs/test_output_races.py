@@ -15,42 +15,12 @@ import threading
 from contextlib import contextmanager
 
 import pytest
-from adapters import make_adapter
-from battery import WRITERS, assert_refused, invoke, require, snapshot
+from battery import WRITERS, assert_refused, invoke, require, snapshot, writing_args
 
 from blora_tools.adapter import writer
 from blora_tools.adapter.header import read_header
 from blora_tools.adapter.writer import Entry, atomic_file, check_output, write_bytes_atomic, write_entries
 from blora_tools.errors import OutputError
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sources")
-    a = make_adapter(folder / "a.safetensors", "sd1", "locon", rank=2, per_block=1, seed=1)
-    b = make_adapter(folder / "b.safetensors", "sd1", "lora", rank=3, per_block=1, seed=2)
-    return a.read_bytes(), b.read_bytes()
-
-
-@pytest.fixture
-def inputs(tmp_path, sources):
-    paths = []
-    for name, data in zip(("a.safetensors", "b.safetensors"), sources):
-        path = tmp_path / name
-        path.write_bytes(data)
-        paths.append(path)
-    return paths
-
-
-def writing_args(command: str, a, b, out) -> list[str]:
-    args = {
-        "prune": ["prune", a, "--drop", "te", "-o", out],
-        "reweight": ["reweight", a, "--weights", "in0=0.5", "-o", out],
-        "merge": ["merge", a, b, "--ratios", "1,0.7", "-o", out],
-        "resize": ["resize", a, "--rank", "1", "-o", out],
-        "convert": ["convert", a, "--to", "kohya", "--uniform-alpha", "-o", out],
-    }[command]
-    return [str(x) for x in args]
 
 
 def _entries(on_write=None) -> list[Entry]:
@@ -209,18 +179,6 @@ def test_force_keeps_the_replaced_files_mode(tmp_path, mode):
     with _umask(0o077):
         write_entries(out, _entries(), {}, force=True)
     assert stat.S_IMODE(out.stat().st_mode) == mode and set(read_header(out).tensors) == {"a", "b"}
-
-
-@pytest.mark.parametrize("command", WRITERS)
-def test_force_through_the_cli_keeps_a_shared_files_mode(runner, tmp_path, inputs, command):
-    require(command)
-    a, b = inputs
-    out = tmp_path / "out.safetensors"
-    out.write_bytes(b"old")
-    out.chmod(0o664)
-    result = invoke(runner, writing_args(command, a, b, out) + ["--force"])
-    assert result.exit_code == 0, result.stderr
-    assert stat.S_IMODE(out.stat().st_mode) == 0o664
 
 
 # --- names and links at the output path ----------------------------------------------------------------------

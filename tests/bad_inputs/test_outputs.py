@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,39 +17,9 @@ import textwrap
 from contextlib import contextmanager
 
 import pytest
-from adapters import make_adapter
-from battery import READERS, WRITERS, assert_refused, invoke, reading_args, require, snapshot
+from battery import READERS, WRITERS, assert_refused, invoke, reading_args, require, snapshot, writing_args
 
 from blora_tools.errors import OutputError
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sources")
-    a = make_adapter(folder / "a.safetensors", "sd1", "locon", rank=2, per_block=1, seed=1)
-    b = make_adapter(folder / "b.safetensors", "sd1", "lora", rank=3, per_block=1, seed=2)
-    return a.read_bytes(), b.read_bytes()
-
-
-@pytest.fixture
-def inputs(tmp_path, sources):
-    paths = []
-    for name, data in zip(("a.safetensors", "b.safetensors"), sources):
-        path = tmp_path / name
-        path.write_bytes(data)
-        paths.append(path)
-    return paths
-
-
-def writing_args(command: str, a, b, out) -> list[str]:
-    args = {
-        "prune": ["prune", a, "--drop", "te", "-o", out],
-        "reweight": ["reweight", a, "--weights", "in0=0.5", "-o", out],
-        "merge": ["merge", a, b, "--ratios", "1,0.7", "-o", out],
-        "resize": ["resize", a, "--rank", "1", "-o", out],
-        "convert": ["convert", a, "--to", "kohya", "--uniform-alpha", "-o", out],
-    }[command]
-    return [str(x) for x in args]
 
 
 # --- refused outputs --------------------------------------------------------------------------------------
@@ -94,9 +65,11 @@ def test_existing_output_with_force_is_replaced_whole(runner, tmp_path, inputs, 
     a, b = inputs
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"old")
+    out.chmod(0o664)  # a file in a folder shared with a UI service: the replacement keeps its permissions
     before = snapshot(tmp_path)
     result = invoke(runner, writing_args(command, a, b, out) + ["--force"])
     assert result.exit_code == 0, result.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o664
     after = snapshot(tmp_path)
     assert sorted(after) == sorted(before) and after["out.safetensors"] != before["out.safetensors"]
     assert all(after[name] == before[name] for name in ("a.safetensors", "b.safetensors"))
