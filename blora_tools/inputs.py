@@ -53,6 +53,18 @@ def open_regular(path: str | Path, error: type[BloraError], what: str = "file") 
     return os.fdopen(fd, "rb")
 
 
+def refuse_special_file(path: str | Path, error: type[BloraError], what: str) -> None:
+    """Refuse a path that exists and is neither a regular file nor a directory (a FIFO, a device, a socket),
+    for inputs that may be either (a model: a diffusers folder or a single file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the caller's own check says so
+    kind = _not_regular(mode)
+    if kind is not None and not stat.S_ISDIR(mode):
+        raise error(f"is {kind}, not {what}", path)
+
+
 def read_text_bounded(path: str | Path, limit: int, error: type[BloraError], what: str = "a text file") -> str:
     """The UTF-8 text of a regular file of at most `limit` bytes (a leading byte-order mark is dropped)."""
     with open_regular(path, error, what) as f:

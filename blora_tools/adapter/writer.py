@@ -193,7 +193,8 @@ def atomic_file(
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w+b") as f:
-            os.fchmod(f.fileno(), mode)
+            if hasattr(os, "fchmod"):  # POSIX; elsewhere the platform's default permissions stay
+                os.fchmod(f.fileno(), mode)
             yield f
             f.flush()
             os.fsync(f.fileno())

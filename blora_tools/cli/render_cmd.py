@@ -110,6 +110,11 @@ def render_cmd(app, model_path: Path, config, loras, prompt, negative, seed, ste
         raise BloraError(f"two adapters are named {duplicate!r}; name them with --lora NAME=FILE")
     targets = check_image_output(out_path, force, with_json=as_json and not dry_run,
                                  inputs=[model_path, *(a.path for a in loras)])
+    from blora_tools.inputs import refuse_special_file
+
+    for given, what in ((model_path, "a model folder or checkpoint"), (config, "a config folder")):
+        if given is not None:
+            refuse_special_file(given, BloraError, what)
     if not dry_run and not model_path.exists():
         raise BloraError("model not found; give a diffusers folder (with model_index.json) or a .safetensors checkpoint", model_path)
     adapters = {a.name: open_adapter(a.path) for a in loras}

@@ -12,6 +12,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+from adapters import make_adapter
 
 from blora_tools.cli import COMMANDS, main
 
@@ -105,3 +106,24 @@ def writing_args(command: str, a: Path, b: Path, out: Path) -> list[str]:
         "convert": ["convert", a, "--to", "kohya", "--uniform-alpha", "-o", out],
     }[command]
     return [str(x) for x in args]
+
+
+# --- fixtures of the output tests (import them by name: `from battery import inputs, sources`) ---------------
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sources")
+    a = make_adapter(folder / "a.safetensors", "sd1", "locon", rank=2, per_block=1, seed=1)
+    b = make_adapter(folder / "b.safetensors", "sd1", "lora", rank=3, per_block=1, seed=2)
+    return a.read_bytes(), b.read_bytes()
+
+
+@pytest.fixture
+def inputs(tmp_path, sources):
+    paths = []
+    for name, data in zip(("a.safetensors", "b.safetensors"), sources):
+        path = tmp_path / name
+        path.write_bytes(data)
+        paths.append(path)
+    return paths

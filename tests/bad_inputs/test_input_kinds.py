@@ -150,3 +150,15 @@ def test_missing_and_folder_preset_files(tmp_path):
         read_preset_file(tmp_path / "missing.txt")
     with pytest.raises(SelectorError, match="directory"):
         read_preset_file(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["--model", "--config"])
+def test_fifo_as_a_render_model_or_config_is_refused(runner, tmp_path, good, option):
+    require("render")
+    with _fifo(tmp_path / "model.safetensors") as fifo:
+        model = fifo if option == "--model" else tmp_path / "no-model"
+        extra = ["--config", fifo] if option == "--config" else []
+        before = snapshot(tmp_path)
+        result = invoke(runner, ["render", "--model", model, *extra, "--lora", good, "--prompt", "a cat",
+                                 "-o", tmp_path / "grid.png"])
+        assert_refused(result, tmp_path, before, str(fifo), "FIFO")

@@ -15,6 +15,7 @@ import threading
 from contextlib import contextmanager
 
 import pytest
+from battery import inputs, sources  # noqa: F401  (fixtures)
 from battery import WRITERS, assert_refused, invoke, require, snapshot, writing_args
 
 from blora_tools.adapter import writer

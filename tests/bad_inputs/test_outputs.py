@@ -17,6 +17,7 @@ import textwrap
 from contextlib import contextmanager
 
 import pytest
+from battery import inputs, sources  # noqa: F401  (fixtures)
 from battery import READERS, WRITERS, assert_refused, invoke, reading_args, require, snapshot, writing_args
 
 from blora_tools.errors import OutputError
