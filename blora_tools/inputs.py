@@ -62,7 +62,7 @@ def refuse_special_file(path: str | Path, error: type[BloraError], what: str) ->
         return  # missing or unreadable: the caller's own check says so
     kind = _not_regular(mode)
     if kind is not None and not stat.S_ISDIR(mode):
-        raise error(f"is {kind}, not {what}", path)
+        raise error(f"is {kind}, not a regular file ({what} expected)", path)
 
 
 def read_text_bounded(path: str | Path, limit: int, error: type[BloraError], what: str = "a text file") -> str:

@@ -59,7 +59,7 @@ def test_fifo_as_an_adapter_is_refused(runner, tmp_path, good, command):
     with _fifo(tmp_path / "pipe.safetensors") as fifo:
         before = snapshot(tmp_path)
         result = invoke(runner, reading_args(command, fifo, good, tmp_path / "out.safetensors"))
-        assert_refused(result, tmp_path, before, str(fifo), "is a FIFO (named pipe), not a .safetensors file")
+        assert_refused(result, tmp_path, before, str(fifo), "is a FIFO (named pipe), not a regular file (a .safetensors file expected)")
 
 
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/null", "/dev/urandom"])
