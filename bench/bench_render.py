@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from blora_tools.adapter.model import open_adapter
-    from blora_tools.render.grid import CellSettings, select_modules
+    from blora_tools.render.plan import CellSettings, select_modules
     from blora_tools.render.pipeline import RenderModel, WeightPatcher, attach_adapter, render_cell, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)

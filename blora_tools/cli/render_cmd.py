@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+from functools import partial
 from pathlib import Path
 
 import click
@@ -11,9 +11,9 @@ from rich.text import Text
 
 from blora_tools.cli import output
 from blora_tools.cli.params import FINITE_FLOAT
-from blora_tools.errors import BloraError, SelectorError
+from blora_tools.errors import SelectorError
 from blora_tools.render import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, DTYPES, SAMPLERS
-from blora_tools.render.grid import Axis, LoraArg
+from blora_tools.render.args import Axis, LoraArg, parse_size
 
 
 class _FromText(click.ParamType):
@@ -30,19 +30,9 @@ class _FromText(click.ParamType):
             self.fail(err.message, param, ctx)
 
 
-def _size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
-    if not m:
-        raise SelectorError(f"{text!r} is not WIDTHxHEIGHT, e.g. 512x768")
-    width, height = int(m.group(1)), int(m.group(2))
-    if width < 8 or height < 8 or width % 8 or height % 8:
-        raise SelectorError(f"{text!r}: width and height must be multiples of 8 (at least 8)")
-    return width, height
-
-
 LORA = _FromText("[NAME=]FILE[:W][@BLOCKS]", LoraArg.from_text)
 AXIS = _FromText("AXIS", Axis.from_text)
-SIZE = _FromText("WxH", _size)
+SIZE = _FromText("WxH", parse_size)
 
 
 @click.command("render")
@@ -101,62 +91,30 @@ def render_cmd(app, model_path: Path, config, loras, prompt, negative, seed, ste
       # a single-file checkpoint offline: its configs from a local diffusers folder
       blora-tools render --model v1-5.safetensors --config ./sd15-configs --prompt "a cat" -o cat.png
     """
-    from blora_tools.adapter.model import open_adapter
-    from blora_tools.render.grid import CellSettings, LoraUse, check_image_output, plan_grid, resolve_plan
+    from blora_tools.render.run import RenderRequest, render
 
-    names = [a.name for a in loras]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise BloraError(f"two adapters are named {duplicate!r}; name them with --lora NAME=FILE")
-    targets = check_image_output(out_path, force, with_json=as_json and not dry_run,
-                                 inputs=[model_path, *(a.path for a in loras)])
-    from blora_tools.inputs import refuse_special_file
-
-    for given, what in ((model_path, "a model folder or checkpoint"), (config, "a config folder")):
-        if given is not None:
-            refuse_special_file(given, BloraError, what)
-    if not dry_run and not model_path.exists():
-        raise BloraError("model not found; give a diffusers folder (with model_index.json) or a .safetensors checkpoint", model_path)
-    adapters = {a.name: open_adapter(a.path) for a in loras}
-    archs = {a.arch.value for a in adapters.values()}
-    if len(archs) > 1:
-        raise BloraError(f"adapters of different model families given ({', '.join(sorted(archs))}); use one family")
-    base = CellSettings(prompt, negative, seed, steps, cfg, tuple(LoraUse(a.name, a.weight, a.selector) for a in loras))
-    plan = plan_grid(base, grid_x, grid_y)
-    selections, warnings = resolve_plan(plan, adapters)
-    for adapter in adapters.values():
-        output.warn_all(app, (f"{adapter.path.name}: {w}" for w in adapter.warnings))
-    output.warn_all(app, warnings)
+    request = RenderRequest(
+        model=model_path, output=out_path, prompt=prompt, loras=tuple(loras), negative=negative, seed=seed,
+        steps=steps, cfg=cfg, sampler=sampler, size=size, grid_x=grid_x, grid_y=grid_y, config=config,
+        device=device, dtype=dtype, force=force, write_json=as_json,
+    )
+    result = render(request, dry_run=dry_run, on_warning=partial(output.warn, app), on_note=partial(output.note, app),
+                    progress=partial(output.progress, app))
     if dry_run:
-        _show_plan(app, plan, selections, adapters)
+        _show_plan(app, result)
         return
-
-    from blora_tools.adapter.writer import write_bytes_atomic as write_atomic
-    from blora_tools.render.grid import dumps, json_path_for, png_bytes
-    from blora_tools.render.pipeline import check_arch, load_model, peek_arch, render_grid
-
-    arch = peek_arch(model_path, config)
-    if arch is not None:  # refuse an adapter of another family before a long load
-        for adapter in adapters.values():
-            check_arch(adapter, arch)
-    output.note(app, f"loading {model_path}")
-    model = load_model(model_path, config=config, device=device, dtype=dtype, sampler=sampler)
-    width, height = size or model.default_size()
-    output.note(app, f"{model.arch.value} model on {model.device} ({model.dtype_name}), {width}x{height}, "
-                     f"{len(plan.cells)} cell(s), {sampler}")
-    with output.progress(app, f"rendering {len(plan.cells)} cell(s)", plan.total_steps) as advance:
-        grid, doc = render_grid(model, plan, adapters, selections, (width, height), on_step=advance)
-    write_atomic(targets[0], png_bytes(grid, doc), force=force)
-    if as_json:
-        write_atomic(json_path_for(out_path), (dumps(doc) + "\n").encode(), force=force)
-    written = " and ".join(str(t) for t in targets)
-    app.out.print(Text(f"wrote {written} ({grid.width}x{grid.height}, {len(plan.cells)} cell(s), {doc['render_s']:.1f} s)"))
+    written = " and ".join(str(t) for t in result.written)
+    width, height = result.image_size
+    cells = len(result.plan.cells)
+    app.out.print(Text(f"wrote {written} ({width}x{height}, {cells} cell(s), {result.doc['render_s']:.1f} s)"))
 
 
-def _show_plan(app, plan, selections, adapters) -> None:
+def _show_plan(app, result) -> None:
+    """The dry run's tables: what each selector resolves to, and every cell's adapters."""
+    plan = result.plan
     rows = []
-    for (name, selector), s in selections.items():
-        rows.append([name, selector, s.to_json(adapters[name].arch)["resolved"], len(s.stems),
+    for (name, selector), s in result.selections.items():
+        rows.append([name, selector, s.to_json(result.adapters[name].arch)["resolved"], len(s.stems),
                      ", ".join(s.empty_groups)])
     if rows:
         app.out.print(output.table("blocks", ["adapter", "selector", "resolved", "modules", "empty"], rows, right=(3,)))

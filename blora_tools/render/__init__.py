@@ -1,11 +1,14 @@
 """Render images and labelled grids of adapters on a user's own Stable Diffusion model (diffusers).
 
-* `grid` — `--lora` and axis syntax, the cell plan, which modules each selector picks, the labelled PNG.
-  No torch.
+* `args` — the command-line values: `--lora` and axis syntax, `--size`.
+* `plan` — the cells of a grid and which modules each adapter's selector picks.
+* `draw` — the labelled grid image (PIL).
+* `files` — the checks before writing, the cell → settings map (JSON) and the PNG bytes.
 * `pipeline` — load a diffusers pipeline once, merge adapters' ΔW into the touched layers per cell
   (float32, cast back) and put the original tensors back afterwards, render with a progress callback.
+* `run` — `render(request)`: every check, the plan, then (unless a dry run) the model, the cells and the files.
 
-Importing this package imports neither torch nor diffusers.
+Only `pipeline` imports torch and diffusers (`run` imports it when rendering, not for a dry run).
 """
 
 from __future__ import annotations

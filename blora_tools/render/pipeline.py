@@ -27,7 +27,9 @@ from blora_tools.adapter.kinds import Kind, delta_weight, lora_factors
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import AdapterFileError, BloraError
 from blora_tools.render import DEFAULT_SAMPLER, SAMPLERS
-from blora_tools.render.grid import Cell, CellSettings, GridPlan, Selection, draw_grid, grid_map
+from blora_tools.render.draw import draw_grid
+from blora_tools.render.files import grid_map
+from blora_tools.render.plan import Cell, CellSettings, GridPlan, Selection
 from blora_tools.taxonomy.arch import Arch
 
 __all__ = [

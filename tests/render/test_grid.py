@@ -5,17 +5,9 @@ from pathlib import Path
 import pytest
 
 from blora_tools.errors import BloraError, SelectorError
-from blora_tools.render.grid import (
-    OFF,
-    Axis,
-    AxisKind,
-    CellSettings,
-    LoraArg,
-    LoraUse,
-    draw_grid,
-    plan_grid,
-    select_modules,
-)
+from blora_tools.render.args import OFF, Axis, AxisKind, LoraArg
+from blora_tools.render.draw import draw_grid
+from blora_tools.render.plan import CellSettings, LoraUse, plan_grid, select_modules
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from PIL import Image
 
 from blora_tools.adapter.model import open_adapter
 from blora_tools.cli import main
-from blora_tools.render.grid import Axis, CellSettings, LoraUse, plan_grid, resolve_plan
+from blora_tools.render.args import Axis
+from blora_tools.render.plan import CellSettings, LoraUse, plan_grid, resolve_plan
 from blora_tools.render.pipeline import WeightPatcher, attach_adapter, load_model, render_plan
 
 from render_fixtures import (  # noqa: F401 - model_dirs is a fixture
