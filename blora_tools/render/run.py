@@ -8,9 +8,8 @@ selectors. A dry run stops after planning and imports neither torch's models nor
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,7 +66,7 @@ class RenderResult:
     """The cell map (schema blora-render/1), also in the PNG's `blora-render` text chunk."""
 
 
-@contextlib.contextmanager
+@contextmanager
 def _no_progress(_description: str, _total: int) -> Iterator[Callable[[], None]]:
     yield lambda: None
 
