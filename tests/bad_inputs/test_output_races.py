@@ -338,7 +338,7 @@ def test_preset_file_is_an_input_of_reweight(runner, tmp_path, inputs):
 
 
 def test_render_side_file_follows_the_output_rules(tmp_path, inputs):
-    from blora_tools.render.grid import check_image_output
+    from blora_tools.render.files import check_image_output
 
     png = tmp_path / "grid.png"
     side = tmp_path / "grid.json"
