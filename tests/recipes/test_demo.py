@@ -3,6 +3,8 @@
 import json
 import math
 
+from PIL import Image
+
 from blora_tools.adapter.model import open_adapter
 from blora_tools.cli import main
 from blora_tools.demo import run_demo
@@ -29,6 +31,11 @@ def test_demo_cli_refuses_to_overwrite_and_reports_json(runner, tmp_path):
     assert first.exit_code == 0, first.stderr
     doc = json.loads(first.stdout)
     assert (out / "report.md").is_file() and set(doc["files"]) == {"character", "style", "character_upper", "merged"}
+    # the chart the README shows: matplotlib is a dependency, so a plain install draws it
+    with Image.open(out / "blocks.png") as chart:
+        assert chart.format == "PNG" and chart.width > 300 and chart.height > 200
+        assert len(set(chart.convert("RGB").getdata())) > 3  # bars in more than one colour on white, not blank
+    assert "![per-block norms](blocks.png)" in (out / "report.md").read_text(encoding="utf-8")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = runner.invoke(main, ["demo", str(out), "--steps", "2"])
     assert again.exit_code == 1 and "--force" in again.stderr
