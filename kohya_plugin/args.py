@@ -43,7 +43,6 @@ from kohya_plugin import values as readers
 from kohya_plugin.values import PRESETS, SlotValues, Terms, text_of
 
 _FIELDS = ("rank", "alpha", "conv_rank", "conv_alpha", "lr_weight")
-_MID_SLOTS = (10, 11, 12)  # SDXL middle_block_0..2 in kohya's 23-slot order
 _EXCLUSIVE = (("preset", "blocks"), ("block_dims", "block_ranks"), ("conv_block_dims", "conv_block_ranks"))
 _KOHYA_LR = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 
@@ -286,7 +285,7 @@ class _Grid:
         self.units: list[_Unit] = []
         for block in layout.blocks:
             if block == "M00" and layout.arch is Arch.SDXL:
-                self.units += [("M00", s) for s in _MID_SLOTS]
+                self.units += [("M00", s) for s in layout.mid_slots]
             else:
                 self.units.append((block, None))
         te_names = {c.value for c in layout.text_encoders}

@@ -15,6 +15,8 @@ from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from blora_tools.taxonomy.layouts import DIFFUSERS_ROOTS, LDM_ROOTS, rename_unet
+
 if TYPE_CHECKING:
     from blora_tools.taxonomy.arch import Arch
     from blora_tools.taxonomy.blocks import Component
@@ -172,78 +174,7 @@ def path_from_stem(stem: str, arch: "Arch | str") -> tuple["Component", str]:
     return component, path
 
 
-# --- SD U-Net: LDM names ↔ diffusers names -----------------------------------------------------------
-
-LDM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
-DIFFUSERS_ROOTS = (
-    "down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
-    "add_embedding",
-)
-
-_RESNET_PARTS = (
-    ("in_layers.0", "norm1"),
-    ("in_layers.2", "conv1"),
-    ("emb_layers.1", "time_emb_proj"),
-    ("out_layers.0", "norm2"),
-    ("out_layers.3", "conv2"),
-    ("skip_connection", "conv_shortcut"),
-)
-"""Inside a residual block: LDM `ResBlock` layer → diffusers `ResnetBlock2D` layer."""
-
-_OUTSIDE_STAGES = (
-    ("input_blocks.0.0", "conv_in"),
-    ("time_embed.0", "time_embedding.linear_1"),
-    ("time_embed.2", "time_embedding.linear_2"),
-    ("label_emb.0.0", "add_embedding.linear_1"),
-    ("label_emb.0.2", "add_embedding.linear_2"),
-    ("out.0", "conv_norm_out"),
-    ("out.2", "conv_out"),
-)
-"""Layers outside the down/mid/up stages (`label_emb` exists only on SDXL)."""
-
-_ATTENTION_LEVELS = MappingProxyType(
-    {"sd1": (True, True, True, False), "sd2": (True, True, True, False), "sdxl": (False, True, True)}
-)
-"""Which resolution levels (outermost first) hold attention; every level has two residual blocks going down
-and three going up, and every level but the innermost ends in a down/upsampler."""
-
-
-def _stage_table(attention: tuple[bool, ...]) -> tuple[tuple[str, str, str], ...]:
-    """(LDM prefix, diffusers prefix, inside) per U-Net stage module; `inside` says how the rest of a path maps:
-    `resnet` through _RESNET_PARTS, `same` unchanged, `leaf` not at all (the prefix is the whole path)."""
-    levels = len(attention)
-    rows: list[tuple[str, str, str]] = []
-    n = 1
-    for level, attn in enumerate(attention):
-        for j in range(2):
-            rows.append((f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{j}", "resnet"))
-            if attn:
-                rows.append((f"input_blocks.{n}.1", f"down_blocks.{level}.attentions.{j}", "same"))
-            n += 1
-        if level < levels - 1:
-            rows.append((f"input_blocks.{n}.0.op", f"down_blocks.{level}.downsamplers.0.conv", "leaf"))
-            n += 1
-    rows += [
-        ("middle_block.0", "mid_block.resnets.0", "resnet"),
-        ("middle_block.1", "mid_block.attentions.0", "same"),
-        ("middle_block.2", "mid_block.resnets.1", "resnet"),
-    ]
-    n = 0
-    for up in range(levels):
-        attn = attention[levels - 1 - up]
-        for j in range(3):
-            rows.append((f"output_blocks.{n}.0", f"up_blocks.{up}.resnets.{j}", "resnet"))
-            if attn:
-                rows.append((f"output_blocks.{n}.1", f"up_blocks.{up}.attentions.{j}", "same"))
-            if j == 2 and up < levels - 1:
-                rows.append((f"output_blocks.{n}.{2 if attn else 1}.conv", f"up_blocks.{up}.upsamplers.0.conv", "leaf"))
-            n += 1
-    rows += [(ldm, diffusers, "leaf") for ldm, diffusers in _OUTSIDE_STAGES]
-    return tuple(rows)
-
-
-UNET_NAME_TABLES = MappingProxyType({arch: _stage_table(levels) for arch, levels in _ATTENTION_LEVELS.items()})
-"""Per architecture value (`sd1`, `sd2`, `sdxl`): every (LDM prefix, diffusers prefix, inside) correspondence."""
+# --- SD U-Net: LDM names ↔ diffusers names (the stage table lives in taxonomy.layouts) ---------------------
 
 
 def unet_naming(path: str) -> str | None:
@@ -258,40 +189,9 @@ def unet_naming(path: str) -> str | None:
 
 def ldm_to_diffusers(path: str, arch: "Arch | str") -> str:
     """The diffusers `UNet2DConditionModel` path of an LDM U-Net module path (`input_blocks.4.1.…`)."""
-    return _rename_unet(path, arch, to_diffusers=True)
+    return rename_unet(path, arch, to_diffusers=True)
 
 
 def diffusers_to_ldm(path: str, arch: "Arch | str") -> str:
     """The LDM U-Net module path (kohya's SDXL names) of a diffusers U-Net module path."""
-    return _rename_unet(path, arch, to_diffusers=False)
-
-
-def _rename_unet(path: str, arch: "Arch | str", *, to_diffusers: bool) -> str:
-    from blora_tools.errors import BloraError
-    from blora_tools.taxonomy.arch import Arch
-
-    arch = Arch(arch)
-    rows = UNET_NAME_TABLES.get(arch.value)
-    if rows is None:
-        raise BloraError(f"no U-Net name table for architecture {arch.value!r}")
-    source, target = (0, 1) if to_diffusers else (1, 0)
-    best = None
-    for row in rows:
-        prefix = row[source]
-        if (path == prefix or path.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[source])):
-            best = row
-    wanted = "diffusers" if to_diffusers else "LDM"
-    if best is None:
-        raise BloraError(f"U-Net module {path!r} has no {wanted} counterpart in {arch.value}")
-    rest = path[len(best[source]) :].lstrip(".")
-    if best[2] == "same" or not rest:
-        if best[2] == "resnet" and not rest:
-            raise BloraError(f"U-Net module {path!r} is a whole residual block, not a layer")
-        return best[target] + ("." + rest if rest else "")
-    if best[2] == "leaf":
-        raise BloraError(f"U-Net module {path!r} has no {wanted} counterpart in {arch.value}")
-    for ldm_part, diffusers_part in _RESNET_PARTS:
-        part_source, part_target = (ldm_part, diffusers_part) if to_diffusers else (diffusers_part, ldm_part)
-        if rest == part_source or rest.startswith(part_source + "."):
-            return f"{best[target]}.{part_target}{rest[len(part_source):]}"
-    raise BloraError(f"U-Net module {path!r}: {rest!r} is not a layer of a residual block")
+    return rename_unet(path, arch, to_diffusers=False)

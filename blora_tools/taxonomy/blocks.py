@@ -5,33 +5,22 @@ Three naming layers meet here (DESIGN.md §2): paper groups (`in0`…`out3`, `mi
 A *block* — the unit selectors pick and weights address — is an LBW ID for U-Net modules, the component
 name (`te`, `te1`, `te2`) for text-encoder modules, and `OTHER` for U-Net modules outside every LBW block
 (time embedding, `conv_out`).
+
+The tables are derived from the architecture records in `layouts`; nothing here states a layout fact.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
 from functools import cache
-from types import MappingProxyType
 from typing import Mapping
 
-from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.arch import KNOWN_ARCHS, Arch
+from blora_tools.taxonomy.layouts import Component, record
 
 OTHER = "OTHER"
 """The block of U-Net modules that no LBW block covers: time/label embedding, `conv_out`, `out`."""
-
-
-class Component(str, Enum):
-    """Which network a module belongs to; also the kohya key prefix after `lora_`."""
-
-    UNET = "unet"
-    TE = "te"
-    TE1 = "te1"
-    TE2 = "te2"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -96,70 +85,30 @@ class ArchTable:
                 return group
         return "none"
 
+    @property
+    def mid_slots(self) -> tuple[int, ...]:
+        """The kohya slots of the middle block: (12,) on SD1/SD2, its three LDM parts (10, 11, 12) on SDXL."""
+        return tuple(i for i, block in enumerate(self.kohya_slots) if block == "M00")
+
     def level_groups(self, level: int) -> tuple[str, str]:
         """The (input, output) group pair of a resolution level, 0 = outermost."""
         return f"in{level}", f"out{self.levels - 1 - level}"
 
 
-def _lbw_range(prefix: str, start: int, stop: int) -> tuple[str, ...]:
-    return tuple(f"{prefix}{i:02d}" for i in range(start, stop))
-
-
-def _make_table(arch: Arch, levels: int, text_encoders: tuple[Component, ...], attention: str) -> ArchTable:
-    per_level = 3
-    n_in = n_out = per_level * levels  # the innermost input level has no downsampler: IN00..IN11 / IN00..IN08
-    unet_lbw = _lbw_range("IN", 0, n_in) + ("M00",) + _lbw_range("OUT", 0, n_out)
-    groups: dict[str, tuple[str, ...]] = {}
-    for level in range(levels):
-        first = 1 + per_level * level
-        groups[f"in{level}"] = tuple(b for b in _lbw_range("IN", first, first + per_level) if b in unet_lbw)
-    groups["mid"] = ("M00",)
-    for level in range(levels):
-        groups[f"out{level}"] = _lbw_range("OUT", per_level * level, per_level * (level + 1))
-    if arch is Arch.SDXL:
-        slots = (OTHER,) + _lbw_range("IN", 0, n_in) + ("M00",) * 3 + _lbw_range("OUT", 0, n_out) + (OTHER,)
-    else:
-        slots = _lbw_range("IN", 0, n_in) + ("M00",) + _lbw_range("OUT", 0, n_out)
-    return ArchTable(
-        arch=arch,
-        levels=levels,
-        text_encoders=text_encoders,
-        unet_lbw=unet_lbw,
-        group_members=MappingProxyType(groups),
-        attention_lbw=frozenset(attention.split()),
-        kohya_slots=slots,
-    )
-
-
-_SD_ATTENTION = "IN01 IN02 IN04 IN05 IN07 IN08 M00 " + " ".join(_lbw_range("OUT", 3, 12))
-_SDXL_ATTENTION = "IN04 IN05 IN07 IN08 M00 " + " ".join(_lbw_range("OUT", 0, 6))
-
-_TABLES = MappingProxyType(
-    {
-        Arch.SD1: _make_table(Arch.SD1, 4, (Component.TE,), _SD_ATTENTION),
-        Arch.SD2: _make_table(Arch.SD2, 4, (Component.TE,), _SD_ATTENTION),
-        Arch.SDXL: _make_table(Arch.SDXL, 3, (Component.TE1, Component.TE2), _SDXL_ATTENTION),
-    }
-)
-
-
 def table(arch: Arch | str) -> ArchTable:
     """The block table of a known architecture."""
     arch = Arch(arch)
-    if arch not in _TABLES:
+    if arch not in KNOWN_ARCHS:
         raise ValueError(f"no block table for architecture {arch.value!r}")
-    return _TABLES[arch]
+    return _table(arch)
 
 
-# --- module name → placement -------------------------------------------------------------------
+@cache
+def _table(arch: Arch) -> ArchTable:
+    return record(arch).block_table()
+
 
 _TE_PREFIX = re.compile(r"^lora_(te[12]?)_")
-_DIFFUSERS_STAGE = re.compile(r"^(down|up)_blocks_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)(?:_|$)")
-_DIFFUSERS_MID = re.compile(r"^mid_block_(attentions|resnets)_(\d+)(?:_|$)")
-_LDM_STAGE = re.compile(r"^(input|output)_blocks_(\d+)_")
-_LDM_MID = re.compile(r"^middle_block_(\d+)_")
-_EMBEDDING = ("time_embedding_", "time_embed_", "label_emb_", "add_embedding_")
-_OUTPUT = ("conv_out", "conv_norm_out", "out_")
 
 
 @cache
@@ -170,9 +119,9 @@ def place(stem: str, arch: Arch) -> Placement | None:
     writes it, SD1 as A1111 writes it) and text-encoder names with or without transformers 4's `text_model`.
     """
     arch = Arch(arch)
-    if arch not in _TABLES:
+    if arch not in KNOWN_ARCHS:
         return None
-    layout = _TABLES[arch]
+    layout = _table(arch)
     te = _TE_PREFIX.match(stem)
     if te:
         component = Component(te.group(1))
@@ -181,46 +130,10 @@ def place(stem: str, arch: Arch) -> Placement | None:
         return Placement(component, component.value, "BASE", component.value, None)
     if not stem.startswith("lora_unet_"):
         return None
-    path = stem[len("lora_unet_") :]
-    lbw, index = _unet_lbw_and_kohya_index(path, arch)
-    if lbw is None and index is None:
-        if not path.startswith(_EMBEDDING + _OUTPUT):
-            return None
-        is_embedding = path.startswith(_EMBEDDING)
-        index = (0 if is_embedding else 22) if arch is Arch.SDXL else None
-        return Placement(Component.UNET, OTHER, None, "none", index)
-    if lbw not in layout.unet_lbw:
+    found = record(arch).place_path(stem[len("lora_unet_") :])
+    if found is None:
         return None
+    lbw, index = found
+    if lbw is None:
+        return Placement(Component.UNET, OTHER, None, "none", index)
     return Placement(Component.UNET, lbw, lbw, layout.group_of(lbw), index)
-
-
-def _unet_lbw_and_kohya_index(path: str, arch: Arch) -> tuple[str | None, int | None]:
-    """LBW ID and kohya slot of a U-Net module path (underscored); (None, None) if not in a stage."""
-    xl = arch is Arch.SDXL
-    if path.startswith("conv_in"):
-        return "IN00", (1 if xl else 0)
-    m = _DIFFUSERS_STAGE.match(path)
-    if m:
-        side, level, part, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-        if part in ("downsamplers", "upsamplers"):
-            j = 2
-        if side == "down":
-            n = 1 + 3 * level + j if part != "downsamplers" else 3 + 3 * level
-            return f"IN{n:02d}", (1 + n if xl else n)
-        n = 3 * level + j
-        return f"OUT{n:02d}", 13 + n
-    m = _DIFFUSERS_MID.match(path)
-    if m:
-        # SDXL's middle_block 0/1/2 are resnets_0, attentions_0, resnets_1.
-        slot = {"resnets": 2 * int(m.group(2)), "attentions": 1}[m.group(1)]
-        return "M00", (10 + slot if xl else 12)
-    m = _LDM_STAGE.match(path)
-    if m:
-        n = int(m.group(2))
-        if m.group(1) == "input":
-            return f"IN{n:02d}", (1 + n if xl else n)
-        return f"OUT{n:02d}", 13 + n
-    m = _LDM_MID.match(path)
-    if m:
-        return "M00", (10 + int(m.group(1)) if xl else 12)
-    return None, None

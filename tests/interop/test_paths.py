@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from blora_tools.adapter.formats import (
-    UNET_NAME_TABLES,
     diffusers_to_ldm,
     ldm_to_diffusers,
     path_from_stem,
@@ -23,6 +22,7 @@ from blora_tools.adapter.formats import (
 from blora_tools.errors import BloraError
 from blora_tools.models import build_text_encoders, build_unet
 from blora_tools.taxonomy.blocks import place
+from blora_tools.taxonomy.layouts import record
 from kohya_plugin.targets import find_targets
 from interop_helpers import SDXL_DIFFUSERS_TINY
 
@@ -167,7 +167,7 @@ def test_both_namings_place_a_layer_in_the_same_block(arch):
 
 
 def test_name_table_shape():
-    sdxl = UNET_NAME_TABLES["sdxl"]
+    sdxl = record("sdxl").stage_rows()
     pairs = {ldm: diffusers for ldm, diffusers, _ in sdxl}
     assert pairs["input_blocks.3.0.op"] == "down_blocks.0.downsamplers.0.conv"
     assert pairs["input_blocks.6.0.op"] == "down_blocks.1.downsamplers.0.conv"
@@ -176,7 +176,7 @@ def test_name_table_shape():
     assert pairs["middle_block.1"] == "mid_block.attentions.0"
     assert pairs["output_blocks.8.0"] == "up_blocks.2.resnets.2"
     assert "output_blocks.8.1" not in pairs  # SDXL's outermost level has no attention
-    sd1 = {ldm: diffusers for ldm, diffusers, _ in UNET_NAME_TABLES["sd1"]}
+    sd1 = {ldm: diffusers for ldm, diffusers, _ in record("sd1").stage_rows()}
     assert sd1["output_blocks.2.1.conv"] == "up_blocks.0.upsamplers.0.conv"  # no attention there
     assert sd1["input_blocks.11.0"] == "down_blocks.3.resnets.1"
     with pytest.raises(BloraError, match="not a layer of a residual block"):
