@@ -1,0 +1,77 @@
+"""Real layer shapes per architecture, and whether an adapter module's ΔW fits the layer it adapts.
+
+The shapes come from the architecture records (`layouts`), keyed by every kohya stem a layer is written
+under: diffusers and LDM U-Net names, text-encoder names with and without transformers 4's `text_model`.
+A module fits when its ΔW is no larger than the real layer in any dimension — test models are smaller
+than real ones — with a Linear layer counting as a 1×1 kernel. A module whose name is no real layer is
+held to the architecture's largest layer. This is what keeps a hostile header from making a command
+allocate more than the real model ever needs (issue #12).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from types import MappingProxyType
+from typing import Mapping
+
+from blora_tools.errors import BloraError
+from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.layouts import record, rename_unet
+
+_TEXT_MODEL = "text_model."
+
+
+@cache
+def layer_shapes(arch: Arch | str) -> Mapping[str, tuple[int, ...]]:
+    """kohya stem → weight shape of every real layer of `arch` that has a weight."""
+    arch = Arch(arch)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for component, path, shape in record(arch).layer_shapes():
+        names = [path]
+        if component == "unet":
+            try:
+                names.append(rename_unet(path, arch, to_diffusers=False))
+            except BloraError:  # a layer LDM names do not split out (none today); the diffusers name stands
+                pass
+        elif path.startswith(_TEXT_MODEL):
+            names.append(path[len(_TEXT_MODEL) :])  # transformers 5 dropped the `text_model` level
+        for name in names:
+            shapes[f"lora_{component}_" + name.replace(".", "_")] = shape
+    return MappingProxyType(shapes)
+
+
+def layer_shape(stem: str, arch: Arch | str) -> tuple[int, ...] | None:
+    """The weight shape of the real layer a kohya stem names in `arch`; None when it names none."""
+    return layer_shapes(arch).get(stem)
+
+
+def as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(out, in, kh, kw) of any weight shape: a vector is (C, 1, 1, 1), a Linear weight has a 1×1 kernel."""
+    padded = tuple(shape) + (1,) * (4 - len(shape))
+    if len(padded) > 4:
+        return (padded[0], padded[1], math.prod(padded[2:-1]), padded[-1])
+    return padded  # type: ignore[return-value]
+
+
+@cache
+def largest_layer(arch: Arch | str) -> tuple[tuple[int, int, int, int], int]:
+    """(the largest size of each of out, in, kh, kw over every layer, the most elements of one layer)."""
+    shapes = [as_matrix_shape(s) for s in layer_shapes(arch).values()]
+    bound = tuple(max(s[i] for s in shapes) for i in range(4))
+    return bound, max(math.prod(s) for s in shapes)  # type: ignore[return-value]
+
+
+def misfit(stem: str, shape: tuple[int, ...], arch: Arch | str) -> str | None:
+    """Why a module's ΔW of `shape` cannot belong to `arch` (too large for its layer, or for any layer), or None."""
+    arch = Arch(arch)
+    made = as_matrix_shape(shape)
+    real = layer_shape(stem, arch)
+    if real is not None:
+        if all(m <= r for m, r in zip(made, as_matrix_shape(real))):
+            return None
+        return f"its ΔW is {list(shape)} but the {arch.value} layer it adapts is {list(real)}"
+    bound, most = largest_layer(arch)
+    if all(m <= b for m, b in zip(made, bound)) and math.prod(made) <= most:
+        return None
+    return f"its ΔW is {list(shape)}, larger than any {arch.value} layer (at most {list(bound)}, {most} values)"
