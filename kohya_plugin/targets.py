@@ -23,6 +23,7 @@ from torch import nn
 from blora_tools.errors import SpecError
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component, Placement, place, table
+from blora_tools.taxonomy.detect import arch_from_widths
 
 __all__ = [
     "Target",
@@ -69,8 +70,9 @@ def layer_kind(layer: nn.Module) -> str | None:
 def detect_unet_arch(unet: nn.Module) -> Arch:
     """SD1, SD2 or SDXL, from the U-Net's module names and layer widths only.
 
-    An `input_blocks` child means SDXL (kohya's LDM-named SDXL U-Net). Otherwise a Linear `proj_in`
-    (diffusers SD2) or a cross-attention `attn2.to_k` reading 1024 features (any SD2) means SD2, else SD1.
+    An `input_blocks` child means SDXL (kohya's LDM-named SDXL U-Net). Otherwise SD1 or SD2 from the
+    cross-attention width (`attn2.to_k` input features) and whether `proj_in` is Linear
+    (`taxonomy.detect.arch_from_widths`).
     """
     children = dict(unet.named_children())
     if "input_blocks" in children:
@@ -79,12 +81,10 @@ def detect_unet_arch(unet: nn.Module) -> Arch:
         raise SpecError(
             f"{type(unet).__name__} is not a Stable Diffusion U-Net (no down_blocks or input_blocks child)"
         )
-    for name, module in unet.named_modules():
-        if name.endswith(".proj_in") and isinstance(module, nn.Linear):
-            return Arch.SD2
-        if name.endswith(".attn2.to_k") and getattr(module, "in_features", None) == 1024:
-            return Arch.SD2
-    return Arch.SD1
+    modules = dict(unet.named_modules())
+    context = next((m.in_features for n, m in modules.items() if n.endswith(".attn2.to_k") and isinstance(m, nn.Linear)), None)
+    linear = any(n.endswith(".proj_in") and isinstance(m, nn.Linear) for n, m in modules.items())
+    return arch_from_widths((Arch.SD1, Arch.SD2), context_width=context, linear_projection=linear)[0]
 
 
 def _as_list(text_encoders: nn.Module | Sequence[nn.Module | None] | None) -> list[nn.Module | None]:

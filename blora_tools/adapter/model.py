@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Mapping
 from blora_tools.adapter.formats import Format, KeyName, split_key
 from blora_tools.adapter.header import Header, TensorInfo, read_header
 from blora_tools.adapter.kinds import Kind, kind_of
-from blora_tools.errors import AdapterFileError
+from blora_tools.errors import AdapterFileError, BloraError
 from blora_tools.jsonio import loads_strict
-from blora_tools.taxonomy.arch import Arch, detect_arch
+from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Placement, place
+from blora_tools.taxonomy.detect import decide_arch, unsupported_family
+from blora_tools.taxonomy.shapes import misfit
 
 if TYPE_CHECKING:
     import torch
@@ -129,8 +131,13 @@ class Adapter:
         return Counter(self.header.tensors[k].dtype for m in self.modules.values() for k in m.keys.values())
 
 
-def open_adapter(path: str | Path) -> Adapter:
-    """Read an adapter's header and group it into modules; AdapterFileError if it is not an adapter."""
+def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
+    """Read an adapter's header and group it into modules; AdapterFileError if it is not an adapter.
+
+    The architecture comes from the file's evidence (`taxonomy.detect`); `arch` (the user's `--arch`) picks
+    among the families that evidence leaves open and is refused where it contradicts the evidence. Every
+    module's factor shapes are checked against its real layer before any tensor is read.
+    """
     header = read_header(path)
     path = header.path
     grouped: dict[str, dict[str, str]] = defaultdict(dict)
@@ -148,6 +155,7 @@ def open_adapter(path: str | Path) -> Adapter:
         names[name.stem] = name
         formats[name.format] += 1
     if not grouped:
+        _refuse_unsupported_family(header.tensors, path)
         what = "a full model or another kind of file" if header.tensors else "an empty file"
         raise AdapterFileError(f"no LoRA/LyCORIS modules found: this looks like {what}, not an adapter", path)
     file_format = Format.KOHYA if formats.get(Format.KOHYA) else formats.most_common(1)[0][0]
@@ -156,13 +164,13 @@ def open_adapter(path: str | Path) -> Adapter:
     if file_format is Format.PEFT or file_format is Format.ATTN_PROC:
         grouped, names = _te_as_te1_when_sdxl(grouped, names)
     shapes = {stem: {p: header.tensors[k].shape for p, k in params.items()} for stem, params in grouped.items()}
-    arch, warnings = _detect(grouped, shapes, header)
+    arch, warnings = _detect(grouped, shapes, header, arch)
     peft_alphas = _peft_alphas(header.metadata, names) if file_format is not Format.KOHYA else {}
     modules: dict[str, Module] = {}
     for stem, params in grouped.items():
         modules[stem] = _module(stem, params, shapes[stem], arch, header, names[stem], peft_alphas, path)
     unplaced = sorted(s for s, m in modules.items() if m.placement is None)
-    if unplaced and arch is not Arch.UNKNOWN:
+    if unplaced:
         warnings.append(
             f"{len(unplaced)} module(s) fit no {arch.value} block and are kept as they are, e.g. {unplaced[0]}"
         )
@@ -181,16 +189,30 @@ def _te_as_te1_when_sdxl(grouped: dict, names: dict) -> tuple[dict, dict]:
     return new_grouped, new_names
 
 
-def _detect(grouped: dict, shapes: dict, header: Header) -> tuple[Arch, list[str]]:
-    in_features = {}
-    linear_proj_in = False
-    for stem, s in shapes.items():
-        down = s.get("lora_down.weight")
-        if down is not None and len(down) >= 2:
-            in_features[stem] = down[1]
-            if stem.endswith("_proj_in") and stem.startswith("lora_unet_") and len(down) == 2:
-                linear_proj_in = True
-    return detect_arch(grouped, in_features, header.metadata, linear_proj_in)
+def _refuse_unsupported_family(keys, path: Path) -> None:
+    family = unsupported_family(keys)
+    if family:
+        raise AdapterFileError(family, path)
+
+
+def _detect(grouped: dict, shapes: dict, header: Header, override: Arch | None) -> tuple[Arch, list[str]]:
+    """The architecture from the modules' names and ΔW shapes (a broken module is refused first, by name)."""
+    made = {stem: _weight_shape(_checked_kind(stem, s, header.path), s) for stem, s in shapes.items()}
+    try:
+        return decide_arch(made, header.metadata, override=override, keys=header.tensors)
+    except BloraError as err:
+        raise AdapterFileError(err.message, header.path) from None
+
+
+def _checked_kind(stem: str, shapes: Mapping[str, tuple[int, ...]], path: Path) -> Kind:
+    """The module's kind; AdapterFileError for an incomplete parameter set or factors that do not fit together."""
+    down = shapes.get("lora_down.weight")
+    kernel = tuple(down[2:]) if down is not None and len(down) == 4 else None
+    kind = kind_of(frozenset(shapes), len(down) if down is not None else None, kernel)
+    if not isinstance(kind, Kind):
+        raise AdapterFileError(f"module {stem}: {kind}", path)
+    _check_factor_shapes(stem, kind, shapes, path)
+    return kind
 
 
 def _module(
@@ -203,19 +225,20 @@ def _module(
     peft_alphas: Mapping[str, float],
     path: Path,
 ) -> Module:
-    down = shapes.get("lora_down.weight")
-    kernel = tuple(down[2:]) if down is not None and len(down) == 4 else None
-    kind = kind_of(frozenset(params), len(down) if down is not None else None, kernel)
-    if not isinstance(kind, Kind):
-        raise AdapterFileError(f"module {stem}: {kind}", path)
-    _check_factor_shapes(stem, kind, shapes, path)
+    kind = _checked_kind(stem, shapes, path)
+    problem = misfit(stem, _weight_shape(kind, shapes), arch)
+    if problem is not None:
+        raise AdapterFileError(f"module {stem}: {problem}", path)
     rank = _rank(kind, shapes)
     if rank == 0:
         raise AdapterFileError(f"module {stem}: rank 0 (empty factors)", path)
+    empty = next((p for p, shape in shapes.items() if 0 in shape), None)
+    if empty is not None:
+        raise AdapterFileError(f"module {stem}: {empty} has a zero-size dimension {list(shapes[empty])}", path)
     alpha = peft_alphas.get(stem)
     if "alpha" in params:
         alpha = _read_alpha(header, params["alpha"], stem, path)
-    placement = place(stem, arch) if arch is not Arch.UNKNOWN else None
+    placement = place(stem, arch)
     return Module(stem, kind, dict(params), dict(shapes), rank, alpha, placement, name.path)
 
 
@@ -252,7 +275,9 @@ def _shape_problem(kind: Kind, shapes: Mapping[str, tuple[int, ...]]) -> str | N
         if len(up) < 2 or len(down) < 2 or up[1] != down[0] and kind is not Kind.TUCKER or any(d != 1 for d in up[2:]):
             return f"lora_up {list(up)} does not fit lora_down {list(down)}"
         mid = shapes.get("lora_mid.weight")
-        if kind is Kind.TUCKER and (len(mid) != 4 or mid[0] != up[1] or mid[1] != down[0] or any(d != 1 for d in down[2:])):
+        if kind is Kind.TUCKER and (
+            len(mid) != 4 or mid[0] != mid[1] or mid[0] != up[1] or mid[1] != down[0] or any(d != 1 for d in down[2:])
+        ):
             return f"lora_mid {list(mid)} does not fit lora_up {list(up)} and lora_down {list(down)}"
         return None
     if kind is Kind.LOHA:
@@ -277,7 +302,7 @@ def _half_shape(shapes: Mapping[str, tuple[int, ...]], a_key: str, b_key: str, c
     if len(a) != 2 or len(b) < 2 or (not flat and core is None and len(b) not in (2, 4)):
         return f"{a_key} {list(a)} and {b_key} {list(b)} are not factor shapes"
     if core is not None:
-        if len(core) != 4 or core[0] != a[0] or core[1] != b[0]:
+        if len(core) != 4 or core[0] != core[1] or core[0] != a[0] or core[1] != b[0]:
             return f"{core_key} {list(core)} does not fit {a_key} {list(a)} and {b_key} {list(b)}"
         return (a[1], math.prod(b[1:])) + tuple(core[2:])
     if a[1] != b[0]:

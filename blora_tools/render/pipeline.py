@@ -138,16 +138,18 @@ class RenderModel:
 
 
 def pipeline_arch(pipe) -> Arch:
-    """SDXL for an SDXL pipeline. For a StableDiffusionPipeline: SD1 when the U-Net cross-attends to 768-wide
-    text (CLIP-L), SD2 for 1024 (OpenCLIP-H); for other widths (small test models) SD2 when its transformer
-    projections are Linear (`use_linear_projection`, as in diffusers SD2), else SD1."""
-    if type(pipe).__name__ == "StableDiffusionXLPipeline":
-        return Arch.SDXL
+    """The family of a loaded pipeline: SDXL for an SDXL pipeline, else SD1 or SD2 from its U-Net's widths
+    (`taxonomy.detect.arch_from_widths`)."""
     config = pipe.unet.config
-    cross = config.cross_attention_dim
-    if cross in (768, 1024):
-        return Arch.SD1 if cross == 768 else Arch.SD2
-    return Arch.SD2 if getattr(config, "use_linear_projection", False) else Arch.SD1
+    return _family(type(pipe).__name__, config.cross_attention_dim, getattr(config, "use_linear_projection", False))
+
+
+def _family(class_name: str, context_width, linear_projection) -> Arch:
+    from blora_tools.taxonomy.detect import arch_from_widths
+
+    candidates = (Arch.SDXL,) if class_name == "StableDiffusionXLPipeline" else (Arch.SD1, Arch.SD2)
+    width = context_width if isinstance(context_width, int) else None
+    return arch_from_widths(candidates, context_width=width, linear_projection=bool(linear_projection))[0]
 
 
 @contextlib.contextmanager
@@ -224,10 +226,7 @@ def peek_arch(path: str | Path, config: str | Path | None = None) -> Arch | None
         unet = json.loads((folder / "unet" / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    cross = unet.get("cross_attention_dim")
-    if cross in (768, 1024):
-        return Arch.SD1 if cross == 768 else Arch.SD2
-    return Arch.SD2 if unet.get("use_linear_projection") else Arch.SD1
+    return _family(class_name, unet.get("cross_attention_dim"), unet.get("use_linear_projection"))
 
 
 def _extra_kwargs(class_name: str) -> dict:
