@@ -109,6 +109,15 @@ def lora_factors(kind: Kind, t: Mapping[str, "torch.Tensor"]) -> tuple["torch.Te
     return up, as_matrix(down)
 
 
+def rank_exceeds_layer(up: "torch.Tensor", down: "torch.Tensor") -> bool:
+    """True when a factorisation's rank (up out×r, down r×fan_in) is above min(out, fan_in).
+
+    Its r×r products would then be larger than the dense out×fan_in ΔW — a file can ask for rank 10⁶ on a 1×1
+    layer, a 4 TB Gram matrix — so the dense product, bounded by the layer (checked at open), is the route.
+    """
+    return up.shape[1] > min(up.shape[0], down.shape[1])
+
+
 def delta_weight(kind: Kind, t: Mapping[str, "torch.Tensor"], scale: float, shape: tuple[int, ...]) -> "torch.Tensor":
     """Dense ΔW (float32) of one module, shaped like the base weight. Only LoHa/LoKr/full/norm need it in ops."""
     import torch
@@ -159,6 +168,8 @@ def frobenius_norm(kind: Kind, t: Mapping[str, "torch.Tensor"], scale: float, sh
     """‖ΔW‖_F. LoRA kinds use the Gram identity ‖UD‖² = tr((UᵀU)(DDᵀ)), never a dense product."""
     if kind.is_lora:
         up, down = lora_factors(kind, t)
+        if rank_exceeds_layer(up, down):
+            return abs(scale) * float((up @ down).norm())
         gram = (up.T @ up) * (down @ down.T)  # elementwise: tr(AB) = Σ A ⊙ Bᵀ, both symmetric
         return abs(scale) * float(gram.sum().clamp_min(0.0).sqrt())
     if kind is Kind.LOKR:

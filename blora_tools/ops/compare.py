@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from blora_tools.adapter.kinds import delta_weight, frobenius_norm, lora_factors
+from blora_tools.adapter.kinds import delta_weight, frobenius_norm, lora_factors, rank_exceeds_layer
 from blora_tools.adapter.layers import modules_by_layer
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import BloraError, NonFiniteError
@@ -134,10 +134,13 @@ def _norm(adapter: Adapter, module: Module, tensors: dict) -> float:
 
 
 def _matrices(module: Module, tensors: dict) -> tuple[str, tuple["torch.Tensor", ...]]:
-    """(`factors`, (scaled up out×r, down r×fan_in)) for LoRA kinds, else (`dense`, (ΔW as out×fan_in,))."""
+    """(`factors`, (scaled up out×r, down r×fan_in)) for LoRA kinds of rank ≤ min(out, fan_in), else (`dense`,
+    (ΔW as out×fan_in,))."""
     if module.kind.is_lora:
         up, down = lora_factors(module.kind, tensors)
-        return "factors", (up.double() * module.scale, down.double())
+        if not rank_exceeds_layer(up, down):  # else r×r products would outgrow the layer: go dense
+            return "factors", (up.double() * module.scale, down.double())
+        return "dense", ((up.double() * module.scale) @ down.double(),)
     dense = delta_weight(module.kind, tensors, module.scale, module.weight_shape)
     return "dense", (dense.double().reshape(dense.shape[0], -1),)
 

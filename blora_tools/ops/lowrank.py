@@ -94,7 +94,11 @@ def decompose_dense(delta: "torch.Tensor") -> Decomposition:
 
 
 def gram_norm(up: "torch.Tensor", down: "torch.Tensor") -> float:
-    """‖up·down‖_F from Gram matrices: tr((UᵀU)(DDᵀ)), O((out+fan_in)·r²)."""
+    """‖up·down‖_F from Gram matrices: tr((UᵀU)(DDᵀ)), O((out+fan_in)·r²); densely when r > min(out, fan_in)."""
+    from blora_tools.adapter.kinds import rank_exceeds_layer
+
+    if rank_exceeds_layer(up, down):
+        return float((up.double() @ down.double()).norm())
     gram = (up.T.double() @ up.double()) * (down.double() @ down.T.double())
     return math.sqrt(max(float(gram.sum()), 0.0))
 

@@ -5,6 +5,10 @@ groups (`in0`, `mid`, `out3`, `te`, `te1`, `te2`), `unet`, `all`, LBW IDs (`IN05
 LBW ranges (`IN05-OUT05`), level presets (`upper`/`style`, `middle`, `bottom`, `character`) and `NOT` or
 `!term` for exclusion. Parsing checks the syntax and the vocabulary; resolving against an architecture
 checks that each term exists there.
+
+Negation is written once: `NOT` excludes every term after it, `!term` excludes one term, and neither
+toggles. So a doubled negation is an error in every spelling — `NOT NOT in0`, `!!in0` and `NOT !in0` —
+rather than a silent double (or single) negation.
 """
 
 from __future__ import annotations
@@ -62,7 +66,12 @@ def parse_selector(text: str) -> Selector:
     terms: list[Term] = []
     excluding = False
     for token in raw:
-        if token.upper() == "NOT":
+        if token.upper() == "NOT" or token.startswith("!!") or (excluding and token.startswith("!")):
+            if excluding or token.upper() != "NOT":
+                raise SelectorError(
+                    f"selector {text!r} negates twice; negation is written once and does not toggle "
+                    "(write 'NOT in0' or '!in0')"
+                )
             excluding = True
             continue
         negated = token.startswith("!")

@@ -79,6 +79,21 @@ def test_errors_name_the_term_and_list_valid_names(text, arch, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize("text", ["NOT NOT in0", "!!in0", "NOT !in0", "NOT te NOT in0", "in1 NOT te, !!out3"])
+def test_a_doubled_negation_is_an_error_in_every_spelling(text):
+    """Issue #12: `NOT NOT in0` silently meant `NOT in0` while `!!in0` was an error. One rule now: negation is
+    written once and never toggles, so both spellings (and their mix) are refused alike."""
+    with pytest.raises(SelectorError, match="negates twice"):
+        parse_selector(text)
+
+
+def test_single_negations_in_both_spellings_agree():
+    everything = set(table("sd1").blocks)
+    assert resolve_selector("NOT in0", "sd1") == resolve_selector("!in0", "sd1") == everything - {"IN01", "IN02", "IN03"}
+    assert resolve_selector("te NOT in0 out3", "sd1") == {"te"}  # NOT covers every term after it
+    assert resolve_selector("te, !in0, out3", "sd1") == {"te"} | {"OUT09", "OUT10", "OUT11"}  # ! covers one
+
+
 def test_unknown_terms_fail_at_parse_time_before_any_arch_is_known():
     with pytest.raises(SelectorError, match="in0..in3"):
         parse_selector("in0,bogus")
