@@ -9,7 +9,7 @@ import click
 from rich.text import Text
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import json_option
+from blora_tools.cli.params import arch_option, json_option
 
 _STATUS_STYLE = MappingProxyType(
     {"aligned": "bold yellow", "opposed": "bold red", "shared": "", "a only": "cyan", "b only": "magenta"}
@@ -32,8 +32,9 @@ _STATUS_STYLE = MappingProxyType(
 )
 @click.option("--force", is_flag=True, help="Replace the --plot chart if it exists.")
 @json_option
+@arch_option
 @click.pass_obj
-def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None, force: bool, as_json: bool) -> None:
+def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None, force: bool, as_json: bool, arch) -> None:
     """Compare adapters A and B block by block, e.g. a character and a style adapter.
 
     Per paper group: which file trains it, the norm of each file's ΔW there, the cosine similarity of the
@@ -55,7 +56,7 @@ def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None
         from blora_tools.cli.plot import check_chart
 
         check_chart(plot_path, [a, b], force)
-    first, second = open_adapter(a), open_adapter(b)
+    first, second = open_adapter(a, arch), open_adapter(b, arch)
     total = len(first.modules) + len(second.modules)
     with ui.progress(app, f"comparing {a.name} and {b.name}", total) as advance:
         report = compare(first, second, style=style, on_module=advance)

@@ -8,6 +8,7 @@ import click
 from rich.text import Text
 
 from blora_tools.cli import output
+from blora_tools.cli.params import arch_option
 from blora_tools.errors import AdapterFileError
 
 
@@ -28,11 +29,12 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--fine", is_flag=True, help="One row per LBW block (IN00…OUT11, BASE) instead of per paper group.")
 @click.option("--no-stats", is_flag=True, help="Read only the headers: no norms, no NaN check, no tensor data.")
+@arch_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file (schema blora-inspect/1).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the per-block norms of every file as a chart (.png/.svg/.pdf; needs matplotlib).")
 @click.option("--force", is_flag=True, help="Replace the --plot chart if it exists.")
 @click.pass_obj
-def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_json: bool, plot: Path | None, force: bool) -> None:
+def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_json: bool, plot: Path | None, force: bool, arch) -> None:
     """Show architecture, format, kinds and a per-block table of adapter FILES (or folders).
 
     Norms are Frobenius norms of each block's scaled ΔW, computed from the factors (no dense
@@ -57,7 +59,7 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
         check_chart(plot, [*paths, *files], force)
     reports = []
     for path in files:
-        adapter = open_adapter(path)
+        adapter = open_adapter(path, arch)
         with output.progress(app, f"reading {path.name}", len(adapter.modules)) as advance:
             reports.append(inspect_adapter(adapter, fine=fine, with_stats=not no_stats, on_module=advance))
     archs = {r["arch"] for r in reports}

@@ -8,6 +8,7 @@ import click
 
 from blora_tools.cli import output as ui
 from blora_tools.cli.params import (
+    arch_option,
     DTYPES,
     RANK,
     SELECTOR,
@@ -37,10 +38,11 @@ from blora_tools.cli.params import (
 @names_option
 @click.option("--strict", is_flag=True, help="Refuse inputs trained on different base models (otherwise a warning).")
 @force_option
+@arch_option
 @allow_nonfinite_option
 @json_option
 @click.pass_obj
-def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_rank, clamp_quantile, alpha, dtype, names, strict, force, allow_nonfinite, as_json) -> None:
+def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_rank, clamp_quantile, alpha, dtype, names, strict, force, allow_nonfinite, as_json, arch) -> None:
     """Merge adapter INPUTS, each with its own ratio and blocks, into -o OUT.
 
     --ratios is one comma list aligned with the inputs; --blocks is given once per input, in input order.
@@ -70,7 +72,7 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
         raise click.UsageError("--rank, --conv-rank and --clamp-quantile go with --method svd")
     if method == "svd" and rank is None:
         raise click.UsageError("--method svd needs --rank N (or per block, e.g. --rank in0=8,out3=16)")
-    adapters = [open_adapter(path) for path in inputs]
+    adapters = [open_adapter(path, arch) for path in inputs]
     check_output(output, inputs, force)
     arch = common_arch(adapters)
     sources = []

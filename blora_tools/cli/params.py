@@ -61,6 +61,19 @@ allow_nonfinite_option = click.option(
     is_flag=True,
     help="Write NaN/Inf values anyway (otherwise a tensor holding any is an error and nothing is written).",
 )
+def _arch(ctx, param, value):
+    from blora_tools.taxonomy.arch import Arch
+
+    return None if value is None else Arch(value)
+
+
+arch_option = click.option(
+    "--arch",
+    type=click.Choice(["sd1", "sd2", "sdxl"]),
+    callback=_arch,
+    help="The architecture, where a file's modules leave it open (e.g. SD1 or SD2 with no width to tell "
+    "them apart; the default rule is SD1). Refused where the file's modules contradict it.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
 input_file = click.argument("file", type=click.Path(path_type=Path))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import SELECTOR, allow_nonfinite_option, force_option, input_file, json_option, output_option, uniform_alpha_option
+from blora_tools.cli.params import SELECTOR, allow_nonfinite_option, arch_option, force_option, input_file, json_option, output_option, uniform_alpha_option
 
 
 @click.command("prune")
@@ -22,12 +22,13 @@ from blora_tools.cli.params import SELECTOR, allow_nonfinite_option, force_optio
 @click.option("--dry-run", is_flag=True, help="List what would be removed; write nothing (no -o needed).")
 @uniform_alpha_option
 @force_option
+@arch_option
 @allow_nonfinite_option
 @json_option
 @click.pass_obj
 def prune_cmd(
     app, file: Path, keep, drop, output: Path | None, dry_run: bool, uniform_alpha: bool, force: bool,
-    allow_nonfinite: bool, as_json: bool,
+    allow_nonfinite: bool, as_json: bool, arch,
 ) -> None:
     """Remove whole modules of FILE by block and write the rest to -o OUT.
 
@@ -51,7 +52,7 @@ def prune_cmd(
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or use --dry-run to only list what would go)")
     selector = keep if keep is not None else drop
-    adapter = open_adapter(file)
+    adapter = open_adapter(file, arch)
     if not dry_run:
         check_output(output, [file], force)
     blocks = selector.resolve(known_arch(adapter))

@@ -8,6 +8,7 @@ import click
 
 from blora_tools.cli import output as ui
 from blora_tools.cli.params import (
+    arch_option,
     DTYPES,
     RANK,
     RULE,
@@ -33,10 +34,11 @@ from blora_tools.cli.params import (
 @dtype_option
 @output_option()
 @force_option
+@arch_option
 @allow_nonfinite_option
 @json_option
 @click.pass_obj
-def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha, dtype, output: Path, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
+def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha, dtype, output: Path, force: bool, allow_nonfinite: bool, as_json: bool, arch) -> None:
     """Re-compress FILE to new ranks and write -o OUT, with a table of what each block keeps.
 
     Each module's ΔW is decomposed through QR of its factors plus a small SVD (no dense matrix for LoRA
@@ -57,7 +59,7 @@ def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha,
 
     if rank is None and dynamic is None and conv_rank is None:
         raise click.UsageError("give --rank, --dynamic or --conv-rank")
-    adapter = open_adapter(file)
+    adapter = open_adapter(file, arch)
     check_output(output, [file], force)
     plan = rank_plan(rank, known_arch(adapter), conv=conv_rank, rule=dynamic)
     with ui.progress(app, f"decomposing {file.name}", len(adapter.modules)) as advance:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import FINITE_FLOAT, WEIGHTS, allow_nonfinite_option, force_option, input_file, json_option, output_option, uniform_alpha_option
+from blora_tools.cli.params import FINITE_FLOAT, WEIGHTS, allow_nonfinite_option, arch_option, force_option, input_file, json_option, output_option, uniform_alpha_option
 
 
 @click.command("reweight")
@@ -20,10 +20,11 @@ from blora_tools.cli.params import FINITE_FLOAT, WEIGHTS, allow_nonfinite_option
 @output_option()
 @uniform_alpha_option
 @force_option
+@arch_option
 @allow_nonfinite_option
 @json_option
 @click.pass_obj
-def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: float, output: Path, uniform_alpha: bool, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
+def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: float, output: Path, uniform_alpha: bool, force: bool, allow_nonfinite: bool, as_json: bool, arch) -> None:
     """Multiply each module of FILE by its block's weight and write -o OUT.
 
     Exactly one factor per module is scaled (lora_up, hada_w1_a, lokr_w1, diff, w_norm), so the effect is
@@ -51,7 +52,7 @@ def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: f
     if lbw is not None and lbw.vector is None:
         raise click.BadParameter("expected an LBW vector, a preset name or lbw=…; use --weights for 'block=weight' pairs", param_hint="--lbw")
     spec = weights or lbw or _preset(preset, preset_file)
-    adapter = open_adapter(file)
+    adapter = open_adapter(file, arch)
     check_output(output, [file, *([preset_file] if preset_file is not None else [])], force)
     resolved = spec.resolve(known_arch(adapter), fill=lbw_fill)
     result = reweight(adapter, resolved, text=spec.text, uniform_alpha=uniform_alpha)

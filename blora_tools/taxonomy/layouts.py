@@ -155,7 +155,7 @@ class UNet:
 
     def stage_rows(self) -> tuple[tuple[str, str, str], ...]:
         """(LDM prefix, diffusers prefix, inside) per U-Net stage module; `inside` says how the rest of a path
-        maps: `resnet` through `RESNET_PARTS`, `same` unchanged, `leaf` not at all (the prefix is the path)."""
+        maps: `resnet` through `_RESNET_PARTS`, `same` unchanged, `leaf` not at all (the prefix is the path)."""
         return _stage_rows(self.arch)
 
     # --- real layer shapes -----------------------------------------------------------------------
@@ -220,7 +220,7 @@ DIFFUSERS_ROOTS = (
 _EMBEDDING_PATHS = ("time_embedding_", "time_embed_", "label_emb_", "add_embedding_")
 _OUTPUT_PATHS = ("conv_out", "conv_norm_out", "out_")
 
-RESNET_PARTS = (
+_RESNET_PARTS = (
     ("in_layers.0", "norm1"),
     ("in_layers.2", "conv1"),
     ("emb_layers.1", "time_emb_proj"),
@@ -327,7 +327,7 @@ def rename_unet(path: str, arch: Arch | str, *, to_diffusers: bool) -> str:
         return best[target] + ("." + rest if rest else "")
     if best[2] == "leaf":
         raise BloraError(f"U-Net module {path!r} has no {wanted} counterpart in {arch.value}")
-    for ldm_part, diffusers_part in RESNET_PARTS:
+    for ldm_part, diffusers_part in _RESNET_PARTS:
         part_source, part_target = (ldm_part, diffusers_part) if to_diffusers else (diffusers_part, ldm_part)
         if rest == part_source or rest.startswith(part_source + "."):
             return f"{best[target]}.{part_target}{rest[len(part_source):]}"

@@ -272,7 +272,7 @@ def test_ctrl_c_while_reading(runner, tmp_path, inputs, monkeypatch, command):
     require(command)
     import blora_tools.adapter.model as model
 
-    def interrupted(path):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(model, "open_adapter", interrupted)

@@ -111,14 +111,17 @@ def test_passthrough_and_unplaced_modules_are_kept(tmp_path):
     assert any("fit no" in w for w in result.warnings)
 
 
-def test_unknown_architecture_is_an_error(tmp_path):
+def test_a_file_of_no_supported_family_is_refused_at_open(tmp_path):
+    """Was: opened with architecture `unknown` and refused only by prune. Since issue #12 the architecture comes
+    from evidence: a module no supported family has is refused when the file is opened, so no command ever
+    works on blocks that mean nothing; a text-encoder module (`te` exists only on SD1/SD2) is SD1 by the rule."""
     from adapters import save
 
-    path = save({"lora_te_foo.lora_down.weight": torch.randn(2, 4), "lora_te_foo.lora_up.weight": torch.randn(4, 2)}, tmp_path / "u.safetensors")
-    adapter = open_adapter(path)
-    assert adapter.arch.value == "unknown"
-    with pytest.raises(AdapterFileError, match="architecture"):
-        prune(adapter, frozenset({"IN01"}), keep=True)
+    path = save({"lora_unet_foo.lora_down.weight": torch.randn(2, 4), "lora_unet_foo.lora_up.weight": torch.randn(4, 2)}, tmp_path / "u.safetensors")
+    with pytest.raises(AdapterFileError, match="no module fits SD1, SD2 or SDXL \\(e.g. lora_unet_foo\\)"):
+        open_adapter(path)
+    path = save({"lora_te_foo.lora_down.weight": torch.randn(2, 4), "lora_te_foo.lora_up.weight": torch.randn(4, 2)}, tmp_path / "t.safetensors")
+    assert open_adapter(path).arch.value == "sd1"
 
 
 def test_prune_updates_dim_and_alpha(tmp_path):
