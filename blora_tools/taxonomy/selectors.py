@@ -20,7 +20,7 @@ from blora_tools.errors import SelectorError
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import OTHER, ArchTable, table
 
-LEVEL_PRESETS = {"upper": 0, "style": 0, "middle": 1, "bottom": 2}
+_LEVEL_PRESETS = {"upper": 0, "style": 0, "middle": 1, "bottom": 2}
 """Level presets, counted from the outermost resolution level (the paper's three ablation settings)."""
 
 _ALL_NAMES = ("all", "character")
@@ -128,8 +128,8 @@ def resolve_term(name: str, layout: ArchTable) -> frozenset[str]:
         return frozenset(te_names)
     if low in te_names:
         return frozenset({low})
-    if low in LEVEL_PRESETS:
-        groups = layout.level_groups(LEVEL_PRESETS[low])
+    if low in _LEVEL_PRESETS:
+        groups = layout.level_groups(_LEVEL_PRESETS[low])
         return frozenset(b for g in groups for b in layout.group_members[g])
     if low == "mid" or low == "m00":
         return frozenset({"M00"})
