@@ -71,6 +71,11 @@ MODULE_CASES = [
                         "lokr_w2_b": ("F32", (2, 16, 1), f32(*range(32)))}, "not factor shapes"),
     ("locon-up-with-kernel", {"lora_down.weight": ("F32", (2, 32, 1, 1), f32(*range(64))),
                               "lora_up.weight": ("F32", (4, 2, 2, 2), f32(*range(32)))}, "does not fit"),
+    # issue #12: a Tucker core must be square in its rank dimensions, and no factor may have a zero-size side
+    ("tucker-core-not-square", {"lora_down.weight": ("F32", (2, 32, 1, 1), f32(*range(64))),
+                                "lora_mid.weight": ("F32", (3, 2, 1, 1), f32(*range(6))),
+                                "lora_up.weight": ("F32", (32, 3, 1, 1), f32(*range(96)))}, "lora_mid [3, 2, 1, 1] does not fit"),
+    ("zero-size-out", {"lora_down.weight": down(), "lora_up.weight": up(2, 0)}, "lora_up.weight has a zero-size dimension"),
 ]
 
 

@@ -38,6 +38,14 @@ def test_table_sizes(arch, n_full, n_short, slots, groups):
     assert (len(t.lbw_full), len(t.lbw_short), len(t.kohya_slots), t.unet_groups) == (n_full, n_short, slots, groups)
 
 
+def test_mid_slots_are_derived_from_the_kohya_slot_layout(load_manifest):
+    """SD1/SD2 number the middle block once (12); SDXL numbers its three LDM parts (10, 11, 12), as kohya does."""
+    assert table(Arch.SD1).mid_slots == (12,) and table(Arch.SD2).mid_slots == (12,)
+    assert table(Arch.SDXL).mid_slots == (10, 11, 12)
+    seen = {m["kohya_block_index"] for m in load_manifest("sdxl_locon")["modules"] if m["name"].startswith("lora_unet_middle_block_")}
+    assert seen == set(table(Arch.SDXL).mid_slots)
+
+
 def test_attention_groups_match_the_manifests(load_manifest):
     for arch, name in ((Arch.SD1, "sd1_lora"), (Arch.SDXL, "sdxl_lora")):
         groups = {place(m["name"], arch).group for m in load_manifest(name)["modules"] if m["component"] == "unet"}
