@@ -108,7 +108,7 @@ def _table(arch: Arch) -> ArchTable:
     return record(arch).block_table()
 
 
-_TE_PREFIX = re.compile(r"^lora_(te[12]?)_")
+_TE_PREFIX = re.compile(r"^lora_(te\d*)_")
 
 
 @cache
@@ -124,8 +124,8 @@ def place(stem: str, arch: Arch) -> Placement | None:
     layout = _table(arch)
     te = _TE_PREFIX.match(stem)
     if te:
-        component = Component(te.group(1))
-        if component not in layout.text_encoders:
+        component = next((c for c in layout.text_encoders if c.value == te.group(1)), None)
+        if component is None:
             return None
         return Placement(component, component.value, "BASE", component.value, None)
     if not stem.startswith("lora_unet_"):

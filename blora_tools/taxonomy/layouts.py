@@ -160,13 +160,25 @@ class UNet:
 
     # --- real layer shapes -----------------------------------------------------------------------
 
-    def layer_shapes(self) -> Iterator[tuple[str, str, tuple[int, ...]]]:
-        """(component, dotted path in diffusers / transformers-4 names, weight shape) of every layer with a
-        weight: Linear (out, in), Conv2d (out, in, kh, kw), GroupNorm/LayerNorm (C,), Embedding (n, width)."""
-        yield from _unet_layers(self)
+    def layer_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(kohya stem, weight shape) of every layer with a weight, under every stem files use for it: U-Net
+        layers in diffusers and LDM names, text-encoder layers with and without transformers 4's `text_model`.
+        Shapes: Linear (out, in), Conv2d (out, in, kh, kw), GroupNorm/LayerNorm (C,), Embedding (n, width)."""
+        for path, shape in _unet_layers(self):
+            yield _stem("unet", path), shape
+            yield _stem("unet", rename_unet(path, self.arch, to_diffusers=False)), shape
         for te in self.text_encoders:
             for path, shape in _clip_layers(te):
-                yield te.component.value, path, shape
+                yield _stem(te.component.value, path), shape
+                if path.startswith(_TEXT_MODEL):  # transformers 5 dropped the `text_model` level
+                    yield _stem(te.component.value, path[len(_TEXT_MODEL) :]), shape
+
+
+def _stem(component: str, path: str) -> str:
+    return f"lora_{component}_" + path.replace(".", "_")
+
+
+_TEXT_MODEL = "text_model."
 
 
 def _ids(prefix: str, start: int, stop: int) -> tuple[str, ...]:
@@ -337,14 +349,14 @@ def rename_unet(path: str, arch: Arch | str, *, to_diffusers: bool) -> str:
 # --- real layers (diffusers UNet2DConditionModel / transformers CLIPTextModel structure) ---------------------
 
 
-def _unet_layers(unet: UNet) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+def _unet_layers(unet: UNet) -> Iterator[tuple[str, tuple[int, ...]]]:
     c, t, levels = unet.channels, unet.time_width, unet.levels
-    yield "unet", "conv_in", (c[0], unet.latent_channels, 3, 3)
-    yield "unet", "time_embedding.linear_1", (t, c[0])
-    yield "unet", "time_embedding.linear_2", (t, t)
+    yield "conv_in", (c[0], unet.latent_channels, 3, 3)
+    yield "time_embedding.linear_1", (t, c[0])
+    yield "time_embedding.linear_2", (t, t)
     if unet.label_width is not None:
-        yield "unet", "add_embedding.linear_1", (t, unet.label_width)
-        yield "unet", "add_embedding.linear_2", (t, t)
+        yield "add_embedding.linear_1", (t, unet.label_width)
+        yield "add_embedding.linear_2", (t, t)
     skips = [c[0]]
     width = c[0]
     for level in range(levels):
@@ -355,7 +367,7 @@ def _unet_layers(unet: UNet) -> Iterator[tuple[str, str, tuple[int, ...]]]:
                 yield from _transformer(f"down_blocks.{level}.attentions.{j}", width, unet.attention_depth[level], unet)
             skips.append(width)
         if level < levels - 1:
-            yield "unet", f"down_blocks.{level}.downsamplers.0.conv", (width, width, 3, 3)
+            yield f"down_blocks.{level}.downsamplers.0.conv", (width, width, 3, 3)
             skips.append(width)
     yield from _resnet("mid_block.resnets.0", width, width, t)
     yield from _transformer("mid_block.attentions.0", width, unet.mid_depth, unet)
@@ -368,37 +380,37 @@ def _unet_layers(unet: UNet) -> Iterator[tuple[str, str, tuple[int, ...]]]:
             if unet.attention(level):
                 yield from _transformer(f"up_blocks.{up}.attentions.{j}", width, unet.attention_depth[level], unet)
         if up < levels - 1:
-            yield "unet", f"up_blocks.{up}.upsamplers.0.conv", (width, width, 3, 3)
-    yield "unet", "conv_norm_out", (width,)
-    yield "unet", "conv_out", (unet.latent_channels, width, 3, 3)
+            yield f"up_blocks.{up}.upsamplers.0.conv", (width, width, 3, 3)
+    yield "conv_norm_out", (width,)
+    yield "conv_out", (unet.latent_channels, width, 3, 3)
 
 
-def _resnet(prefix: str, fan_in: int, out: int, time_width: int) -> Iterator[tuple[str, str, tuple[int, ...]]]:
-    yield "unet", f"{prefix}.norm1", (fan_in,)
-    yield "unet", f"{prefix}.conv1", (out, fan_in, 3, 3)
-    yield "unet", f"{prefix}.time_emb_proj", (out, time_width)
-    yield "unet", f"{prefix}.norm2", (out,)
-    yield "unet", f"{prefix}.conv2", (out, out, 3, 3)
+def _resnet(prefix: str, fan_in: int, out: int, time_width: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    yield f"{prefix}.norm1", (fan_in,)
+    yield f"{prefix}.conv1", (out, fan_in, 3, 3)
+    yield f"{prefix}.time_emb_proj", (out, time_width)
+    yield f"{prefix}.norm2", (out,)
+    yield f"{prefix}.conv2", (out, out, 3, 3)
     if fan_in != out:
-        yield "unet", f"{prefix}.conv_shortcut", (out, fan_in, 1, 1)
+        yield f"{prefix}.conv_shortcut", (out, fan_in, 1, 1)
 
 
-def _transformer(prefix: str, width: int, depth: int, unet: UNet) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+def _transformer(prefix: str, width: int, depth: int, unet: UNet) -> Iterator[tuple[str, tuple[int, ...]]]:
     projection = (width, width) if unet.linear_projection else (width, width, 1, 1)
-    yield "unet", f"{prefix}.norm", (width,)
-    yield "unet", f"{prefix}.proj_in", projection
+    yield f"{prefix}.norm", (width,)
+    yield f"{prefix}.proj_in", projection
     for i in range(depth):
         block = f"{prefix}.transformer_blocks.{i}"
         for norm in ("norm1", "norm2", "norm3"):
-            yield "unet", f"{block}.{norm}", (width,)
+            yield f"{block}.{norm}", (width,)
         for attn, context in (("attn1", width), ("attn2", unet.context_width)):
-            yield "unet", f"{block}.{attn}.to_q", (width, width)
-            yield "unet", f"{block}.{attn}.to_k", (width, context)
-            yield "unet", f"{block}.{attn}.to_v", (width, context)
-            yield "unet", f"{block}.{attn}.to_out.0", (width, width)
-        yield "unet", f"{block}.ff.net.0.proj", (8 * width, width)  # GEGLU: value and gate, 4×width each
-        yield "unet", f"{block}.ff.net.2", (width, 4 * width)
-    yield "unet", f"{prefix}.proj_out", projection
+            yield f"{block}.{attn}.to_q", (width, width)
+            yield f"{block}.{attn}.to_k", (width, context)
+            yield f"{block}.{attn}.to_v", (width, context)
+            yield f"{block}.{attn}.to_out.0", (width, width)
+        yield f"{block}.ff.net.0.proj", (8 * width, width)  # GEGLU: value and gate, 4×width each
+        yield f"{block}.ff.net.2", (width, 4 * width)
+    yield f"{prefix}.proj_out", projection
 
 
 def _clip_layers(te: TextEncoder) -> Iterator[tuple[str, tuple[int, ...]]]:

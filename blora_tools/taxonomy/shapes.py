@@ -1,7 +1,7 @@
 """Real layer shapes per architecture, and whether an adapter module's ΔW fits the layer it adapts.
 
 The shapes come from the architecture records (`layouts`), keyed by every kohya stem a layer is written
-under: diffusers and LDM U-Net names, text-encoder names with and without transformers 4's `text_model`.
+under (the record knows its family's spellings).
 A module fits when its ΔW is no larger than the real layer in any dimension — test models are smaller
 than real ones — with a Linear layer counting as a 1×1 kernel. A module whose name is no real layer is
 held to the architecture's largest layer. This is what keeps a hostile header from making a command
@@ -15,30 +15,14 @@ from functools import cache
 from types import MappingProxyType
 from typing import Mapping
 
-from blora_tools.errors import BloraError
 from blora_tools.taxonomy.arch import Arch
-from blora_tools.taxonomy.layouts import record, rename_unet
-
-_TEXT_MODEL = "text_model."
+from blora_tools.taxonomy.layouts import record
 
 
 @cache
 def layer_shapes(arch: Arch | str) -> Mapping[str, tuple[int, ...]]:
-    """kohya stem → weight shape of every real layer of `arch` that has a weight."""
-    arch = Arch(arch)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for component, path, shape in record(arch).layer_shapes():
-        names = [path]
-        if component == "unet":
-            try:
-                names.append(rename_unet(path, arch, to_diffusers=False))
-            except BloraError:  # a layer LDM names do not split out (none today); the diffusers name stands
-                pass
-        elif path.startswith(_TEXT_MODEL):
-            names.append(path[len(_TEXT_MODEL) :])  # transformers 5 dropped the `text_model` level
-        for name in names:
-            shapes[f"lora_{component}_" + name.replace(".", "_")] = shape
-    return MappingProxyType(shapes)
+    """kohya stem → weight shape of every real layer of `arch` that has a weight (every spelling of its name)."""
+    return MappingProxyType(dict(record(arch).layer_shapes()))
 
 
 def layer_shape(stem: str, arch: Arch | str) -> tuple[int, ...] | None:
