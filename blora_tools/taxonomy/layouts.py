@@ -133,7 +133,7 @@ class UNet:
 
         Reads diffusers names (kohya's SD1/SD2, some SDXL tools) and LDM names (kohya's SDXL, A1111's SD1).
         """
-        from blora_tools.taxonomy.blocks import table
+        from blora_tools.taxonomy.blocks import OTHER, table
 
         layout = table(self.arch)
         slots = layout.kohya_slots
@@ -141,7 +141,7 @@ class UNet:
         if lbw is None:
             if not path.startswith(_EMBEDDING_PATHS + _OUTPUT_PATHS):
                 return None
-            if slots[0] != "OTHER":
+            if slots[0] != OTHER:
                 return None, None
             return None, (0 if path.startswith(_EMBEDDING_PATHS) else len(slots) - 1)
         if lbw not in layout.unet_lbw:
