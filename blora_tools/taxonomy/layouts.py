@@ -75,6 +75,9 @@ class UNet:
     label_width: int | None = None
     """Input width of SDXL's `label_emb` (pooled text + size conditioning); None where there is none."""
     latent_channels: int = 4
+    input_channels: int = 9
+    """What `conv_in` may read: the latents, or up to 9 channels in the family's inpainting variants (latents,
+    masked image latents, mask); depth (5) and instruct-pix2pix (8) variants fit under it."""
 
     @property
     def levels(self) -> int:
@@ -351,7 +354,7 @@ def rename_unet(path: str, arch: Arch | str, *, to_diffusers: bool) -> str:
 
 def _unet_layers(unet: UNet) -> Iterator[tuple[str, tuple[int, ...]]]:
     c, t, levels = unet.channels, unet.time_width, unet.levels
-    yield "conv_in", (c[0], unet.latent_channels, 3, 3)
+    yield "conv_in", (c[0], unet.input_channels, 3, 3)
     yield "time_embedding.linear_1", (t, c[0])
     yield "time_embedding.linear_2", (t, t)
     if unet.label_width is not None:

@@ -53,9 +53,12 @@ def _weighted_layers(arch: str) -> dict[str, tuple[int, ...]]:
 def test_every_layer_of_the_full_size_models(arch):
     """Both ways: every weighted layer of the real module tree is in the table with its shape, and the table
     names no layer the tree lacks (in the tree's own naming: diffusers for SD1/SD2, LDM for SDXL)."""
-    tree = _weighted_layers(arch)
+    tree = dict(_weighted_layers(arch))
     table = layer_shapes(arch)
     assert len(tree) > 400 and any(n.startswith("lora_te") for n in tree)
+    conv_in = "lora_unet_input_blocks_0_0" if arch == "sdxl" else "lora_unet_conv_in"
+    assert tree[conv_in][1] == 4 and table[conv_in][1] == 9  # the base model reads 4 latent channels, inpainting 9
+    tree[conv_in] = table[conv_in]
     assert {name: table.get(name) for name in tree} == tree
     tree_naming = "lora_unet_input_blocks" if arch == "sdxl" else "lora_unet_down_blocks"
     other_naming = "lora_unet_down_blocks" if arch == "sdxl" else "lora_unet_input_blocks"
@@ -72,6 +75,13 @@ def test_both_namings_give_the_same_shape():
     assert layer_shape("lora_te_encoder_layers_22_mlp_fc1", "sd2") == (4096, 1024)  # transformers 5 form
     assert layer_shape("lora_te_text_model_encoder_layers_12_mlp_fc1", "sd1") is None  # CLIP-L has 12 layers
     assert layer_shape("lora_unet_input_blocks_4_1_transformer_blocks_2_attn1_to_q", "sdxl") is None  # depth 2
+
+
+def test_inpainting_conv_in_fits():
+    """An inpainting LoRA's conv_in reads 9 channels (latents, masked-image latents, mask); nothing reads more."""
+    assert misfit("lora_unet_conv_in", (320, 9, 3, 3), "sd1") is None
+    assert misfit("lora_unet_input_blocks_0_0", (320, 9, 3, 3), "sdxl") is None
+    assert "[320, 9, 3, 3]" in misfit("lora_unet_conv_in", (320, 10, 3, 3), "sd2")
 
 
 def test_misfit_allows_smaller_refuses_larger():
