@@ -27,19 +27,13 @@ from blora_tools.adapter.formats import (
 from blora_tools.errors import BloraError
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component
+from blora_tools.taxonomy.shapes import layer_shape as real_layer_shape
 
 if TYPE_CHECKING:
     from blora_tools.adapter.model import Adapter, Module
 
 NAMINGS = ("ldm", "diffusers")
 """U-Net namings a kohya file can use."""
-
-_CONV_3X3 = ("conv1", "conv2", "conv", "conv_in", "conv_out")
-"""Last names of the diffusers U-Net's 3×3 convolutions (resnets, down/upsamplers, stem and head)."""
-_CONV_1X1 = ("conv_shortcut",)
-_SD1_CONV_1X1 = ("proj_in", "proj_out")
-"""SD1's transformer projections are 1×1 convolutions (SD2 has Linear ones in diffusers, convs in LDM
-checkpoints: a flattened factor cannot tell which, so SD2 keeps what the file has)."""
 
 
 def _parsed(stem: str, arch: Arch) -> tuple[Component, str] | None:
@@ -115,26 +109,21 @@ def modules_by_layer(adapter: "Adapter") -> dict[str, "Module"]:
 
 
 def layer_shape(module: "Module", arch: Arch) -> tuple[int, ...]:
-    """The base layer's weight shape: the module's own where it is 4-D, else (out, in, k, k) when the layer is
-    a known convolution whose flattened fan-in divides by k·k, else the module's 2-D shape."""
+    """The base layer's weight shape: the module's own where it is 4-D, else (out, in, k, k) when the real layer
+    (`taxonomy.shapes`) is a k×k convolution whose kernel divides the flattened fan-in, else the module's 2-D
+    shape (SD2's projections are Linear in diffusers and 1×1 convs in LDM checkpoints: a flattened factor keeps
+    what the file has there)."""
     shape = module.weight_shape
     if len(shape) != 2:
         return shape
-    parsed = _parsed(module.stem, arch)
-    if parsed is None or parsed[0] is not Component.UNET:
-        return shape
-    name = parsed[1].rsplit(".", 1)[-1]
-    if name in _CONV_3X3:
-        kernel = 3
-    elif name in _CONV_1X1 or (arch is Arch.SD1 and name in _SD1_CONV_1X1):
-        kernel = 1
-    else:
+    real = real_layer_shape(module.stem, arch)
+    if real is None or len(real) != 4:
         return shape
     out, fan_in = shape
-    taps = kernel * kernel
+    taps = math.prod(real[2:])
     if fan_in % taps:
         return shape
-    return (out, fan_in // taps, kernel, kernel)
+    return (out, fan_in // taps) + tuple(real[2:])
 
 
 def is_conv(shape: tuple[int, ...]) -> bool:

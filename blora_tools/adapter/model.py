@@ -197,9 +197,11 @@ def _refuse_unsupported_family(keys, path: Path) -> None:
 
 def _detect(grouped: dict, shapes: dict, header: Header, override: Arch | None) -> tuple[Arch, list[str]]:
     """The architecture from the modules' names and ΔW shapes (a broken module is refused first, by name)."""
-    made = {stem: _weight_shape(_checked_kind(stem, s, header.path), s) for stem, s in shapes.items()}
+    kinds = {stem: _checked_kind(stem, s, header.path) for stem, s in shapes.items()}
+    made = {stem: _weight_shape(kinds[stem], s) for stem, s in shapes.items()}
+    flat = {stem for stem, kind in kinds.items() if kind in (Kind.LOHA, Kind.LOKR)}
     try:
-        return decide_arch(made, header.metadata, override=override, keys=header.tensors)
+        return decide_arch(made, header.metadata, override=override, keys=header.tensors, flat=flat)
     except BloraError as err:
         raise AdapterFileError(err.message, header.path) from None
 

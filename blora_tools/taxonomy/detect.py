@@ -20,7 +20,7 @@ common family. A claim or override the evidence rules out is a warning or an err
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from blora_tools.errors import BloraError
 from blora_tools.taxonomy.arch import KNOWN_ARCHS, Arch, arch_from_metadata
@@ -89,11 +89,13 @@ def decide_arch(
     *,
     override: Arch | None = None,
     keys: Iterable[str] = (),
+    flat: Collection[str] = (),
 ) -> tuple[Arch, list[str]]:
     """(architecture, warnings) of an adapter from its modules (kohya stem → ΔW shape) and metadata.
 
     `keys` are the file's other tensor keys (names of unsupported families are looked for there too);
-    `override` is the user's `--arch`. Raises BloraError when the modules fit no supported family, when
+    `override` is the user's `--arch`; `flat` names modules whose ΔW is stored flat (LyCORIS LoHa/LoKr), whose
+    2-D shape therefore says nothing about a Linear layer. Raises BloraError when the modules fit no supported family, when
     shapes rule every family out, or when `override` contradicts the evidence.
     """
     family = unsupported_family(list(modules) + list(keys))
@@ -106,7 +108,7 @@ def decide_arch(
     if not fitting:
         stem, problem = _misfits(modules, candidates[0])[0]
         raise BloraError(f"module {stem}: {problem}")
-    widths = _widths(modules)
+    widths = _widths(modules, flat)
     best, exact = arch_from_widths(fitting, **widths)
     decided = [best] if exact else fitting
     claim = arch_from_metadata(metadata or {})
@@ -153,11 +155,11 @@ def _misfits(modules: Mapping[str, tuple[int, ...]], arch: Arch) -> list[tuple[s
     return [(stem, problem) for stem, shape in modules.items() if (problem := misfit(stem, shape, arch))]
 
 
-def _widths(modules: Mapping[str, tuple[int, ...]]) -> dict:
+def _widths(modules: Mapping[str, tuple[int, ...]], flat: Collection[str]) -> dict:
     """The width evidence of a file: context and text width (a module's input features), Linear proj_in."""
     context = next((shape[1] for s, shape in modules.items() if _CONTEXT.match(s) and len(shape) >= 2), None)
     text = next((shape[1] for s, shape in modules.items() if _TEXT_ATTENTION.match(s) and len(shape) >= 2), None)
-    linear = any(len(shape) == 2 for s, shape in modules.items() if _PROJ_IN.match(s))
+    linear = any(len(shape) == 2 for s, shape in modules.items() if _PROJ_IN.match(s) and s not in flat)
     return {"context_width": context, "text_width": text, "linear_projection": linear}
 
 

@@ -46,16 +46,24 @@ def largest_layer(arch: Arch | str) -> tuple[tuple[int, int, int, int], int]:
     return bound, max(math.prod(s) for s in shapes)  # type: ignore[return-value]
 
 
+def fits(shape: tuple[int, ...], real: tuple[int, ...]) -> bool:
+    """Whether a ΔW of `shape` is nowhere larger than a layer of shape `real`: every dimension at most the
+    layer's, a Linear counting as a 1×1 kernel. A ΔW stored flat (2-D: LyCORIS keeps LoHa/LoKr factors of a
+    convolution so) is compared with the layer flattened to (out, in·kh·kw)."""
+    if len(shape) <= 2 < len(real):
+        real = (real[0], math.prod(real[1:]))
+    return all(m <= r for m, r in zip(as_matrix_shape(shape), as_matrix_shape(real)))
+
+
 def misfit(stem: str, shape: tuple[int, ...], arch: Arch | str) -> str | None:
     """Why a module's ΔW of `shape` cannot belong to `arch` (too large for its layer, or for any layer), or None."""
     arch = Arch(arch)
-    made = as_matrix_shape(shape)
     real = layer_shape(stem, arch)
     if real is not None:
-        if all(m <= r for m, r in zip(made, as_matrix_shape(real))):
+        if fits(shape, real):
             return None
         return f"its ΔW is {list(shape)} but the {arch.value} layer it adapts is {list(real)}"
     bound, most = largest_layer(arch)
-    if all(m <= b for m, b in zip(made, bound)) and math.prod(made) <= most:
+    if fits(shape, bound) and math.prod(shape) <= most:
         return None
     return f"its ΔW is {list(shape)}, larger than any {arch.value} layer (at most {list(bound)}, {most} values)"

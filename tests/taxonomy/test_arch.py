@@ -147,3 +147,15 @@ def test_shapes_larger_than_every_family_are_refused():
 )
 def test_arch_from_widths(candidates, widths, expected):
     assert arch_from_widths(candidates, **widths) == expected
+
+
+def test_flat_loha_factors_are_no_linear_projection_evidence():
+    """A LoHa/LoKr stores a convolution's ΔW flat (2-D): its 2-D proj_in is no sign of SD2's Linear projection."""
+    proj = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert decide_arch({proj: (8, 8)})[0] is Arch.SD2  # a LoRA's 2-D lora_down: Linear, as diffusers ships SD2
+    assert decide_arch({proj: (8, 8)}, flat={proj})[0] is Arch.SD1
+
+
+def test_full_size_flat_conv_factors_fit():
+    """A full-size LyCORIS LoHa of a 3×3 conv has a 320×2880 ΔW: the layer flattened, not larger than it."""
+    assert decide_arch({"lora_unet_down_blocks_0_resnets_0_conv1": (320, 320 * 9)}, flat={"lora_unet_down_blocks_0_resnets_0_conv1"})[0] is Arch.SD1

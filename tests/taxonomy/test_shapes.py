@@ -91,6 +91,8 @@ def test_misfit_allows_smaller_refuses_larger():
     assert misfit(stem, (32, 32, 1, 1), "sd1") is None
     assert "[320, 320, 3, 3]" in misfit(stem, (320, 320, 5, 5), "sd1")
     assert "[320, 320, 3, 3]" in misfit(stem, (321, 320, 3, 3), "sd1")
+    assert misfit(stem, (320, 320 * 9), "sd1") is None  # a LyCORIS LoHa/LoKr of the conv, stored flat
+    assert "[320, 320, 3, 3]" in misfit(stem, (320, 320 * 9 + 1), "sd1")
     proj = "lora_unet_down_blocks_0_attentions_0_proj_in"  # Linear on SD2, 1×1 conv in a ckpt-built file
     assert misfit(proj, (320, 320), "sd2") is None and misfit(proj, (320, 320, 1, 1), "sd2") is None
 
