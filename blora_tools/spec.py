@@ -18,7 +18,6 @@ those of its largest-rank member and `"mixed": true`), plus `lbw` (every block, 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from enum import Enum
 from types import MappingProxyType
 
 from blora_tools.errors import SpecError
-from blora_tools.jsonio import loads_strict
+from blora_tools.jsonio import dumps, loads_strict
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component, Placement, table
 
@@ -192,7 +191,7 @@ class BlockSpec:
         doc = self.to_dict()
         if extra:
             doc.update(extra)
-        return json.dumps(doc, separators=(",", ":"), sort_keys=False)
+        return dumps(doc, separators=(",", ":"), sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str | Mapping) -> "BlockSpec":

@@ -16,12 +16,12 @@ keep `text_model.`, the form every diffusers version loads (0.42 strips it for a
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from blora_tools.jsonio import dumps
 from blora_tools.taxonomy.blocks import Component
 
 METADATA_KEY = "lora_adapter_metadata"
@@ -91,4 +91,4 @@ def adapter_metadata(modules: Iterable[PeftModule]) -> str:
             "use_rslora": False,
         }
         doc.update({f"{name}.{key}": value for key, value in fields.items()})
-    return json.dumps(doc, indent=2, sort_keys=True)
+    return dumps(doc, indent=2, sort_keys=True)
