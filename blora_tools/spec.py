@@ -13,14 +13,26 @@ When they differ, `slots` holds one setting per kohya slot and takes precedence 
 The JSON (`to_json`) has `arch`, `algo` and `blocks` (paper group → `{"rank", "alpha", "conv_rank",
 "conv_alpha", "lr_weight"}`, rank 0 for skipped groups; where a group's members differ the values are
 those of its largest-rank member and `"mixed": true`), plus `lbw` (every block, exact) and `kohya_slots`
-(only when SDXL's middle-block parts differ). `from_json` reads `lbw` and `kohya_slots` back.
+(only when SDXL's middle-block parts differ). `from_json` reads `lbw` and `kohya_slots` back, and also the
+group-only spec (`arch`, `alpha`, `blocks`, no `format`) that `merge` wrote before version 0.2.
+
+`BlockSpec` is the only reader and writer of `blora_spec`. The plugin writes the spec it trained with (its alphas
+are the training alphas; `file_alpha` is the one alpha every module stores, the rest folded into `lora_up`). The
+CLI's writing commands describe the file they write with `from_modules`: per block the rank and stored alpha of
+its linear and 1×1 layers and of its k×k convolutions (missing alpha = rank), `mixed: true` where the block's
+modules of one class differ (rank and alpha are then those of its largest-rank module), `rankless: true` where it
+holds modules that have no rank (full `diff`, norm `w_norm`, LoKr of whole factors; their scale is 1). LoHa and
+LoKr count by their LyCORIS dim (`hada_w1_b` rows, `lokr_w*_a` columns); `kinds` counts the modules per kind
+(`lora`, `lora_conv1x1`, `locon`, `tucker`, `loha`, `lokr`, `full`, `norm`), and `algo` is `locon` when any k×k
+convolution is adapted.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 
@@ -37,7 +49,8 @@ CONV_KINDS = frozenset({"conv3x3"})
 
 
 class Algo(str, Enum):
-    """The adapter algorithm: LoRA on attention layers, or LoCon (LoRA on convolutions too)."""
+    """The training algorithm: LoRA on attention layers, or LoCon (convolutions too). A spec made from a file's
+    modules says `locon` when any k×k convolution is adapted, and lists the module kinds under `kinds`."""
 
     LORA = "lora"
     LOCON = "locon"
@@ -48,21 +61,36 @@ class Algo(str, Enum):
 
 @dataclass(frozen=True)
 class BlockSetting:
-    """The training numbers of one block. Alpha 0 means alpha = rank (kohya's convention)."""
+    """The numbers of one block. Alpha 0 means alpha = rank (kohya's convention).
+
+    `mixed`: the block's modules of one class (plain or conv) have different ranks or alphas; rank and alpha are
+    then its largest-rank module's. `rankless`: the block holds modules without a rank (full, norm, LoKr of
+    whole factors).
+    """
 
     rank: int = 0
     alpha: float = 1.0
     conv_rank: int = 0
     conv_alpha: float = 1.0
     lr_weight: float = 1.0
+    mixed: bool = False
+    rankless: bool = False
 
     @property
     def trained(self) -> bool:
         """Whether any layer of the block gets an adapter."""
-        return self.rank > 0 or self.conv_rank > 0
+        return self.rank > 0 or self.conv_rank > 0 or self.rankless
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        doc: dict = {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "conv_rank": self.conv_rank,
+            "conv_alpha": self.conv_alpha,
+            "lr_weight": self.lr_weight,
+        }
+        doc.update({flag: True for flag in ("mixed", "rankless") if getattr(self, flag)})
+        return doc
 
     @classmethod
     def from_dict(cls, data: Mapping, where: str) -> "BlockSetting":
@@ -76,13 +104,54 @@ class BlockSetting:
                 conv_rank=int(data.get("conv_rank", 0)),
                 conv_alpha=float(data.get("conv_alpha", 1.0)),
                 lr_weight=float(data.get("lr_weight", 1.0)),
+                mixed=data.get("mixed", False) is True,
+                rankless=data.get("rankless", False) is True,
             )
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise SpecError(f"blora_spec: {where} has a value that is not a number") from None
         numbers = (setting.rank, setting.alpha, setting.conv_rank, setting.conv_alpha, setting.lr_weight)
         if min(numbers) < 0 or not all(math.isfinite(v) for v in numbers):
             raise SpecError(f"blora_spec: {where} has a negative or non-finite value")
         return setting
+
+
+@dataclass(frozen=True)
+class ModuleFacts:
+    """What a spec records of one module of a file: where it sits, its kind, rank and alpha."""
+
+    placement: Placement | None
+    kind: str
+    rank: int | None
+    """None for kinds without a rank"""
+    alpha: float | None
+    """the alpha loaders use (stored, else the rank); None without a rank"""
+    conv: bool
+    """a k×k convolution (takes the conv rank and alpha)"""
+
+    @classmethod
+    def of(cls, module) -> "ModuleFacts":
+        """The facts of a `blora_tools.adapter.model.Module` (duck-typed: placement, kind, rank, weight_shape)."""
+        shape = module.weight_shape
+        conv = len(shape) == 4 and math.prod(shape[2:]) > 1
+        return cls(module.placement, str(module.kind), module.rank, module.effective_alpha, conv)
+
+
+def _setting(facts: list[ModuleFacts], lr_weight: float) -> BlockSetting:
+    """One block's setting from its modules (see the module docstring for `mixed` and `rankless`)."""
+    plain = [(f.rank, f.alpha) for f in facts if f.rank is not None and not f.conv]
+    conv = [(f.rank, f.alpha) for f in facts if f.rank is not None and f.conv]
+
+    def lead(pairs: list[tuple[int, float]]) -> tuple[int, float]:
+        if not pairs:
+            return 0, 1.0
+        top = max(r for r, _ in pairs)
+        return Counter(p for p in pairs if p[0] == top).most_common(1)[0][0]
+
+    rank, alpha = lead(plain)
+    conv_rank, conv_alpha = lead(conv)
+    mixed = len(set(plain)) > 1 or len(set(conv)) > 1
+    rankless = any(f.rank is None for f in facts)
+    return BlockSetting(rank, alpha, conv_rank, conv_alpha, lr_weight, mixed, rankless)
 
 
 def _frozen(mapping: Mapping) -> Mapping:
@@ -99,17 +168,56 @@ class BlockSpec:
     slots: Mapping[int, BlockSetting] = field(default_factory=dict)
     network_dim: int = 4
     network_alpha: float = 1.0
+    kinds: Mapping[str, int] = field(default_factory=dict)
+    """module kind → count, for a spec made from a file's modules (`from_modules`); empty for a training spec"""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "arch", Arch(self.arch))
         object.__setattr__(self, "algo", Algo(self.algo))
         object.__setattr__(self, "blocks", _frozen(self.blocks))
         object.__setattr__(self, "slots", _frozen(self.slots))
+        object.__setattr__(self, "kinds", _frozen(self.kinds))
         expected = set(table(self.arch).blocks)
         if set(self.blocks) != expected:
             missing = sorted(expected - set(self.blocks))
             extra = sorted(set(self.blocks) - expected)
             raise SpecError(f"a {self.arch.value} spec needs every block; missing {missing}, unknown {extra}")
+
+    @classmethod
+    def from_modules(
+        cls, arch: Arch | str, modules: Iterable[ModuleFacts], lr_weights: Mapping[str, float] | None = None
+    ) -> "BlockSpec":
+        """The spec of a file holding exactly `modules` (modules outside every block are not described).
+
+        `lr_weights` keeps the source's learning-rate weights (block → weight) for the blocks still held.
+        SDXL's middle block gets per-slot settings when its three parts differ.
+        """
+        arch = Arch(arch)
+        layout = table(arch)
+        facts = list(modules)
+        lr = lr_weights or {}
+        by_block: dict[str, list[ModuleFacts]] = {}
+        by_slot: dict[int, list[ModuleFacts]] = {}
+        for f in facts:
+            if f.placement is None:
+                continue
+            by_block.setdefault(f.placement.block, []).append(f)
+            if f.placement.block == "M00" and f.placement.kohya_index is not None:
+                by_slot.setdefault(f.placement.kohya_index, []).append(f)
+        blocks = {b: _setting(by_block.get(b, []), lr.get(b, 1.0)) for b in layout.blocks}
+        slot_ids = [i for i, name in enumerate(layout.kohya_slots) if name == "M00"]
+        slots = {i: _setting(by_slot.get(i, []), lr.get("M00", 1.0)) for i in slot_ids}
+        if len(slots) < 2 or len(set(slots.values())) == 1:
+            slots = {}
+        algo = Algo.LOCON if any(f.conv for f in facts) else Algo.LORA
+        kinds = dict(sorted(Counter(f.kind for f in facts).items()))
+        ranks = Counter(f.rank for f in facts if f.rank is not None and not f.conv) or Counter(
+            f.rank for f in facts if f.rank is not None
+        )
+        alphas = Counter(f.alpha for f in facts if f.alpha is not None)
+        dim = ranks.most_common(1)[0][0] if ranks else 0
+        alpha = alphas.most_common(1)[0][0] if alphas else 1.0
+        return cls(arch, algo, blocks, slots, dim, alpha, kinds)
 
     # --- lookups --------------------------------------------------------------------------------
 
@@ -167,8 +275,10 @@ class BlockSpec:
                 "conv_alpha": conv_lead.conv_alpha,
                 "lr_weight": lead.lr_weight,
             }
-            if len(set(settings)) > 1:
+            if len(set(settings)) > 1 or any(s.mixed for s in settings):
                 entry["mixed"] = True
+            if any(s.rankless for s in settings):
+                entry["rankless"] = True
             summary[group] = entry
         return summary
 
@@ -184,6 +294,8 @@ class BlockSpec:
         }
         if self.slots:
             doc["kohya_slots"] = {str(i): s.to_dict() for i, s in sorted(self.slots.items())}
+        if self.kinds:
+            doc["kinds"] = dict(self.kinds)
         return doc
 
     def to_json(self, extra: Mapping | None = None) -> str:
@@ -200,6 +312,8 @@ class BlockSpec:
             doc = loads_strict(text) if isinstance(text, str) else text
         except ValueError as err:
             raise SpecError(f"blora_spec is not valid JSON: {' '.join(str(err).split())[:120]}") from None
+        if isinstance(doc, Mapping) and "format" not in doc and isinstance(doc.get("blocks"), Mapping):
+            return cls._from_group_json(doc)
         if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
             raise SpecError(f"blora_spec has no 'format': {FORMAT!r} field")
         try:
@@ -223,4 +337,33 @@ class BlockSpec:
             dim, alpha = int(doc.get("network_dim", 4)), float(doc.get("network_alpha", 1.0))
         except (TypeError, ValueError):
             raise SpecError("blora_spec: network_dim / network_alpha are not numbers") from None
-        return cls(arch, algo, blocks, slots, dim, alpha)
+        kinds = doc.get("kinds") or {}
+        if not isinstance(kinds, Mapping) or not all(isinstance(n, int) and n >= 0 for n in kinds.values()):
+            raise SpecError("blora_spec: 'kinds' is not an object of module counts")
+        return cls(arch, algo, blocks, slots, dim, alpha, {str(k): n for k, n in kinds.items()})
+
+    @classmethod
+    def _from_group_json(cls, doc: Mapping) -> "BlockSpec":
+        """The spec `merge` wrote before 0.2: `arch`, `alpha` and per paper group `rank`, `alpha`, `conv_rank`,
+        `conv_alpha` (no `format`, no `lbw`); every member block gets its group's setting."""
+        try:
+            arch = Arch(doc.get("arch"))
+            layout = table(arch)
+        except ValueError:
+            raise SpecError(f"blora_spec: unknown arch {doc.get('arch')!r}") from None
+        groups = doc["blocks"]
+        members = {c.value: (c.value,) for c in layout.text_encoders} | dict(layout.group_members)
+        blocks = {b: BlockSetting() for b in layout.blocks}
+        for group, entry in groups.items():
+            if group not in members:
+                raise SpecError(f"blora_spec: unknown {arch.value} group {group!r}")
+            setting = BlockSetting.from_dict(entry, f"blocks.{group}")
+            for block in members[group]:
+                blocks[block] = setting
+        algo = Algo.LOCON if any(s.conv_rank for s in blocks.values()) else Algo.LORA
+        ranks = Counter(s.rank for s in blocks.values() if s.rank)
+        try:
+            alpha = float(doc.get("alpha", 1.0))
+        except (TypeError, ValueError):
+            raise SpecError("blora_spec: 'alpha' is not a number") from None
+        return cls(arch, algo, blocks, {}, ranks.most_common(1)[0][0] if ranks else 0, alpha)

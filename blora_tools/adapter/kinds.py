@@ -164,15 +164,36 @@ def _lokr_half(t: Mapping[str, "torch.Tensor"], i: str) -> "torch.Tensor":
     return a @ b if b.dim() == 2 else torch.einsum("ij,jchw->ichw", a, b)
 
 
+def factored_inner(up_a: "torch.Tensor", down_a: "torch.Tensor", up_b: "torch.Tensor", down_b: "torch.Tensor") -> float:
+    """⟨U_a·D_a, U_b·D_b⟩_F (ups out×r, downs r×fan_in), exact in float64, by the cheaper route.
+
+    The Gram route tr((U_aᵀU_b)(D_b·D_aᵀ)) = Σ (U_aᵀU_b) ⊙ (D_a·D_bᵀ) forms r_a×r_b matrices; the dense route
+    forms the out×fan_in products. Gram is taken when r_a·r_b < out·fan_in, so neither a huge rank on a tiny
+    layer (an r×r matrix) nor a large layer (a dense ΔW) allocates more than the factors themselves.
+    NaN/Inf in any factor gives a NaN/Inf result on both routes.
+    """
+    out, fan_in = up_a.shape[0], down_a.shape[-1]
+    same = up_a is up_b and down_a is down_b
+    up_a, down_a, up_b, down_b = (t.double() for t in (up_a, down_a, up_b, down_b))
+    if up_a.shape[1] * up_b.shape[1] < out * fan_in:
+        return float(((up_a.T @ up_b) * (down_a @ down_b.T)).sum())
+    dense = up_a @ down_a
+    return float((dense * (dense if same else up_b @ down_b)).sum())
+
+
+def gram_norm(up: "torch.Tensor", down: "torch.Tensor") -> float:
+    """‖up·down‖_F without forming more than the factors hold (`factored_inner` with itself)."""
+    import math
+
+    return math.sqrt(max(factored_inner(up, down, up, down), 0.0))  # rounding may go below 0; NaN stays NaN
+
+
 def frobenius_norm(kind: Kind, t: Mapping[str, "torch.Tensor"], scale: float, shape: tuple[int, ...]) -> float:
-    """‖ΔW‖_F. LoRA kinds use the Gram identity ‖UD‖² = tr((UᵀU)(DDᵀ)), never a dense product."""
+    """‖ΔW‖_F. LoRA kinds from their factors (`gram_norm`); LoKr as ‖W1‖·‖W2‖; others from the dense ΔW."""
     if kind.is_lora:
         up, down = lora_factors(kind, t)
-        if rank_exceeds_layer(up, down):
-            return abs(scale) * float((up @ down).norm())
-        gram = (up.T @ up) * (down @ down.T)  # elementwise: tr(AB) = Σ A ⊙ Bᵀ, both symmetric
-        return abs(scale) * float(gram.sum().clamp_min(0.0).sqrt())
+        return abs(scale) * gram_norm(up, down)
     if kind is Kind.LOKR:
         w1, w2 = _lokr_half(t, "1"), _lokr_half(t, "2")
-        return abs(scale) * float(w1.norm() * w2.norm())
-    return float(delta_weight(kind, t, scale, shape).norm())
+        return abs(scale) * float(w1.double().norm() * w2.double().norm())
+    return float(delta_weight(kind, t, scale, shape).double().norm())

@@ -1,19 +1,32 @@
 """Metadata of written files: keep `ss_*`/`modelspec.*`, update dim/alpha, record `blora_spec` and history.
 
-The `sshs_*` hashes are computed by the writer (they depend on the bytes written).
+Every writing command calls `updated_metadata` once: it states the output's modules as `blora_spec`
+(`BlockSpec.from_modules`) and appends one `blora_history` entry (`history_entry`) naming the inputs (file name
+and short sha256) and the arguments. The `sshs_*` hashes and the inputs' sha256 are filled in by the writer:
+inputs are hashed on worker threads while the output is written (`InputDigests`), the output as it is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from blora_tools.jsonio import dumps, json_value
+if TYPE_CHECKING:
+    from blora_tools.spec import ModuleFacts
+    from blora_tools.taxonomy.arch import Arch
+
+from blora_tools.jsonio import dumps, json_value, loads_strict
 
 SPEC_KEY = "blora_spec"
 HISTORY_KEY = "blora_history"
+SHORT_HASH = 10
+"""Hex digits of an input's sha256 kept in the history: A1111's and Civitai's short ("AutoV2") hash of a file."""
 _DROPPED = ("sshs_model_hash", "sshs_legacy_hash")
 
 
@@ -30,36 +43,101 @@ def dim_and_alpha(ranks: Iterable[int | None], alphas: Iterable[float]) -> tuple
     return dim, alpha
 
 
+def input_placeholder(index: int) -> str:
+    """What the history holds for input `index`'s short sha256 until the writer fills it in (same length)."""
+    return f"?{index:0{SHORT_HASH - 1}d}"
+
+
+class InputDigests:
+    """The short sha256 of each input file, each hashed on its own worker thread from construction on, so the
+    hashing overlaps the write (hashlib releases the GIL); `values()` maps each placeholder to its digest."""
+
+    def __init__(self, inputs: Sequence[str | Path]):
+        self._hashes = [hashlib.sha256() for _ in inputs]
+        self._errors: list[OSError] = []
+        self._threads = [
+            threading.Thread(target=self._run, args=(Path(p), h), daemon=True) for p, h in zip(inputs, self._hashes)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, path: Path, digest) -> None:
+        try:
+            with path.open("rb", buffering=0) as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        except OSError as err:
+            self._errors.append(err)
+
+    def values(self) -> dict[str, str]:
+        """placeholder → short sha256, once every thread is done; OSError when an input could not be read."""
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+        return {input_placeholder(i): h.hexdigest()[:SHORT_HASH] for i, h in enumerate(self._hashes)}
+
+
+def filled_history(history: str, digests: Mapping[str, str]) -> str:
+    """`blora_history` JSON with the last entry's input placeholders replaced by `digests` (same length)."""
+    entries = loads_strict(history)
+    for record in entries[-1]["inputs"]:
+        record["sha256"] = digests.get(record["sha256"], record["sha256"])
+    return dumps(entries, sort_keys=True)
+
+
+def history_entry(operation: str, inputs: Sequence[str | Path], arguments: Mapping[str, object]) -> dict:
+    """One `blora_history` entry: the operation, its inputs (file name, short sha256 placeholder that the writer
+    fills from `InputDigests`) and its arguments."""
+    from blora_tools import __version__
+
+    return {
+        "operation": operation,
+        "inputs": [{"file": Path(p).name, "sha256": input_placeholder(i)} for i, p in enumerate(inputs)],
+        "arguments": dict(arguments),
+        "tool": f"blora-tools {__version__}",
+        "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
 def updated_metadata(
     source: Mapping[str, str],
     *,
     operation: str,
+    inputs: Sequence[str | Path],
     arguments: Mapping[str, object],
-    ranks: Iterable[int | None],
-    alphas: Iterable[float],
-    spec: Mapping[str, object] | None = None,
+    arch: "Arch",
+    modules: Sequence["ModuleFacts"],
 ) -> dict[str, str]:
-    """The metadata for an output derived from `source`: everything kept except stale hashes, plus
-    updated `ss_network_dim`/`ss_network_alpha`, `blora_spec` (when given) and a `blora_history` entry."""
-    from blora_tools import __version__
+    """The metadata of an output holding `modules`, derived from `source`'s: everything kept except stale hashes,
+    `ss_network_dim`/`ss_network_alpha` of the modules, a `blora_spec` stating them (learning-rate weights kept
+    from the source's spec) and the source's `blora_history` plus this operation's entry."""
+    from blora_tools.spec import BlockSpec
 
     meta = {k: v for k, v in source.items() if k not in _DROPPED}
-    dim, alpha = dim_and_alpha(ranks, alphas)
+    dim, alpha = dim_and_alpha((m.rank for m in modules), (m.alpha for m in modules if m.alpha is not None))
     meta["ss_network_dim"] = dim
     meta["ss_network_alpha"] = alpha
-    if spec is not None:
-        meta[SPEC_KEY] = dumps(spec, sort_keys=True)
+    meta[SPEC_KEY] = BlockSpec.from_modules(arch, modules, _lr_weights(source)).to_json()
     history = read_history(source)
-    history.append(
-        {
-            "operation": operation,
-            "arguments": dict(arguments),
-            "tool": f"blora-tools {__version__}",
-            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-    )
+    history.append(history_entry(operation, inputs, arguments))
     meta[HISTORY_KEY] = dumps(history, sort_keys=True)
     return meta
+
+
+def _lr_weights(source: Mapping[str, str]) -> dict[str, float]:
+    """The learning-rate weights of the source's `blora_spec` (none when it has no readable one)."""
+    from blora_tools.errors import SpecError
+    from blora_tools.spec import BlockSpec
+
+    raw = source.get(SPEC_KEY)
+    if not raw:
+        return {}
+    try:
+        spec = BlockSpec.from_json(raw)
+    except SpecError:
+        return {}
+    return {block: setting.lr_weight for block, setting in spec.blocks.items()}
 
 
 def read_history(metadata: Mapping[str, str]) -> list[dict]:

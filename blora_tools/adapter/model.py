@@ -56,12 +56,18 @@ class Module:
         return self.placement.group if self.placement else "none"
 
     @property
-    def scale(self) -> float:
-        """alpha / rank: the factor a loader applies to the factors' product."""
+    def effective_alpha(self) -> float | None:
+        """The alpha loaders use: the stored one, else the rank (kohya, A1111, ComfyUI, LyCORIS, PEFT all read a
+        missing alpha as alpha = rank); None for kinds without a rank (full, norm, LoKr of whole factors)."""
         if self.rank is None:
-            return 1.0
-        alpha = self.rank if self.alpha is None else self.alpha
-        return alpha / self.rank
+            return None
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor a loader applies to the factors' product (1 for kinds without a rank)."""
+        alpha = self.effective_alpha
+        return 1.0 if alpha is None else alpha / self.rank
 
     @property
     def dora(self) -> bool:

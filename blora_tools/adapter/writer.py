@@ -115,8 +115,13 @@ def write_entries(
     inputs: Iterable[str | Path] = (),
     force: bool = False,
     hashes: bool = True,
+    late: Callable[[], Mapping[str, str]] | None = None,
 ) -> Path:
-    """Write tensors atomically. With `hashes`, add `sshs_model_hash`/`sshs_legacy_hash` as sd-scripts does."""
+    """Write tensors atomically. With `hashes`, add `sshs_model_hash`/`sshs_legacy_hash` as sd-scripts does.
+
+    `late()`, called once the data is written, gives metadata values known only then (input digests hashed
+    meanwhile); each must encode to the length of the value it replaces, as the header is rewritten in place.
+    """
     path = check_output(path, inputs, force)
     items = ordered(entries)
     names = [e.name for e in items]
@@ -138,11 +143,14 @@ def write_entries(
                 f.write(data)
         finally:
             digest = data_hash.hexdigest()
+        if late is not None:
+            meta.update(late())
         if hashes:
             meta["sshs_model_hash"] = digest
             meta["sshs_legacy_hash"] = _legacy_hash(f, items, meta, 8 + len(head))
+        if hashes or late is not None:
             final = header_bytes(items, meta)
-            assert len(final) == len(head), "hash placeholders keep the header length"
+            assert len(final) == len(head), "placeholders keep the header length"
             f.seek(8)
             f.write(final)
     return path

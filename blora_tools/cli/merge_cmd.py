@@ -83,13 +83,6 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
             blocks = selector.resolve(arch)
         sources.append(Source(adapter, ratios[i] if ratios else 1.0, blocks, selector.text if selector else "all"))
     plan = rank_plan(rank, arch, conv=conv_rank) if method == "svd" else None
-    arguments = {
-        "inputs": [p.name for p in inputs],
-        "ratios": [s.ratio for s in sources],
-        "blocks": [s.selector for s in sources],
-        "method": method,
-    }
-    arguments.update({k: v for k, v in (("rank", rank), ("conv_rank", conv_rank), ("clamp_quantile", clamp_quantile), ("alpha", alpha), ("names", names)) if v is not None})
     result = merge(
         sources,
         method=method,
@@ -98,7 +91,6 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
         dtype=DTYPES[dtype] if dtype else None,
         clamp_quantile=clamp_quantile,
         strict=strict,
-        arguments=arguments,
         names=names,
     )
     written = ui.save_result(app, result, output, force, allow_nonfinite)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from blora_tools.adapter.kinds import delta_weight, frobenius_norm, lora_factors, rank_exceeds_layer
+from blora_tools.adapter.kinds import delta_weight, factored_inner, frobenius_norm, lora_factors, rank_exceeds_layer
 from blora_tools.adapter.layers import modules_by_layer
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import BloraError, NonFiniteError
@@ -127,8 +127,14 @@ def compare(
 
 
 def _norm(adapter: Adapter, module: Module, tensors: dict) -> float:
+    """‖ΔW‖_F of one module; an error when it is NaN/Inf or its square overflows (an extreme alpha)."""
     norm = frobenius_norm(module.kind, tensors, module.scale, module.weight_shape)
-    if not math.isfinite(norm):
+    if not math.isfinite(norm * norm):
+        if all(bool(t.isfinite().all()) for t in tensors.values()):
+            raise NonFiniteError(
+                f"module {module.stem}: ‖ΔW‖ = {norm:g} (alpha/rank = {module.scale:g}) is too large to compare",
+                adapter.path,
+            )
         raise NonFiniteError(f"module {module.stem} holds NaN or Inf values; nothing to compare", adapter.path)
     return norm
 
@@ -155,8 +161,7 @@ def _inner(ma: Module, xa: tuple, mb: Module, xb: tuple) -> float:
             f"{shape_b[0]}×{shape_b[1]} weight in the other; the adapters are not for the same model"
         )
     if kind_a == "factors" and kind_b == "factors":
-        (ua, da), (ub, db) = a, b
-        return float(((ua.T @ ub) * (da @ db.T)).sum())  # tr((UaᵀUb)(DbDaᵀ)), r×r matrices only
+        return factored_inner(*a, *b)
     if kind_a == "dense" and kind_b == "dense":
         return float((a[0] * b[0]).sum())
     (u, d), dense = (a, b[0]) if kind_a == "factors" else (b, a[0])

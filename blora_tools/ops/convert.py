@@ -13,8 +13,10 @@ up factor (`ops.uniform`), which leaves ΔW unchanged:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from blora_tools.adapter.alpha import zero_alpha_warning
 from blora_tools.adapter.formats import (
     Format,
     diffusers_to_ldm,
@@ -30,9 +32,10 @@ from blora_tools.adapter.model import Adapter, Module
 from blora_tools.adapter.peft import METADATA_KEY, PeftModule, adapter_metadata, peft_key
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError
-from blora_tools.ops.result import Result, copied, effective_alpha, loader_notes
+from blora_tools.ops.result import Result, copied, loader_notes
 from blora_tools.ops.uniform import Alpha, folded, rank_alphas, uniform_alphas
 from blora_tools.ops.uniform import module_entries as module_entries_of
+from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component
 
@@ -80,6 +83,7 @@ def convert(
         alphas = rank_alphas(adapter)  # loaders that ignore lora_adapter_metadata (ComfyUI) assume alpha = rank
     else:
         alphas = uniform_alphas(adapter) if uniform_alpha else {}
+    warnings += [w for w in (zero_alpha_warning(adapter.modules.values()),) if w]
 
     entries: list[Entry] = []
     peft_modules: list[PeftModule] = []
@@ -126,18 +130,22 @@ def convert(
         warnings += loader_notes(adapter.modules.values(), arch, stems=sorted(stems), one_alpha=uniform_alpha,
                                  passthrough=adapter.passthrough)
 
-    arguments = {"input": Path(adapter.path).name, "to": target.value}
-    if uniform_alpha:
-        arguments["uniform_alpha"] = True
+    arguments: dict[str, object] = {"to": target.value}
+    if uniform_alpha and target is Format.KOHYA:
+        arguments["uniform_alpha"] = next(iter(alphas.values())).value
     if names:
         arguments["names"] = names
-    kept_alphas = [alphas[m.stem].value if m.stem in alphas else effective_alpha(m) for m in adapter.modules.values()]
+    facts = [
+        replace(ModuleFacts.of(m), alpha=alphas[m.stem].value) if m.stem in alphas else ModuleFacts.of(m)
+        for m in adapter.modules.values()
+    ]
     metadata = updated_metadata(
         adapter.metadata,
         operation="convert",
+        inputs=[adapter.path],
         arguments=arguments,
-        ranks=[m.rank for m in adapter.modules.values()],
-        alphas=[a for a in kept_alphas if a is not None],
+        arch=arch,
+        modules=facts,
     )
     metadata.pop(METADATA_KEY, None)
     if target is Format.PEFT:

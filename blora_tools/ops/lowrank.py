@@ -58,7 +58,7 @@ class Decomposition:
         if gain < 0:
             raise ValueError("gain must be ≥ 0")
         k = min(rank, self.max_rank)
-        root = (self.s[:k] * gain).clamp_min(0).sqrt()
+        root = self.s[:k].clamp_min(0).sqrt() * math.sqrt(gain)  # √s·√gain: s·gain alone may overflow float32
         up = self.u[:, :k] * root
         down = root[:, None] * self.v[:k]
         if k < rank:  # pad: a requested rank above what ΔW has (keeps the promised shape)
@@ -91,16 +91,6 @@ def decompose_dense(delta: "torch.Tensor") -> Decomposition:
     matrix = delta.float().reshape(delta.shape[0], -1)
     u, s, vt = torch.linalg.svd(matrix, full_matrices=False)
     return Decomposition(u, s, vt)
-
-
-def gram_norm(up: "torch.Tensor", down: "torch.Tensor") -> float:
-    """‖up·down‖_F from Gram matrices: tr((UᵀU)(DDᵀ)), O((out+fan_in)·r²); densely when r > min(out, fan_in)."""
-    from blora_tools.adapter.kinds import rank_exceeds_layer
-
-    if rank_exceeds_layer(up, down):
-        return float((up.double() @ down.double()).norm())
-    gram = (up.T.double() @ up.double()) * (down.double() @ down.T.double())
-    return math.sqrt(max(float(gram.sum()), 0.0))
 
 
 @dataclass(frozen=True)

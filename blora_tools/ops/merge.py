@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blora_tools.adapter.alpha import alpha_storage, zero_alpha_warning
 from blora_tools.adapter.formats import Format
 from blora_tools.adapter.kinds import Kind, delta_weight, lora_factors, scaled_params
 from blora_tools.adapter.layers import NAMINGS, is_conv, layer_shape, modules_by_layer, stem_in_naming, unet_naming_of
@@ -31,6 +32,7 @@ from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
 from blora_tools.ops.result import Progress, Result, computed, copied, known_arch, loader_notes
+from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.selectors import describe_blocks
 
@@ -115,6 +117,8 @@ def merge(
         clamp_quantile: with `svd`, clamp factor entries at this quantile of their magnitudes (kohya's option).
         strict: different base models are an error instead of a warning.
         energy: compute every module's retained share of ‖ΔW‖² for the summary (an extra pass).
+        arguments: what the caller records in `blora_history` besides the method, ratios, blocks per input,
+            rank plan, alpha (as stored), dtype, clamp quantile and naming, which are always recorded.
         progress: called with 1 per module of any pass that looks at tensors before writing.
         names: U-Net naming of the output (`ldm` or `diffusers`); default the first input's. A layer named
             differently in different inputs (SDXL LDM and diffusers names) is one module of the output.
@@ -139,13 +143,13 @@ def merge(
         raise BloraError("the merge selects no module of any input (check --blocks and --ratios); nothing written")
     out_dtype = dtype or _default_dtype(sources[0].adapter)
     ranked = [p.rank for p in plans if p.rank is not None]
-    file_alpha = float(alpha) if alpha is not None else float(max(ranked, default=1))
-    if not (math.isfinite(file_alpha) and file_alpha > 0):
-        raise BloraError(f"--alpha {alpha}: the file alpha must be a positive number")
+    wanted = float(alpha) if alpha is not None else float(max(ranked, default=1))
+    file_alpha, stored_dtype = alpha_storage(wanted, out_dtype, "--alpha" if alpha is not None else "the file alpha")
+    warnings += [w for w in (zero_alpha_warning(part.module for p in plans for part in p.parts),) if w]
 
     entries: list[Entry] = []
     for p in plans:
-        entries += _module_entries(p, method, file_alpha, out_dtype, clamp_quantile)
+        entries += _module_entries(p, method, file_alpha, out_dtype, stored_dtype, clamp_quantile)
     passthrough = _passthrough(sources, warnings)
     entries += passthrough
     warnings += loader_notes(
@@ -161,9 +165,21 @@ def merge(
             f"{sum(p.route == 'dense' for p in plans)} module(s) of kind {', '.join(kinds)} have no up/down "
             "factors: made dense and compressed by SVD into LoRA factors"
         )
-    metadata = _metadata(sources, plans, arch, file_alpha, operation, arguments or {})
-    summary = _summary(sources, plans, arch, method, file_alpha, out_dtype, operation)
     inputs = tuple(Path(s.adapter.path) for s in sources)
+    recorded = {
+        "method": method,
+        "ratios": [s.ratio for s in sources],
+        "blocks": [s.selector for s in sources],
+        "resolved_blocks": [None if s.blocks is None else sorted(s.blocks) for s in sources],
+        **({"rank": plan.describe()} if method == "svd" else {}),
+        "alpha": file_alpha,
+        "dtype": out_dtype,
+        **({"clamp_quantile": clamp_quantile} if clamp_quantile is not None else {}),
+        **({"names": names} if names is not None else {}),
+        **(arguments or {}),
+    }
+    metadata = _metadata(sources, plans, arch, file_alpha, operation, recorded)
+    summary = _summary(sources, plans, arch, method, file_alpha, out_dtype, operation)
     return Result(operation, entries, metadata, inputs, warnings, summary)
 
 
@@ -344,7 +360,7 @@ def _decompose(p: _Plan) -> Decomposition:
         for part in p.parts:
             up, down = _terms(part)
             _require_finite(part, up, down)
-            ups.append(up * part.coefficient)
+            ups.append(_representable(part, up * part.coefficient))
             downs.append(down)
         return decompose_factors(ups, downs)
     return decompose_dense(_dense(p))
@@ -354,10 +370,23 @@ def _dense(p: _Plan) -> "torch.Tensor":
     total = None
     for part in p.parts:
         m = part.module
-        delta = delta_weight(m.kind, part.adapter.tensors(m), m.scale, m.weight_shape).reshape(p.weight_shape[0], -1)
-        _require_finite(part, delta)
-        total = delta * part.ratio if total is None else total + delta * part.ratio
+        tensors = part.adapter.tensors(m)
+        _require_finite(part, *tensors.values())
+        delta = delta_weight(m.kind, tensors, m.scale, m.weight_shape).reshape(p.weight_shape[0], -1)
+        term = _representable(part, delta * part.ratio)
+        total = term if total is None else _representable(part, total + term)
     return total
+
+
+def _representable(part: _Part, scaled: "torch.Tensor") -> "torch.Tensor":
+    """`scaled` (finite factors times the module's ratio × alpha/rank), or an error when that overflows float32."""
+    if not bool(scaled.isfinite().all()):
+        raise NonFiniteError(
+            f"module {part.module.stem}: its scale (ratio × alpha/rank = {part.coefficient:g}) makes ΔW overflow "
+            "float32; nothing written",
+            part.adapter.path,
+        )
+    return scaled
 
 
 def _require_finite(part: _Part, *tensors: "torch.Tensor") -> None:
@@ -426,7 +455,9 @@ class _Lazy:
         return tensor
 
 
-def _module_entries(p: _Plan, method: str, file_alpha: float, dtype: str, clamp_quantile: float | None) -> list[Entry]:
+def _module_entries(
+    p: _Plan, method: str, file_alpha: float, dtype: str, alpha_dtype: str, clamp_quantile: float | None
+) -> list[Entry]:
     path = Path(p.parts[0].adapter.path)
     if p.route == "copy" or _untouched(p, method, file_alpha, dtype):
         part = p.parts[0]
@@ -449,7 +480,6 @@ def _module_entries(p: _Plan, method: str, file_alpha: float, dtype: str, clamp_
     kernel = p.weight_shape[2:]
     up_shape = (p.weight_shape[0], rank) + ((1, 1) if len(p.weight_shape) == 4 else ())
     down_shape = (rank, p.weight_shape[1]) + tuple(kernel)
-    alpha_dtype = dtype if _exact(file_alpha, dtype) else "F32"
     return [
         computed(f"{p.stem}.lora_up.weight", dtype, up_shape, lambda: lazy.take("up")),
         computed(f"{p.stem}.lora_down.weight", dtype, down_shape, lambda: lazy.take("down")),
@@ -471,15 +501,6 @@ def _untouched(p: _Plan, method: str, file_alpha: float, dtype: str) -> bool:
         and m.alpha == file_alpha
         and all(part.adapter.info(key).dtype == dtype for param, key in m.keys.items() if param != "alpha")
     )
-
-
-def _exact(value: float, dtype: str) -> bool:
-    """Whether `value` survives a round trip through `dtype`."""
-    import torch
-
-    from blora_tools.adapter.tensors import TORCH_DTYPE
-
-    return float(torch.tensor(value, dtype=torch.float64).to(TORCH_DTYPE[dtype]).double()) == value
 
 
 def _alpha_entry(stem: str, value: float, dtype: str) -> Entry:
@@ -508,37 +529,25 @@ def _passthrough(sources: Sequence[Source], warnings: list[str]) -> list[Entry]:
 def _metadata(
     sources: Sequence[Source], plans: list[_Plan], arch, file_alpha: float, operation: str, arguments: dict
 ) -> dict[str, str]:
+    """The first input's metadata (less its PEFT config and spec), stating the merged modules."""
     source_meta = {k: v for k, v in sources[0].adapter.metadata.items() if k not in (PEFT_METADATA_KEY, SPEC_KEY)}
-    ranked = [p for p in plans if p.rank is not None]
-    metadata = updated_metadata(
+    return updated_metadata(
         source_meta,
         operation=operation,
+        inputs=[s.adapter.path for s in sources],
         arguments=arguments,
-        ranks=[p.rank for p in ranked],
-        alphas=[file_alpha] * len(ranked),
-        spec=_spec(plans, arch, file_alpha, operation),
+        arch=arch,
+        modules=[_facts(p, file_alpha) for p in plans],
     )
-    return metadata
 
 
-def _spec(plans: list[_Plan], arch, file_alpha: float, operation: str) -> dict | None:
-    """`blora_spec` per paper group, when every group has one linear rank and one conv rank (else None)."""
-    layout = table(arch)
-    ranks: dict[str, set[int]] = {}
-    conv_ranks: dict[str, set[int]] = {}
-    for p in plans:
-        if p.rank is None or p.block is None:
-            continue
-        (conv_ranks if p.conv else ranks).setdefault(p.group, set()).add(p.rank)
-    if any(len(v) > 1 for v in (*ranks.values(), *conv_ranks.values())):
-        return None
-    groups = list(layout.groups)
-    blocks = {}
-    for g in groups:
-        rank = next(iter(ranks.get(g, {0})))
-        conv_rank = next(iter(conv_ranks.get(g, {0})))
-        blocks[g] = {"rank": rank, "alpha": file_alpha if rank else 0, "conv_rank": conv_rank, "conv_alpha": file_alpha if conv_rank else 0}
-    return {"arch": arch.value, "operation": operation, "alpha": file_alpha, "blocks": blocks}
+def _facts(p: _Plan, file_alpha: float) -> ModuleFacts:
+    """What an output module is: LoRA factors of the plan's rank with the file alpha, or a summed norm module."""
+    placement = p.parts[0].module.placement
+    if p.rank is None:
+        return ModuleFacts(placement, str(Kind.NORM), None, None, False)
+    kind = Kind.LOCON if p.conv else Kind.LORA_CONV1X1 if len(p.weight_shape) == 4 else Kind.LORA
+    return ModuleFacts(placement, str(kind), p.rank, file_alpha, p.conv)
 
 
 def _summary(

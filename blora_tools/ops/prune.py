@@ -7,21 +7,22 @@ architecture are kept, and pass-through keys (e.g. textual-inversion bundles) ar
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from blora_tools.adapter.metadata import SPEC_KEY, updated_metadata
+from blora_tools.adapter.alpha import zero_alpha_warning
+from blora_tools.adapter.metadata import updated_metadata
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import BloraError
 from blora_tools.ops.result import (
     Result,
     copied,
     loader_notes,
-    effective_alpha,
     group_counts,
     known_arch,
-    spec_without_groups,
 )
 from blora_tools.ops.uniform import module_entries, uniform_alphas
+from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.selectors import describe_blocks
 
@@ -65,19 +66,22 @@ def prune(
         warnings.append("no module matched: the output has the same tensors as the input")
     alphas = uniform_alphas(adapter, kept) if uniform_alpha else {}
     warnings += loader_notes(kept, arch, one_alpha=uniform_alpha, passthrough=adapter.passthrough)
+    warnings += [w for w in (zero_alpha_warning(kept),) if w]
 
     entries = [e for m in kept for e in module_entries(adapter, m, None, alphas.get(m.stem))]
     entries += [copied(adapter, key) for key in adapter.passthrough]
+    arguments = {"keep" if keep else "drop": selector or describe_blocks(blocks, arch), "blocks": sorted(blocks)}
+    if alphas:
+        arguments["uniform_alpha"] = next(iter(alphas.values())).value
+    facts = [ModuleFacts.of(m) for m in kept]
     metadata = updated_metadata(
         adapter.metadata,
         operation="prune",
-        arguments={"input": Path(adapter.path).name, "keep" if keep else "drop": selector or sorted(blocks)},
-        ranks=[m.rank for m in kept],
-        alphas=[alphas[m.stem].value if m.stem in alphas else a for m in kept if (a := effective_alpha(m)) is not None],
+        inputs=[adapter.path],
+        arguments=arguments,
+        arch=arch,
+        modules=[replace(f, alpha=alphas[m.stem].value) if m.stem in alphas else f for f, m in zip(facts, kept)],
     )
-    spec = spec_without_groups(adapter.metadata, {m.group for m in kept})
-    if spec is not None:
-        metadata[SPEC_KEY] = spec
     summary = {
         "operation": "prune",
         "input": str(adapter.path),

@@ -8,8 +8,6 @@ The summary gives, per paper group, the input and output ranks and the share of 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from blora_tools.adapter.model import Adapter
 from blora_tools.errors import BloraError
 from blora_tools.ops.lowrank import RankPlan
@@ -33,9 +31,6 @@ def resize(
     """
     if plan.default is None and not plan.ranks and plan.conv is None and plan.rule is None:
         raise BloraError("resize needs --rank, --conv-rank or --dynamic", adapter.path)
-    arguments = {"input": Path(adapter.path).name, "rank": text, **plan.describe()}
-    if alpha is not None:
-        arguments["alpha"] = alpha
     result = merge(
         [Source(adapter)],
         method="svd",
@@ -45,7 +40,7 @@ def resize(
         clamp_quantile=clamp_quantile,
         energy=True,
         operation="resize",
-        arguments=arguments,
+        arguments={"rank_text": text} if text else None,
         progress=progress,
     )
     result.summary["input"] = str(adapter.path)

@@ -8,14 +8,13 @@ so a write holds one module, not the file.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blora_tools.adapter.writer import Entry, write_entries
+from blora_tools.adapter.writer import Entry, check_output, write_entries
 from blora_tools.errors import AdapterFileError, NonFiniteError
-from blora_tools.jsonio import dumps, loads_strict
 
 if TYPE_CHECKING:
     import torch
@@ -50,12 +49,22 @@ class Result:
         Every float tensor written, copied or computed, is checked for NaN/Inf as it is produced: NonFiniteError
         naming the module (and the input holding it) unless `allow_nonfinite`; nothing is left at `path` then.
         """
+        from blora_tools.adapter.metadata import HISTORY_KEY, InputDigests, filled_history
+
         entries = self.entries
         if not allow_nonfinite:
             entries = [_finite_checked(e, self.inputs, Path(path)) for e in entries]
         if on_bytes is not None:
             entries = [_reporting(e, on_bytes) for e in entries]
-        return write_entries(path, entries, self.metadata, inputs=self.inputs, force=force)
+        late = None
+        if HISTORY_KEY in self.metadata:
+            check_output(path, self.inputs, force)  # before hashing inputs for nothing
+            digests = InputDigests(self.inputs)  # hashed on threads while the output is written
+
+            def late() -> dict[str, str]:
+                return {HISTORY_KEY: filled_history(self.metadata[HISTORY_KEY], digests.values())}
+
+        return write_entries(path, entries, self.metadata, inputs=self.inputs, force=force, late=late)
 
 
 def _reporting(entry: Entry, on_bytes: Progress) -> Entry:
@@ -147,41 +156,12 @@ def known_arch(adapter: "Adapter") -> "Arch":
     return adapter.arch
 
 
-def effective_alpha(module: "Module") -> float | None:
-    """The alpha a loader uses (the stored one, else the rank); None for kinds without a rank."""
-    if module.rank is None:
-        return None
-    return float(module.rank if module.alpha is None else module.alpha)
-
-
 def group_counts(modules: Iterable["Module"]) -> dict[str, int]:
     """Modules per paper group (`none` for unplaced modules), in a stable order."""
     counts: dict[str, int] = {}
     for m in modules:
         counts[m.group] = counts.get(m.group, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def spec_without_groups(metadata: Mapping[str, str], remaining_groups: set[str]) -> str | None:
-    """The source's `blora_spec` with groups that no longer hold modules set to rank 0 (None if absent)."""
-    from blora_tools.adapter.metadata import SPEC_KEY
-
-    raw = metadata.get(SPEC_KEY)
-    if raw is None:
-        return None
-    try:
-        spec = loads_strict(raw)
-    except ValueError:
-        return raw
-    blocks = spec.get("blocks") if isinstance(spec, dict) else None
-    if not isinstance(blocks, dict):
-        return raw
-    for group, entry in blocks.items():
-        if group not in remaining_groups and isinstance(entry, dict):
-            for key in ("rank", "conv_rank"):
-                if key in entry:
-                    entry[key] = 0
-    return dumps(spec, sort_keys=True)
 
 
 _LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
@@ -238,7 +218,7 @@ def loader_notes(
             f"U-Net {skipped}. `convert --to kohya --names ldm` writes kohya's own SDXL names",
         ))
     notes = [f"{n} {text}" for n, text in counted if n]
-    alphas = {a for m in modules if m.kind.is_lora and (a := effective_alpha(m)) is not None}
+    alphas = {a for m in modules if m.kind.is_lora and (a := m.effective_alpha) is not None}
     if not one_alpha and len(alphas) > 1:
         notes.append(
             f"modules keep {len(alphas)} different alpha values: diffusers loads some of them at the wrong "

@@ -8,9 +8,11 @@ weight 1 copies it byte for byte. Alphas stay as they are. DoRA modules accept o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from blora_tools.adapter.metadata import SPEC_KEY, updated_metadata
+from blora_tools.adapter.alpha import zero_alpha_warning
+from blora_tools.adapter.metadata import updated_metadata
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError
@@ -18,11 +20,10 @@ from blora_tools.ops.result import (
     Result,
     copied,
     loader_notes,
-    effective_alpha,
     known_arch,
-    spec_without_groups,
 )
 from blora_tools.ops.uniform import module_entries, uniform_alphas
+from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.weights import BlockWeights
 
@@ -73,17 +74,20 @@ def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "", uniform
         )
     entries += [copied(adapter, key) for key in adapter.passthrough]
     warnings += loader_notes(kept, arch, one_alpha=uniform_alpha, passthrough=adapter.passthrough)
+    warnings += [w for w in (zero_alpha_warning(kept),) if w]
 
+    arguments = {"weights": text, "resolved": _nontrivial(weights)}
+    if alphas:
+        arguments["uniform_alpha"] = next(iter(alphas.values())).value
+    facts = [ModuleFacts.of(m) for m in kept]
     metadata = updated_metadata(
         adapter.metadata,
         operation="reweight",
-        arguments={"input": Path(adapter.path).name, "weights": text, "resolved": _nontrivial(weights)},
-        ranks=[m.rank for m in kept],
-        alphas=[alphas[m.stem].value if m.stem in alphas else a for m in kept if (a := effective_alpha(m)) is not None],
+        inputs=[adapter.path],
+        arguments=arguments,
+        arch=arch,
+        modules=[replace(f, alpha=alphas[m.stem].value) if m.stem in alphas else f for f, m in zip(facts, kept)],
     )
-    spec = spec_without_groups(adapter.metadata, {m.group for m in kept})
-    if spec is not None:
-        metadata[SPEC_KEY] = spec
     order = {g: i for i, g in enumerate(_group_order(arch))}
     blocks = {
         g: {"modules": r["modules"], "removed": r["removed"], "weights": sorted(r["weights"])}

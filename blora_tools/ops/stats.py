@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from blora_tools.adapter.layers import is_conv, layer_shape
 from blora_tools.adapter.metadata import SPEC_KEY, training_summary
 from blora_tools.adapter.model import Adapter, Module
-from blora_tools.jsonio import loads_strict
+from blora_tools.errors import SpecError
+from blora_tools.spec import BlockSpec
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import table
 
@@ -141,15 +142,14 @@ def _empty_block_warnings(adapter: Adapter, rows: dict[str, BlockFigures], fine:
         return []
     layout = table(adapter.arch)
     wanted: set[str] = set()
+    warnings = []
     raw_spec = adapter.metadata.get(SPEC_KEY)
     if raw_spec:
         try:
-            blocks = loads_strict(raw_spec).get("blocks", {})
-            wanted = {g for g, b in blocks.items() if isinstance(b, dict) and (b.get("rank") or b.get("conv_rank"))}
-        except (ValueError, AttributeError):  # not JSON (loads_strict's rules) or not the expected shape
-            wanted = set()
-    empty = sorted(g for g in wanted if g in rows and rows[g].modules == 0)
-    warnings = []
+            wanted = {layout.group_of(b) for b in BlockSpec.from_json(raw_spec).trained_blocks}
+        except SpecError as err:
+            warnings.append(f"its blora_spec cannot be read ({err.message}); it is ignored")
+    empty = [g for g in rows if g in wanted and rows[g].modules == 0]
     if empty:
         warnings.append(f"blocks {', '.join(empty)} are in this file's blora_spec but hold no modules")
     unet_groups = [g for g in layout.unet_groups if rows.get(g) and rows[g].modules]
@@ -165,14 +165,21 @@ def _empty_block_warnings(adapter: Adapter, rows: dict[str, BlockFigures], fine:
 
 
 def _alpha_warnings(adapter: Adapter) -> list[str]:
+    """Alphas loaders read differently: several values (diffusers mis-scales them), and stored 0."""
+    from blora_tools.adapter.alpha import zero_alpha_warning
+
+    warnings = []
     alphas = {
-        m.alpha if m.alpha is not None else float(m.rank)
+        m.effective_alpha
         for m in adapter.modules.values()
         if m.kind.is_lora and m.placement is not None and m.rank is not None
     }
     if len(alphas) > 1:
-        return [
+        warnings.append(
             f"modules have {len(alphas)} different alpha values; diffusers loads such files with some modules "
             "mis-scaled. Repair: blora-tools convert FILE --to kohya --uniform-alpha -o OUT"
-        ]
-    return []
+        )
+    zero = zero_alpha_warning(adapter.modules.values())
+    if zero:
+        warnings.append(zero + "; prune or retrain those modules")
+    return warnings

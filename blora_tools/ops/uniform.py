@@ -12,12 +12,13 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from blora_tools.adapter.alpha import alpha_storage
 from blora_tools.adapter.formats import Format
 from blora_tools.adapter.kinds import scaled_params
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError
-from blora_tools.ops.result import computed, copied, effective_alpha
+from blora_tools.ops.result import computed, copied
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,13 @@ def uniform_alphas(adapter: Adapter, modules: Iterable[Module] | None = None) ->
     ranked = [m for m in pool if m.rank is not None and m.kind.has_rank]
     if not ranked:
         raise BloraError("no module has a rank and an alpha; --uniform-alpha has nothing to do", adapter.path)
-    counts = Counter(a for m in ranked if (a := effective_alpha(m)) is not None and a > 0)
+    counts = Counter(a for m in ranked if (a := m.effective_alpha) is not None and a > 0)
     if not counts:
         raise BloraError("every module has alpha 0 (no effect); --uniform-alpha has no alpha to keep", adapter.path)
     top = max(counts.values())
     value = max(a for a, n in counts.items() if n == top)  # ties: the larger alpha keeps factors smaller
     dtypes = Counter(adapter.info(m.keys["alpha"]).dtype for m in ranked if "alpha" in m.keys)
-    dtype = dtypes.most_common(1)[0][0] if dtypes else "F32"
-    if stored(value, dtype) != value:
-        dtype = "F32"
-    value = stored(value, dtype)
+    value, dtype = alpha_storage(value, dtypes.most_common(1)[0][0] if dtypes else "F32", "the common alpha", adapter.path)
     return {m.stem: Alpha(value, dtype, m.scale / (value / m.rank)) for m in ranked}
 
 
@@ -60,15 +58,6 @@ def rank_alphas(adapter: Adapter) -> dict[str, Alpha]:
         for m in adapter.modules.values()
         if m.rank is not None and m.kind.has_rank
     }
-
-
-def stored(value: float, dtype: str) -> float:
-    """`value` as it reads back after being stored in `dtype`."""
-    import torch
-
-    from blora_tools.adapter.tensors import TORCH_DTYPE
-
-    return float(torch.tensor(value, dtype=TORCH_DTYPE[dtype]).double())
 
 
 def alpha_entry(name: str, alpha: Alpha) -> Entry:
@@ -120,5 +109,6 @@ def module_entries(
     if replaced:
         entries.append(alpha_entry(f"{stem}.alpha", alpha))
     elif complete_alpha and "alpha" not in module.keys and module.rank is not None and module.kind.has_rank:
-        entries.append(alpha_entry(f"{stem}.alpha", Alpha(float(effective_alpha(module)), "F32", 1.0)))
+        value, dtype = alpha_storage(module.effective_alpha, "F32", f"module {module.stem}: alpha", adapter.path)
+        entries.append(alpha_entry(f"{stem}.alpha", Alpha(value, dtype, 1.0)))
     return entries

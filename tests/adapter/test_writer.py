@@ -92,3 +92,23 @@ def test_disk_full_is_an_output_error_and_leaves_nothing(tmp_path):
     with pytest.raises(OutputError, match="No space left"):
         write_entries(target, [Entry("a", "F32", (1,), full)], {})
     assert os.listdir(tmp_path) == []
+
+
+def test_late_metadata_is_filled_in_after_the_data_and_hashes_still_match(tmp_path):
+    from blora_tools.adapter.tensors import encode
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.randn(4, 10), "lora_unet_x.alpha": torch.tensor(2.0)}
+    entries = [Entry(k, "F32", tuple(t.shape), lambda t=t: encode(t)) for k, t in tensors.items()]
+    calls: list[int] = []
+    meta = {"ss_network_dim": "4", "blora_history": '[{"sha256": "?000000000"}]'}
+
+    def late():
+        calls.append(1)
+        return {"blora_history": '[{"sha256": "0123456789"}]'}
+
+    path = write_entries(tmp_path / "o.safetensors", entries, meta, late=late)
+    with safe_open(path, "pt") as f:
+        got = f.metadata()
+    assert got["blora_history"] == '[{"sha256": "0123456789"}]' and calls == [1]
+    assert (got["sshs_model_hash"], got["sshs_legacy_hash"]) == _sd_scripts_hashes(tensors, {"ss_network_dim": "4"})
+    assert all(torch.equal(load_file(path)[k], v) for k, v in tensors.items())

@@ -194,17 +194,6 @@ def test_clamp_quantile_bounds_the_factors(tmp_path):
         merge([Source(open_adapter(a))], method="concat", clamp_quantile=0.9)
 
 
-def test_blora_spec_only_when_meaningful(tmp_path):
-    a = make_adapter(tmp_path / "a.safetensors", "sd1", "locon", rank=8, metadata={"blora_spec": "{\"stale\": 1}"})
-    b = make_adapter(tmp_path / "b.safetensors", "sd1", "lora", blocks="IN01,out3", rank=4, seed=7)
-    concat = merge([Source(open_adapter(a)), Source(open_adapter(b))]).save(tmp_path / "c.safetensors")
-    assert "blora_spec" not in metadata_of(concat)  # IN01 has rank 12, IN02 rank 8: no one rank for in0
-    svd = merge([Source(open_adapter(a)), Source(open_adapter(b))], method="svd", plan=RankPlan(4, conv=2)).save(tmp_path / "s.safetensors")
-    spec = json.loads(metadata_of(svd)["blora_spec"])
-    assert spec["arch"] == "sd1" and spec["blocks"]["in0"]["rank"] == 4 and spec["blocks"]["in0"]["conv_rank"] == 2
-    assert spec["blocks"]["in0"]["alpha"] == spec["alpha"] == 4.0
-
-
 def test_unplaced_modules_come_only_from_inputs_taken_whole(tmp_path):
     extra = {
         "lora_unet_something_else.lora_down.weight": torch.randn(2, 32),
