@@ -23,8 +23,8 @@ def demo_cmd(app, directory: Path, steps: int, seed: int, force: bool, as_json: 
     Everything is built in code (no downloads, no files of yours) and takes under a minute on a laptop
     CPU. The adapters are trained through `kohya_plugin.blockwise` with sd-scripts' call sequence on two
     synthetic latent image sets (one identity, one texture); the character adapter covers all blocks, the
-    style adapter only the outermost level (in0,out3). Files, a Markdown report and (with matplotlib) a
-    chart go to DIRECTORY (default ./blora-demo).
+    style adapter only the outermost level (in0,out3), both LoCon. Files, a Markdown report and a chart of the
+    per-block norms (blocks.png) go to DIRECTORY (default ./blora-demo).
 
     \b
     Examples:
@@ -49,18 +49,16 @@ def demo_cmd(app, directory: Path, steps: int, seed: int, force: bool, as_json: 
             "directory": str(directory), "seconds": result.seconds, "losses": result.losses,
             "training": {k: {"first": a, "last": b} for k, (a, b) in result.train_curves.items()},
             "files": {k: str(v) for k, v in result.files.items()}, "report": str(report),
+            "chart": None if chart is None else str(chart), "findings": [f.text for f in result.findings],
         })
         return
     _show(app, result, report, chart)
 
 
 def _chart(app, result, directory: Path, force: bool) -> Path | None:
+    from blora_tools.cli.plot import plot_blocks
     from blora_tools.errors import BloraError
 
-    try:
-        from blora_tools.cli.plot import plot_blocks
-    except ImportError:
-        return None
     series = {name: {b: v["norm"] for b, v in report["blocks"].items()} for name, report in result.inspect.items()}
     try:
         return plot_blocks(directory / "blocks.png", series, "per-block ΔW norm: character vs style", force=force)
@@ -72,6 +70,8 @@ def _chart(app, result, directory: Path, force: bool) -> Path | None:
 def _show(app, result, report: Path, chart: Path | None) -> None:
     rows = [[name, f"{v['character']:.4f}", f"{v['style']:.4f}"] for name, v in result.losses.items()]
     app.out.print(output.table("denoising loss on each image set (lower is better)", ["model", "character set", "style set"], rows, right=(1, 2)))
+    for finding in result.findings:
+        app.out.print(Text(f"  {finding.text}"))
     rows = []
     char_blocks, style_blocks = result.inspect["character"]["blocks"], result.inspect["style"]["blocks"]
     for block, figures in char_blocks.items():
