@@ -290,11 +290,11 @@ set, the merged file against the base model, and against the adapter that lacks 
 
 def findings(losses: dict[str, dict[str, float]]) -> list[Finding]:
     """What the losses show: one sentence per comparison in `_COMPARISONS`, worded by which side is lower (none
-    for a tie)."""
+    for a tie at the four decimals printed)."""
     found = []
     for data, a, b in _COMPARISONS:
         x, y = losses[a][data], losses[b][data]
-        if x == y:
+        if f"{x:.4f}" == f"{y:.4f}":
             continue
         (low, low_loss), (high, high_loss) = sorted(((a, x), (b, y)), key=lambda item: item[1])
         text = f"on the {data} set, {_LABELS[low]} has a lower loss than {_LABELS[high]} ({low_loss:.4f} vs {high_loss:.4f})"
