@@ -396,6 +396,7 @@ class _FakeDemo:
     losses = {"base": {"character": 1.0, "style": float("nan")}}
     inspect = {"character": {"blocks": {"in0": {"norm": 1.0}}}, "style": {"blocks": {}}}
     files: dict = {}
+    findings: list = []
     compare = {"blocks": {"in0": {"cosine": float("nan")}}}
 
 
