@@ -410,20 +410,26 @@ class BlockwiseNetwork(nn.Module):
         path = Path(file)
         if path.suffix.lower() != ".safetensors":
             raise OutputError("the blockwise network saves only .safetensors (use --save_model_as safetensors)", path)
-        tensors, file_alpha = self.file_state_dict(dtype)
+        tensors, file_alpha = self.file_state_dict(dtype, path)
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta["ss_network_module"] = MODULE_NAME
         meta["blora_spec"] = saved_spec_json(self.saved_spec(), self._planned.values(), file_alpha)
         save_state_dict(path, tensors, meta)
 
-    def file_state_dict(self, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], float]:
-        """The tensors `save_weights` writes and the file's single alpha."""
+    def file_state_dict(
+        self, dtype: torch.dtype | None = None, path: str | Path | None = None
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """The tensors `save_weights` writes and the file's single alpha as stored; BloraError naming `path` when
+        that alpha cannot be stored (0, or an overflow of the stored dtype)."""
         file_alpha = single_alpha((m.alpha_value for m in self._loras()), self.spec.network_alpha)
+        stored = file_alpha
         tensors: dict[str, torch.Tensor] = {}
         for m in self._loras():
-            tensors.update(module_tensors(m.lora_name, m.lora_down.weight, m.lora_up.weight, m.alpha_value,
-                                          file_alpha, dtype))
-        return tensors, file_alpha
+            saved = module_tensors(m.lora_name, m.lora_down.weight, m.lora_up.weight, m.alpha_value, file_alpha,
+                                   dtype, path)
+            stored = float(saved[f"{m.lora_name}.alpha"])
+            tensors.update(saved)
+        return tensors, stored
 
     def saved_spec(self) -> BlockSpec:
         """The spec a saved file states: the blocks, ranks and alphas of this network's modules as they are now,

@@ -4,9 +4,10 @@ Every problem with a file — unreadable, not safetensors, a pickle, a directory
 half modules, NaN/Inf factors or alphas, factors that fit no layer — is an `AdapterFileError` naming the file
 (`source`), raised before anything is loaded, so a network is never half-loaded.
 
-Writing: one alpha value for every module (`single_alpha`: the training alpha most modules share), each other
-module's alpha ratio folded into its up factor, so ΔW is the same for every loader and diffusers loads the file
-exactly (DESIGN.md §3).
+Writing: one alpha value for every module (`single_alpha`: the training alpha most modules share), stored by the
+product's alpha rules (`alpha_storage`: exact, in F32 where the factors' dtype cannot hold it; 0 or an overflow
+refused), each module's alpha / the stored alpha folded into its up factor, so ΔW is the same for every loader
+and diffusers loads the file exactly (DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from blora_tools.adapter.alpha import alpha_storage
 from blora_tools.adapter.formats import Format, split_key
+from blora_tools.adapter.model import effective_alpha
+from blora_tools.adapter.tensors import DTYPE_NAME, TORCH_DTYPE
 from blora_tools.errors import AdapterFileError
 
 FACTOR_KEYS = ("lora_down.weight", "lora_up.weight")
@@ -49,23 +53,19 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise AdapterFileError(f"cannot read tensors: {err}".splitlines()[0], path) from None
 
 
-def alpha_or_rank(alpha: float | None, rank: int) -> float:
-    """The alpha a loader uses: the stored one, else the rank (every loader reads a missing alpha as rank)."""
-    return float(rank) if alpha is None else float(alpha)
-
-
 def module_alpha(stem: str, tensors: Mapping[str, torch.Tensor], source: str) -> float:
-    """A module's alpha from the file (0-d or 1-element, finite; missing: the rank); AdapterFileError otherwise."""
+    """A module's alpha from the file (0-d or 1-element, finite; missing: the rank, `effective_alpha`);
+    AdapterFileError otherwise."""
     alpha = tensors.get("alpha")
     rank = int(tensors["lora_down.weight"].shape[0])
     if alpha is None:
-        return alpha_or_rank(None, rank)
+        return effective_alpha(rank, None)
     if alpha.numel() != 1:
         raise AdapterFileError(f"module {stem}: alpha has shape {list(alpha.shape)}, expected a single value", source)
     value = float(alpha.reshape(()))
     if not math.isfinite(value):
         raise AdapterFileError(f"module {stem}: alpha is {value}", source)
-    return alpha_or_rank(value, rank)
+    return effective_alpha(rank, value)
 
 
 def group_modules(weights_sd: Mapping[str, torch.Tensor], source: str = "weights") -> Modules:
@@ -143,16 +143,19 @@ def single_alpha(alphas: Iterable[float], preferred: float) -> float:
 
 
 def module_tensors(
-    name: str, down: torch.Tensor, up: torch.Tensor, alpha: float, file_alpha: float, dtype: torch.dtype | None
+    name: str, down: torch.Tensor, up: torch.Tensor, alpha: float, file_alpha: float, dtype: torch.dtype | None,
+    path: str | Path | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One module's tensors as saved: `file_alpha` stored, the module's alpha/file_alpha folded into `up`."""
+    """One module's tensors as saved: `file_alpha` stored as `alpha_storage` says (exact: F32 where the factors'
+    dtype cannot hold it), the module's alpha / the stored alpha folded into `up`. BloraError naming `path`,
+    before anything is written, when `file_alpha` is 0 or does not survive the stored dtype."""
     out_dtype = dtype or up.dtype
-    stored = torch.tensor(file_alpha, dtype=out_dtype)
-    ratio = alpha / float(stored)
+    value, stored_dtype = alpha_storage(file_alpha, DTYPE_NAME[out_dtype], "the saved alpha", path)
+    ratio = alpha / value
     up = up.detach()
     up = (up.double() * ratio) if ratio != 1.0 else up
     return {
         f"{name}.lora_down.weight": down.detach().to("cpu", out_dtype).clone(),
         f"{name}.lora_up.weight": up.to("cpu", out_dtype).clone(),
-        f"{name}.alpha": stored,
+        f"{name}.alpha": torch.tensor(value, dtype=TORCH_DTYPE[stored_dtype]),
     }

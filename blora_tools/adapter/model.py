@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 
 
+def effective_alpha(rank: int, stored_alpha: float | None) -> float:
+    """The alpha loaders use: the stored one, else the rank (kohya, A1111, ComfyUI, LyCORIS, PEFT all read a
+    missing alpha as alpha = rank). The one definition of that rule, for modules and for raw tensors alike."""
+    return float(rank if stored_alpha is None else stored_alpha)
+
+
 @dataclass
 class Module:
     """One adapted layer: every key sharing a stem, with its kind, rank, alpha and block."""
@@ -57,11 +63,11 @@ class Module:
 
     @property
     def effective_alpha(self) -> float | None:
-        """The alpha loaders use: the stored one, else the rank (kohya, A1111, ComfyUI, LyCORIS, PEFT all read a
-        missing alpha as alpha = rank); None for kinds without a rank (full, norm, LoKr of whole factors)."""
+        """The alpha loaders use (`effective_alpha`); None for kinds without a rank (full, norm, LoKr of whole
+        factors)."""
         if self.rank is None:
             return None
-        return float(self.rank if self.alpha is None else self.alpha)
+        return effective_alpha(self.rank, self.alpha)
 
     @property
     def scale(self) -> float:

@@ -492,3 +492,25 @@ def test_merge_to_refuses_nan_weights_before_writing(sd1_models, saved):
     with pytest.raises(AdapterFileError, match="NaN or Inf"):
         network.merge_to(tes[0], unet, {**sd, key: torch.full_like(sd[key], float("nan"))}, None, "cpu")
     assert_same(before, fingerprint(*tes, unet))
+
+
+def test_an_alpha_no_file_can_store_is_refused_before_writing(sd1_models, tmp_path):
+    """Saving refuses the file's alpha when F32 overflows (1e39) or it is 0 (a loaded file's alpha 0: loaders
+    disagree on it), naming the file; nothing is written."""
+    tes, unet = sd1_models
+    huge = _create(tes, unet, alpha=1e39)
+    path = tmp_path / "huge.safetensors"
+    with pytest.raises(BloraError, match="1e\\+39 cannot be stored as F16 or F32") as err:
+        huge.save_weights(path, torch.float16, {})
+    assert err.value.path == str(path)
+    assert not path.exists()
+
+    source = tmp_path / "zero.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(2, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(32, 2),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(0.0)}, str(source))
+    zero, _ = create_network_from_weights(1.0, str(source), None, tes[0], unet)
+    out = tmp_path / "zero_out.safetensors"
+    with pytest.raises(BloraError, match="alpha 0: an alpha must be a positive"):
+        zero.save_weights(out, None, {})
+    assert not out.exists()

@@ -360,6 +360,36 @@ def test_save_weights_one_alpha_folded_scale_metadata(tmp_path):
         network.save_weights(tmp_path / "x.ckpt", None, {})
 
 
+def test_fp16_file_keeps_an_exact_alpha(tmp_path):
+    """network_alpha 0.3 is not an F16 number (F16 reads it as 0.30005): the file stores it in F32 and the F16
+    factors with the stored value give the network's ΔW (before: F16 alpha 0.30005, ΔW 1.6e-4 off)."""
+    tes, unet = tiny_models("sd1")
+    network = quiet_network(1.0, 4, 0.3, None, tes[0], unet)
+    randomize(network)
+    with torch.no_grad():  # F16 numbers, so that the file's factors hold exactly the network's
+        for m in network.text_encoder_loras + network.unet_loras:
+            for w in (m.lora_down.weight, m.lora_up.weight):
+                w.copy_(w.half().float())
+    path = tmp_path / "half.safetensors"
+    network.save_weights(path, torch.float16, None)
+    sd = load_file(str(path))
+    assert float(torch.tensor(0.3, dtype=torch.float16)) != 0.3
+    for m in network.text_encoder_loras + network.unet_loras:
+        alpha = sd[f"{m.lora_name}.alpha"]
+        assert alpha.dtype == torch.float32 and float(alpha) == float(torch.tensor(0.3, dtype=torch.float32))
+        down, up = sd[f"{m.lora_name}.lora_down.weight"], sd[f"{m.lora_name}.lora_up.weight"]
+        assert down.dtype == up.dtype == torch.float16
+        file_delta = dense_delta(down, up, float(alpha) / down.shape[0])
+        mine = dense_delta(m.lora_down.weight, m.lora_up.weight, m.scale)
+        assert m.scale == 0.3 / m.lora_dim and torch.allclose(file_delta, mine, rtol=1e-6, atol=0), m.lora_name
+    assert json.loads(load_meta(path)["blora_spec"])["file_alpha"] == float(torch.tensor(0.3))
+
+
+def load_meta(path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
 def test_load_weights_restores_training_factors_before_or_after_apply(tmp_path):
     tes, unet = tiny_models("sd1")
     batch = synthetic_batch("sd1")
