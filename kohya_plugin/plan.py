@@ -9,10 +9,10 @@ training would print. A configuration training would reject raises the same Spec
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from blora_tools.jsonio import dumps
 from blora_tools.spec import BlockSpec
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import table
@@ -62,7 +62,8 @@ class Plan:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """`to_dict` as JSON by the product's rules (`jsonio.dumps`: never NaN or Infinity)."""
+        return dumps(self.to_dict(), indent=2)
 
 
 def plan_network(

@@ -10,7 +10,6 @@ table does not state. Reading a file back (`read_file_spec`) restores the traini
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blora_tools.errors import AdapterFileError, SpecError
+from blora_tools.jsonio import loads_strict
 from blora_tools.spec import CONV_KINDS, Algo, BlockSetting, BlockSpec
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import ArchTable, Component, Placement, table
@@ -48,7 +48,7 @@ def read_file_spec(metadata: Mapping[str, str], arch: Arch, source: str) -> File
         raise AdapterFileError(f"blora_spec metadata is unreadable: {err.message}", source) from None
     if spec.arch is not arch:
         raise AdapterFileError(f"the file was trained for {spec.arch.value} but the U-Net is {arch.value}", source)
-    extra = json.loads(text).get("module_alphas") or {}
+    extra = loads_strict(text).get("module_alphas") or {}
     if not isinstance(extra, Mapping):
         raise AdapterFileError("blora_spec metadata: module_alphas is not an object", source)
     alphas: dict[str, float] = {}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import warnings
 
 import pytest
 
 from blora_tools.errors import SpecError
+from blora_tools.jsonio import loads_strict
 from blora_tools.models import build_text_encoders, build_unet
 from kohya_plugin.blockwise import create_network
 from kohya_plugin.plan import plan_network
@@ -63,3 +66,14 @@ def test_plan_reports_warnings():
     assert plan.to_dict()["warnings"] == list(plan.warnings)
     with pytest.raises(SpecError, match="unknown key"):
         plan_network("sd1", "presett=style")
+
+
+def test_plan_json_never_holds_nan_or_infinity():
+    """A plan holding a non-finite number (here an lr weight of inf, set past the parser) still writes strict
+    JSON: the number becomes null (json.dumps alone wrote `Infinity`, which no strict reader accepts)."""
+    plan = plan_network("sd1", "")
+    blocks = {b: dataclasses.replace(s, lr_weight=math.inf) for b, s in plan.spec.blocks.items()}
+    odd = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, blocks=blocks))
+    assert "Infinity" in json.dumps(odd.to_dict())
+    doc = loads_strict(odd.to_json())
+    assert doc["blocks"]["in0"]["lr_weight"] is None and doc["blocks"]["in0"]["rank"] == 4
