@@ -119,7 +119,10 @@ def spec_of_modules(
     """The spec a set of modules states: per block (SDXL middle-block slot where they differ) the most common
     rank and alpha of its modules, 0 where the block has layers (`layer_kinds`) but no module;
     `base(block, slot)` gives the learning-rate weight, and the numbers of kinds a block has no layer of.
-    `network_dim`/`network_alpha` default to the most common rank and alpha."""
+    `network_dim`/`network_alpha` default to the most common rank and alpha. Not `BlockSpec.from_modules`, which
+    states a file's facts only: this keeps the training facts a file does not hold (SDXL per-slot lr weights, the
+    training numbers of a kind a block has no layer of or no module in) and states the most common rank, not the
+    largest, so fewer modules need `module_alphas`."""
     planned = list(planned)
     per_unit: dict[Unit, list] = {}
     for m in planned:

@@ -90,6 +90,18 @@ def test_sdxl_middle_block_parts_with_their_own_ranks(tmp_path):
     assert {i: s.rank for i, s in spec.slots.items()} == {10: 2, 11: 6, 12: 8}
 
 
+def test_training_facts_a_file_alone_does_not_hold_are_kept(tmp_path):
+    """What makes the plugin's spec differ from `BlockSpec.from_modules` (a file's facts only): SDXL's per-slot
+    learning-rate weights (`mid_lr_weight`), and the training rank/alpha of a block whose only layer of a kind is
+    missing (a downsampler-only block keeps its linear rank; an untrained block keeps the training alpha)."""
+    network, _, _ = _network("sdxl", mid_lr_weight="1,0.5,1", conv_dim="4", conv_alpha="1")
+    network.save_weights(tmp_path / "x.safetensors", None, {})
+    spec = assert_spec_states_the_file(tmp_path / "x.safetensors", network)
+    assert {i: s.lr_weight for i, s in spec.slots.items()} == {10: 1.0, 11: 0.5, 12: 1.0}
+    assert (spec.blocks["IN03"].rank, spec.blocks["IN03"].alpha, spec.blocks["IN03"].conv_rank) == (4, 2.0, 4)
+    assert (spec.blocks["IN00"].rank, spec.blocks["IN00"].alpha) == (0, 2.0)
+
+
 def test_a_file_from_another_producer_resaved(tmp_path):
     """A network built from a kohya/LyCORIS file with per-module ranks and alphas (one missing) saves a spec
     that states them: the most common per block, the rest in `module_alphas`."""
