@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -347,3 +348,9 @@ def test_read_multiplier_refuses_what_is_not_a_finite_number(multiplier):
     with pytest.raises(SpecError, match="multiplier"):
         read_multiplier(multiplier)
     assert read_multiplier("-0.5") == -0.5  # negative strengths are legitimate (kohya, A1111)
+
+
+def test_readme_table_is_the_generated_one():
+    """The README's table of keys is derived from NETWORK_ARGS: regenerate it when a key changes."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert network_args_markdown() in readme
