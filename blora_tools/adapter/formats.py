@@ -1,10 +1,36 @@
-"""Tensor keys ↔ (module stem, parameter) for the formats people use.
+"""Tensor keys ↔ (module stem, parameter) for the key dialects people's files use.
 
 Inside the product every module is named by its kohya stem (`lora_unet_down_blocks_0_attentions_0_proj_in`)
 and every parameter by its kohya name (`lora_down.weight`, `alpha`, `hada_w1_a`, …). This module is the
-boundary: it reads kohya/A1111 keys, PEFT/diffusers keys (`unet.….lora_A.weight`) and old diffusers
-attention-processor keys (`….processor.to_q_lora.down.weight`), and keeps each module's original dotted
-path when the file has one.
+boundary: `split_key` reads every dialect below, and keeps each module's original dotted path when the file
+has one. It is the only place that knows how a producer spells a key.
+
+A *dialect* names the producer's convention; its *format* names the family a file of that dialect shares
+parameters and alpha rule with: `kohya` (kohya parameter names, alpha in an `alpha` tensor, else rank) or
+`peft` (factors A/B, alpha in a PEFT config, else rank). Facts per dialect, with sources:
+
+* `kohya` — `lora_unet_…`, `lora_te_…`, `lora_te1_…`, `lora_te2_…` stems (sd-scripts, A1111, kohya_ss; also
+  ai-toolkit, which maps SDXL names to LDM in `toolkit/network_mixins.py` `save_weights`, ostris/ai-toolkit
+  002279ce, and OneTrainer's default "legacy" save with diffusers-style SDXL names,
+  `modules/util/convert/lora/convert_lora_util.py`, Nerogar/OneTrainer ee01e6a6).
+* `lycoris` — the LyCORIS wrapper's `lycoris_` prefix before the flattened module path (`lycoris.wrapper`,
+  `LycorisNetwork.LORA_PREFIX`; SimpleTuner's LyCORIS output, bghira/SimpleTuner `helpers/training/save_hooks.py`
+  d4fe223a).
+* `diffusers` — `unet.` / `text_encoder.` / `text_encoder_2.` + dotted path + `lora_A.weight` / `lora_B.weight`
+  (+ `lora_magnitude_vector` for DoRA): diffusers' `save_lora_weights` from PEFT layers; alphas in the
+  `lora_adapter_metadata` JSON.
+* `diffusers-legacy` — the same roots with `….lora.down.weight` / `….lora.up.weight` (U-Net) and
+  `….lora_linear_layer.down.weight` / `.up.weight` (text encoders), beside plain `lora_A`/`lora_B` keys for
+  layers the conversion does not rename: diffusers' training scripts and SimpleTuner (`convert_state_dict_to_diffusers`
+  of a PEFT state dict), and pre-PEFT diffusers.
+* `attn-proc` — old diffusers attention processors (`….processor.to_q_lora.down.weight`).
+* `peft` — PEFT `save_pretrained`: `base_model.model.` + dotted path + `lora_A`/`lora_B`/`lora_magnitude_vector`,
+  with `adapter_config.json` beside `adapter_model.safetensors`.
+* `comfyui` — ComfyUI's LoraSave node: `diffusion_model.` + LDM path and `text_encoders.clip_l.transformer.` /
+  `clip_g` / `clip_h` + CLIP path, kohya parameter names, no alpha (comfy_extras/nodes_lora_extract.py,
+  comfyanonymous/ComfyUI 962638c9; loaded by comfy/lora.py, Comfy-Org/ComfyUI ec93dcac).
+* `omi` — OneTrainer's OMI layout: `unet.` + LDM path, `clip_l.` / `clip_g.` + CLIP path, kohya parameter names
+  (OneTrainer `modules/util/convert/lora/convert_sdxl_lora.py` 6b44ee32, "omi" prefixes).
 """
 
 from __future__ import annotations
@@ -23,7 +49,7 @@ if TYPE_CHECKING:
 
 
 class Format(str, Enum):
-    """How a file names its tensors."""
+    """How a file names its tensors: the layouts the product writes (kohya, peft) and the old attn-proc."""
 
     KOHYA = "kohya"
     PEFT = "peft"
@@ -33,7 +59,41 @@ class Format(str, Enum):
         return self.value
 
 
+class Dialect(str, Enum):
+    """Which producer's key convention a file follows (see the module docstring)."""
+
+    KOHYA = "kohya"
+    LYCORIS = "lycoris"
+    DIFFUSERS = "diffusers"
+    DIFFUSERS_LEGACY = "diffusers-legacy"
+    ATTN_PROC = "attn-proc"
+    PEFT = "peft"
+    COMFYUI = "comfyui"
+    OMI = "omi"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def format(self) -> Format:
+        """The format family: which parameter names and alpha rule the dialect shares."""
+        if self is Dialect.ATTN_PROC:
+            return Format.ATTN_PROC
+        if self in (Dialect.DIFFUSERS, Dialect.DIFFUSERS_LEGACY, Dialect.PEFT):
+            return Format.PEFT
+        return Format.KOHYA
+
+
+DIFFUSERS_FAMILY = frozenset({Dialect.DIFFUSERS, Dialect.DIFFUSERS_LEGACY, Dialect.ATTN_PROC})
+"""Dialects that share the `unet.` / `text_encoder.` roots and appear together in one diffusers-written file
+(old diffusers saved attention processors beside `lora_linear_layer` text-encoder keys; the training scripts'
+conversion renames only attention projections). Any other two dialects in one file are an error."""
+
+NATIVE_DIALECT = MappingProxyType({Format.KOHYA: Dialect.KOHYA, Format.PEFT: Dialect.DIFFUSERS})
+"""The dialect the product writes for each format."""
+
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+LYCORIS_PREFIX = "lycoris_"
 
 KOHYA_PARAMS = frozenset(
     {
@@ -45,9 +105,33 @@ KOHYA_PARAMS = frozenset(
 )
 """Every per-module parameter name of the kohya/LyCORIS format."""
 
-_PEFT_PARAMS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-_PEFT_COMPONENTS = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}
+_PEFT_PARAMS = MappingProxyType(
+    {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora_magnitude_vector": "dora_scale"}
+)
+"""PEFT parameter → kohya parameter. PEFT's DoRA magnitude (shape out, or 1×out×1×1 for convolutions) holds the
+values kohya/LyCORIS keep in `dora_scale` (out×1…): both are the per-output-row norm target (PEFT
+`lora/dora.py` `get_weight_norm`; LyCORIS `apply_weight_decompose` with `wd_on_out`), so only the shape differs."""
+_LEGACY_PARAMS = MappingProxyType(
+    {
+        "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
+        "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight",
+    }
+)
+"""Old diffusers factor names (diffusers `utils/state_dict_utils.py`: PEFT_TO_DIFFUSERS, UNET_TO_DIFFUSERS)."""
+
+_DIFFUSERS_ROOTS = MappingProxyType({"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"})
+_COMFY_TE_ROOTS = MappingProxyType(
+    {"text_encoders.clip_l.transformer.": "te", "text_encoders.clip_h.transformer.": "te",
+     "text_encoders.clip_g.transformer.": "te2"}
+)
+"""ComfyUI's text-encoder state-dict prefixes: CLIP-L (SD1, SDXL's first), CLIP-H (SD2), CLIP-G (SDXL's second)."""
+_OMI_TE_ROOTS = MappingProxyType({"clip_l.": "te", "clip_g.": "te2"})
+_PEFT_ROOT = "base_model.model."
+_COMFY_UNET_ROOT = "diffusion_model."
+_TE_PATH_ROOTS = ("text_model.", "encoder.")
+"""How a CLIP text encoder's module paths begin (transformers 4 and 5): a path in a single-model file that is not a U-Net's."""
 _ATTN_PROC = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.processor\.(to_[qkv]|to_out)_lora\.(up|down)\.weight$")
+_ATTN_PROC_COMPONENTS = MappingProxyType({"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"})
 
 
 @dataclass(frozen=True)
@@ -56,32 +140,93 @@ class KeyName:
 
     stem: str
     param: str
-    format: Format
+    dialect: Dialect
     path: str | None = None
-    """The module's dotted path inside its network, when the key carries it (PEFT, attn-proc)."""
+    """The module's dotted path inside its network, when the key carries it (dotted dialects)."""
+
+    @property
+    def format(self) -> Format:
+        return self.dialect.format
 
 
 def split_key(key: str) -> KeyName | None:
-    """Split a tensor key; None for keys that belong to no adapter module (pass-through)."""
+    """Split a tensor key of any dialect; None for keys that belong to no adapter module (pass-through)."""
     if key.startswith(KOHYA_PREFIXES):
         stem, dot, param = key.partition(".")
-        if dot and param in KOHYA_PARAMS:
-            return KeyName(stem, param, Format.KOHYA)
-        return None
+        return KeyName(stem, param, Dialect.KOHYA) if dot and param in KOHYA_PARAMS else None
+    if key.startswith(LYCORIS_PREFIX):
+        return _split_lycoris(key)
     m = _ATTN_PROC.match(key)
     if m:
-        component = _PEFT_COMPONENTS[m.group(1) or "unet"]
+        component = _ATTN_PROC_COMPONENTS[m.group(1) or "unet"]
         projection = "to_out.0" if m.group(3) == "to_out" else m.group(3)
         path = f"{m.group(2)}.{projection}"
         param = "lora_up.weight" if m.group(4) == "up" else "lora_down.weight"
-        return KeyName(stem_from_path(component, path), param, Format.ATTN_PROC, path)
-    head, dot, rest = key.partition(".")
-    if dot and head in _PEFT_COMPONENTS:
-        for suffix, param in _PEFT_PARAMS.items():
-            if rest.endswith("." + suffix):
-                path = rest[: -len(suffix) - 1]
-                return KeyName(stem_from_path(_PEFT_COMPONENTS[head], path), param, Format.PEFT, path)
+        return KeyName(stem_from_path(component, path), param, Dialect.ATTN_PROC, path)
+    return _split_dotted(key)
+
+
+def _split_lycoris(key: str) -> KeyName | None:
+    """`lycoris_<flattened path>.<param>`: a U-Net path, or a CLIP one (`text_model_…` / `encoder_…`)."""
+    stem, dot, param = key.partition(".")
+    if not dot or param not in KOHYA_PARAMS:
+        return None
+    flat = stem[len(LYCORIS_PREFIX) :]
+    if flat.startswith(tuple(root.replace(".", "_") for root in _TE_PATH_ROOTS)):
+        te_flat = flat if flat.startswith("text_model_") else "text_model_" + flat
+        return KeyName("lora_te_" + te_flat, param, Dialect.LYCORIS)
+    return KeyName("lora_unet_" + flat, param, Dialect.LYCORIS)
+
+
+def _split_dotted(key: str) -> KeyName | None:
+    """Keys made of a root, a dotted module path and a parameter name (every other dialect)."""
+    found = _split_param(key)
+    if found is None:
+        return None
+    rest, param, family = found
+    for root, component in _DIFFUSERS_ROOTS.items():
+        if rest.startswith(root):
+            path = rest[len(root) :]
+            if family == "kohya":
+                dialect = Dialect.OMI if component == "unet" else None
+            else:
+                dialect = Dialect.DIFFUSERS_LEGACY if family == "legacy" else Dialect.DIFFUSERS
+            return _key_name(component, path, param, dialect)
+    if rest.startswith(_PEFT_ROOT):
+        path = rest[len(_PEFT_ROOT) :]
+        component = "te" if path.startswith(_TE_PATH_ROOTS) else "unet"
+        return _key_name(component, path, param, Dialect.PEFT if family == "peft" else None)
+    if rest.startswith(_COMFY_UNET_ROOT):
+        return _key_name("unet", rest[len(_COMFY_UNET_ROOT) :], param, Dialect.COMFYUI if family != "legacy" else None)
+    for roots, dialect in ((_COMFY_TE_ROOTS, Dialect.COMFYUI), (_OMI_TE_ROOTS, Dialect.OMI)):
+        for root, component in roots.items():
+            if rest.startswith(root):
+                wanted = family != "legacy" if dialect is Dialect.COMFYUI else family == "kohya"
+                return _key_name(component, rest[len(root) :], param, dialect if wanted else None)
     return None
+
+
+def _split_param(key: str) -> tuple[str, str, str] | None:
+    """(key without its parameter, kohya parameter, family: `peft`, `legacy` or `kohya`), or None."""
+    for suffix, param in _PEFT_PARAMS.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], param, "peft"
+    for suffix, param in _LEGACY_PARAMS.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], param, "legacy"
+    head, dot, tail = key.rpartition(".")
+    if dot and tail in KOHYA_PARAMS:
+        return head, tail, "kohya"
+    head2, dot2, tail2 = head.rpartition(".")
+    if dot and dot2 and f"{tail2}.{tail}" in KOHYA_PARAMS:
+        return head2, f"{tail2}.{tail}", "kohya"
+    return None
+
+
+def _key_name(component: str, path: str, param: str, dialect: Dialect | None) -> KeyName | None:
+    if dialect is None or not path:
+        return None
+    return KeyName(stem_from_path(component, path), param, dialect, path)
 
 
 def stem_from_path(component: str, path: str) -> str:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
-from blora_tools.adapter.formats import Format, KeyName, split_key
+from blora_tools.adapter.formats import DIFFUSERS_FAMILY, Dialect, Format, KeyName, split_key
 from blora_tools.adapter.header import Header, TensorInfo, read_header
 from blora_tools.adapter.kinds import Kind, kind_of
 from blora_tools.errors import AdapterFileError, BloraError
@@ -100,6 +102,8 @@ class Adapter:
     modules: dict[str, Module]
     passthrough: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    dialect: Dialect = Dialect.KOHYA
+    """the producer convention its keys follow (`format` is its family)"""
 
     @property
     def metadata(self) -> Mapping[str, str]:
@@ -146,16 +150,17 @@ class Adapter:
 def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
     """Read an adapter's header and group it into modules; AdapterFileError if it is not an adapter.
 
+    `path` is a `.safetensors` file, or a PEFT `save_pretrained` folder (its `adapter_model.safetensors` is read).
     The architecture comes from the file's evidence (`taxonomy.detect`); `arch` (the user's `--arch`) picks
     among the families that evidence leaves open and is refused where it contradicts the evidence. Every
     module's factor shapes are checked against its real layer before any tensor is read.
     """
-    header = read_header(path)
+    header = read_header(_adapter_file(Path(path)))
     path = header.path
     grouped: dict[str, dict[str, str]] = defaultdict(dict)
     names: dict[str, KeyName] = {}
     passthrough: list[str] = []
-    formats: Counter = Counter()
+    dialects: dict[Dialect, str] = {}
     for key in header.tensors:
         name = split_key(key)
         if name is None:
@@ -165,22 +170,25 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
             raise AdapterFileError(f"module {name.stem} has two tensors for {name.param}", path)
         grouped[name.stem][name.param] = key
         names[name.stem] = name
-        formats[name.format] += 1
+        dialects.setdefault(name.dialect, key)
     if not grouped:
         _refuse_unsupported_family(header.tensors, path)
         what = "a full model or another kind of file" if header.tensors else "an empty file"
         raise AdapterFileError(f"no LoRA/LyCORIS modules found: this looks like {what}, not an adapter", path)
-    file_format = Format.KOHYA if formats.get(Format.KOHYA) else formats.most_common(1)[0][0]
-    if file_format is not Format.KOHYA and Format.KOHYA in formats:
-        raise AdapterFileError("mixes kohya and diffusers/PEFT key names in one file", path)
-    if file_format is Format.PEFT or file_format is Format.ATTN_PROC:
+    dialect = _file_dialect(dialects, path)
+    warnings: list[str] = []
+    if dialect is Dialect.PEFT:
+        header, warning = _with_sidecar_config(header)
+        warnings += [warning] if warning else []
+    if dialect is not Dialect.KOHYA:
         grouped, names = _te_as_te1_when_sdxl(grouped, names)
     shapes = {stem: {p: header.tensors[k].shape for p, k in params.items()} for stem, params in grouped.items()}
-    arch, warnings = _detect(grouped, shapes, header, arch)
-    peft_alphas = _peft_alphas(header.metadata, names) if file_format is not Format.KOHYA else {}
+    arch, arch_warnings = _detect(grouped, shapes, header, arch)
+    warnings += arch_warnings
+    config_alphas = read_config_alphas(header.metadata, names, path) if dialect.format is Format.PEFT else {}
     modules: dict[str, Module] = {}
     for stem, params in grouped.items():
-        modules[stem] = _module(stem, params, shapes[stem], arch, header, names[stem], peft_alphas, path)
+        modules[stem] = _module(stem, params, shapes[stem], arch, header, names[stem], config_alphas, path)
     unplaced = sorted(s for s, m in modules.items() if m.placement is None)
     if unplaced:
         warnings.append(
@@ -188,7 +196,61 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
         )
     if passthrough:
         warnings.append(f"{len(passthrough)} key(s) are not adapter modules and pass through untouched, e.g. {passthrough[0]}")
-    return Adapter(path, header, file_format, arch, modules, passthrough, warnings)
+    return Adapter(path, header, dialect.format, arch, modules, passthrough, warnings, dialect)
+
+
+PEFT_FOLDER_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+"""The files PEFT's `save_pretrained` writes into its folder (PEFT `utils/constants.py`)."""
+
+
+def _adapter_file(path: Path) -> Path:
+    """A PEFT folder stands for the adapter file inside it; any other path is read as given."""
+    if path.is_dir() and (path / PEFT_FOLDER_FILE).is_file():
+        return path / PEFT_FOLDER_FILE
+    return path
+
+
+def _file_dialect(dialects: Mapping[Dialect, str], path: Path) -> Dialect:
+    """The file's one dialect; AdapterFileError when keys of two dialects (each with its own alpha rule) mix.
+
+    Only the diffusers family mixes legitimately; its oldest member names the file.
+    """
+    if len(dialects) > 1 and not set(dialects) <= DIFFUSERS_FAMILY:
+        (first, a), (second, b) = list(dialects.items())[:2]
+        raise AdapterFileError(
+            f"mixes {first.value} keys (e.g. {a}) and {second.value} keys (e.g. {b}) in one file; loaders read one "
+            "dialect per file (split it into one file per dialect)",
+            path,
+        )
+    for dialect in (Dialect.ATTN_PROC, Dialect.DIFFUSERS_LEGACY):
+        if dialect in dialects:
+            return dialect
+    return next(iter(dialects))
+
+
+def _with_sidecar_config(header: Header) -> tuple[Header, str | None]:
+    """A PEFT `save_pretrained` file with its folder's `adapter_config.json` as `lora_adapter_metadata`.
+
+    PEFT keeps r, lora_alpha and the patterns beside the tensors; carrying them in the metadata makes every
+    output of this file self-describing (prune and reweight keep the alphas, so the original config still fits
+    the output too). A config in the file's own metadata wins over none; the sidecar wins over both.
+    """
+    config_path = header.path.parent / PEFT_CONFIG_FILE
+    if not config_path.is_file():
+        if PEFT_METADATA_KEY in header.metadata:
+            return header, None
+        return header, (
+            f"PEFT keys (base_model.model.) but no {PEFT_CONFIG_FILE} beside the file: alpha is taken as each "
+            "module's rank (PEFT needs the config to load it)"
+        )
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"cannot read {PEFT_CONFIG_FILE} beside it: {err}", header.path) from None
+    _parse_config_json(text, f"{PEFT_CONFIG_FILE} beside it", header.path)
+    metadata = {**header.metadata, PEFT_METADATA_KEY: text}
+    return replace(header, metadata=MappingProxyType(metadata)), None
 
 
 def _te_as_te1_when_sdxl(grouped: dict, names: dict) -> tuple[dict, dict]:
@@ -236,7 +298,7 @@ def _module(
     arch: Arch,
     header: Header,
     name: KeyName,
-    peft_alphas: Mapping[str, float],
+    config_alphas: Mapping[str, "ConfigAlpha"],
     path: Path,
 ) -> Module:
     kind = _checked_kind(stem, shapes, path)
@@ -249,7 +311,8 @@ def _module(
     empty = next((p for p, shape in shapes.items() if 0 in shape), None)
     if empty is not None:
         raise AdapterFileError(f"module {stem}: {empty} has a zero-size dimension {list(shapes[empty])}", path)
-    alpha = peft_alphas.get(stem)
+    config_alpha = config_alphas.get(stem)
+    alpha = config_alpha.for_rank(rank) if config_alpha is not None else None
     if "alpha" in params:
         alpha = _read_alpha(header, params["alpha"], stem, path)
     placement = place(stem, arch)
@@ -382,17 +445,38 @@ def _read_alpha(header: Header, key: str, stem: str, path: Path) -> float:
     return value
 
 
-def _peft_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName]) -> dict[str, float]:
-    """Per-module alphas of a PEFT file from `lora_adapter_metadata` (lora_alpha, alpha_pattern)."""
+@dataclass(frozen=True)
+class ConfigAlpha:
+    """A module's alpha as a PEFT config gives it; with rsLoRA PEFT scales by alpha/√rank, not alpha/rank."""
+
+    value: float
+    rslora: bool = False
+
+    def for_rank(self, rank: int | None) -> float:
+        """The alpha that gives this module PEFT's scale under the product's alpha/rank rule."""
+        return self.value * math.sqrt(rank) if self.rslora and rank else self.value
+
+
+_PEFT_DEFAULT_ALPHA = 8
+"""`LoraConfig.lora_alpha`'s default (PEFT `tuners/lora/config.py`): what a config without `lora_alpha` gets."""
+_PEFT_COMPONENT_OF_STEM = MappingProxyType(
+    {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+)
+
+
+def read_config_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName], path: Path) -> dict[str, ConfigAlpha]:
+    """Per-module alphas of a PEFT-family file from its `lora_adapter_metadata` (PEFT's own rules).
+
+    The JSON holds `LoraConfig` fields, prefixed per component the way diffusers writes them (`unet.lora_alpha`)
+    or unprefixed (PEFT's `adapter_config.json`). A module's alpha is `lora_alpha` (PEFT's default 8 when the
+    config leaves it out), replaced by the first `alpha_pattern` entry whose regular expression matches the end
+    of its dotted path, as PEFT's `get_pattern_key` matches `(.*\\.)?(pattern)$`. A component without any config
+    gets none (alpha = rank, diffusers' rule for files without alphas). Malformed configs are AdapterFileError.
+    """
     raw = metadata.get(PEFT_METADATA_KEY)
     if not raw:
         return {}
-    try:
-        doc = loads_strict(raw)
-    except ValueError:
-        return {}
-    if not isinstance(doc, dict):
-        return {}
+    doc = _parse_config_json(raw, PEFT_METADATA_KEY, path)
     configs: dict[str, dict] = defaultdict(dict)
     for key, value in doc.items():
         component, dot, field_name = key.partition(".")
@@ -400,16 +484,64 @@ def _peft_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName]) -> d
             configs[component][field_name] = value
         else:
             configs[""][key] = value
-    component_of = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-    alphas: dict[str, float] = {}
+    checked = {name: _checked_config(config, name or PEFT_METADATA_KEY, path) for name, config in configs.items()}
+    alphas: dict[str, ConfigAlpha] = {}
     for stem, name in names.items():
-        prefix = next(p for p in component_of if stem.startswith(p))
-        config = configs.get(component_of[prefix]) or configs.get("") or {}
-        alpha = config.get("lora_alpha")
-        patterns = config.get("alpha_pattern")
-        for pattern, value in (patterns.items() if isinstance(patterns, dict) else ()):
-            if name.path and (name.path == pattern or name.path.endswith("." + pattern)):
+        prefix = next(p for p in _PEFT_COMPONENT_OF_STEM if stem.startswith(p))
+        config = checked.get(_PEFT_COMPONENT_OF_STEM[prefix]) or checked.get("")
+        if config is None:
+            continue
+        alpha, patterns, rslora = config
+        for pattern, value in patterns:
+            if name.path is not None and pattern.match(name.path):
                 alpha = value
-        if isinstance(alpha, (int, float)):
-            alphas[stem] = float(alpha)
+                break
+        alphas[stem] = ConfigAlpha(alpha, rslora)
     return alphas
+
+
+def _parse_config_json(raw: str, what: str, path: Path) -> dict:
+    """The config as a JSON object, read by the product's one JSON rule (no NaN/Infinity: a non-finite alpha is
+    refused here); AdapterFileError saying why otherwise."""
+    try:
+        doc = loads_strict(raw)
+    except ValueError as err:
+        raise AdapterFileError(f"{what} is not valid JSON ({err})", path) from None
+    if not isinstance(doc, dict):
+        raise AdapterFileError(f"{what} must be a JSON object of LoraConfig fields, not {_json_type(doc)}", path)
+    return doc
+
+
+def _checked_config(config: Mapping, what: str, path: Path):
+    """(lora_alpha, [(compiled alpha pattern, value)], use_rslora) of one component's config, checked."""
+    alpha = _number(config.get("lora_alpha", _PEFT_DEFAULT_ALPHA), f"{what}: lora_alpha", path)
+    for field_name in ("alpha_pattern", "rank_pattern"):
+        value = config.get(field_name)
+        if value is not None and not isinstance(value, dict):
+            raise AdapterFileError(f"{what}: {field_name} must be an object of pattern: value, not {_json_type(value)}", path)
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise AdapterFileError(f"{what}: rank_pattern[{pattern!r}] is {rank!r}, expected a positive integer", path)
+    patterns = []
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        number = _number(value, f"{what}: alpha_pattern[{pattern!r}]", path)
+        try:
+            patterns.append((re.compile(rf"(.*\.)?({pattern})$"), number))
+        except re.error as err:
+            raise AdapterFileError(f"{what}: alpha_pattern key {pattern!r} is not a valid pattern ({err})", path) from None
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterFileError(f"{what}: use_rslora is {rslora!r}, expected true or false", path)
+    return alpha, patterns, rslora
+
+
+def _number(value: object, what: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterFileError(f"{what} is {value!r:.40}, expected a number", path)
+    return float(value)
+
+
+def _json_type(value: object) -> str:
+    return {list: "a list", str: "a string", dict: "an object", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )

@@ -89,7 +89,7 @@ def _show_one(app, report: dict, fine: bool) -> None:
     app.out.print(Text(report["path"], style="bold"))
     app.out.print(
         Text(
-            f"{report['arch']} · {report['format']} · {report['modules']} modules ({kinds}) · {dtypes} · "
+            f"{report['arch']} · {_keys(report)} · {report['modules']} modules ({kinds}) · {dtypes} · "
             f"{output.human_bytes(report['size'])}"
         )
     )
@@ -120,13 +120,20 @@ def _show_one(app, report: dict, fine: bool) -> None:
     output.warn_all(app, report["warnings"])
 
 
+def _keys(report: dict) -> str:
+    """The key format, and the producer dialect where it is not the format's own (`kohya (comfyui keys)`)."""
+    if report["dialect"] in (report["format"], "diffusers" if report["format"] == "peft" else None):
+        return report["format"]
+    return f"{report['format']} ({report['dialect']} keys)"
+
+
 def _show_many(app, reports: list[dict]) -> None:
     rows = []
     for r in reports:
         groups = [g for g, b in r["blocks"].items() if b["modules"]]
         ranks = [b["rank_max"] for b in r["blocks"].values() if b["rank_max"] is not None]
         rows.append([
-            r["path"], r["arch"], r["format"], ",".join(f"{k}" for k in sorted(r["kinds"])), r["modules"],
+            r["path"], r["arch"], _keys(r), ",".join(f"{k}" for k in sorted(r["kinds"])), r["modules"],
             max(ranks) if ranks else "", ",".join(groups), output.human_bytes(r["size"]), len(r["warnings"]) or "",
         ])
     app.out.print(output.table(None, ["file", "arch", "format", "kinds", "modules", "rank≤", "blocks", "size", "warnings"], rows, right=(4, 5, 7, 8)))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from blora_tools.adapter.alpha import zero_alpha_warning
 from blora_tools.adapter.formats import (
+    NATIVE_DIALECT,
+    Dialect,
     Format,
     diffusers_to_ldm,
     ldm_to_diffusers,
@@ -70,9 +72,9 @@ def convert(
         )
     if target is Format.PEFT and names is not None:
         raise BloraError("--names applies to kohya output; PEFT files always use diffusers module names")
-    if target is Format.KOHYA and names is None and adapter.format is not Format.KOHYA:
+    if target is Format.KOHYA and names is None and adapter.dialect is not Dialect.KOHYA:
         names = "ldm" if arch is Arch.SDXL else "diffusers"
-    if target is adapter.format and not uniform_alpha and names is None:
+    if adapter.dialect is NATIVE_DIALECT[target] and not uniform_alpha and names is None:
         raise BloraError(
             f"the file is already {target.value} format; nothing to convert (pass --uniform-alpha or --names)",
             adapter.path,
@@ -157,6 +159,7 @@ def convert(
         "input": str(adapter.path),
         "arch": arch.value,
         "from": adapter.format.value,
+        "dialect": adapter.dialect.value,
         "to": target.value,
         "names": names,
         "uniform_alpha": common.pop() if uniform_alpha and target is Format.KOHYA and len(common) == 1 else None,

@@ -115,6 +115,7 @@ def inspect_adapter(
         "path": str(adapter.path),
         "arch": adapter.arch.value,
         "format": adapter.format.value,
+        "dialect": adapter.dialect.value,
         "kinds": _kind_counts(adapter),
         "modules": len(adapter.modules),
         "dtypes": dict(dtypes),

@@ -8,6 +8,7 @@ writes one module that way; convert, prune and reweight (`--uniform-alpha`) all 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -98,17 +99,42 @@ def module_entries(
         name = key if stem is None else f"{stem}.{param}"
         if param == "alpha" and replaced:
             continue
-        entries.append(folded(adapter, module, param, name, ratio) if param in scaled else copied(adapter, key, name))
+        if param in scaled:
+            entries.append(folded(adapter, module, param, name, ratio))
+        elif param == "dora_scale" and stem is not None and adapter.format is Format.PEFT:
+            entries.append(kohya_dora_scale(adapter, module, key, name))
+        else:
+            entries.append(copied(adapter, key, name))
     if stem is None and replaced and adapter.format is not Format.KOHYA:
         raise BloraError(
             f"--uniform-alpha writes alpha tensors, which a {adapter.format.value} file has no place for; "
             "convert it instead (`convert --to kohya --uniform-alpha`, or `--to peft`, which sets alpha = rank)",
             adapter.path,
         )
-    stem = module.stem if stem is None else stem
+    prefix = _own_prefix(module) if stem is None else stem  # a LyCORIS/ComfyUI/OMI file keeps its own spelling
     if replaced:
-        entries.append(alpha_entry(f"{stem}.alpha", alpha))
+        entries.append(alpha_entry(f"{prefix}.alpha", alpha))
     elif complete_alpha and "alpha" not in module.keys and module.rank is not None and module.kind.has_rank:
         value, dtype = alpha_storage(module.effective_alpha, "F32", f"module {module.stem}: alpha", adapter.path)
-        entries.append(alpha_entry(f"{stem}.alpha", Alpha(value, dtype, 1.0)))
+        entries.append(alpha_entry(f"{prefix}.alpha", Alpha(value, dtype, 1.0)))
     return entries
+
+
+def _own_prefix(module: Module) -> str:
+    """The text before `.<param>` in the module's own keys (`lycoris_x`, `diffusion_model.x`; kohya: the stem)."""
+    param, key = next(iter(module.keys.items()))
+    return key[: -len(param) - 1]
+
+
+def kohya_dora_scale(adapter: Adapter, module: Module, key: str, name: str) -> Entry:
+    """PEFT's DoRA magnitude as kohya's `dora_scale`: the same values (one per output row), in LyCORIS's
+    out×1… shape, so loaders that tell the norm axis by shape (ComfyUI, LyCORIS) take the output axis."""
+    shape = (module.weight_shape[0],) + (1,) * (len(module.weight_shape) - 1)
+    info = adapter.info(key)
+    if math.prod(info.shape) != shape[0]:
+        raise BloraError(
+            f"module {module.stem}: lora_magnitude_vector has shape {list(info.shape)}, not one value per output "
+            f"row ({shape[0]})",
+            adapter.path,
+        )
+    return Entry(name, info.dtype, shape, lambda: adapter.raw(key))
