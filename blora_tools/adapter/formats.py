@@ -24,7 +24,7 @@ parameters and alpha rule with: `kohya` (kohya parameter names, alpha in an `alp
   layers the conversion does not rename: diffusers' training scripts and SimpleTuner (`convert_state_dict_to_diffusers`
   of a PEFT state dict), and pre-PEFT diffusers.
 * `attn-proc` — old diffusers attention processors (`….processor.to_q_lora.down.weight`).
-* `peft` — PEFT `save_pretrained`: `base_model.model.` + dotted path + `lora_A`/`lora_B`/`lora_magnitude_vector`,
+* `peft-saved` — PEFT `save_pretrained`: `base_model.model.` + dotted path + `lora_A`/`lora_B`/`lora_magnitude_vector`,
   with `adapter_config.json` beside `adapter_model.safetensors`.
 * `comfyui` — ComfyUI's LoraSave node: `diffusion_model.` + LDM path and `text_encoders.clip_l.transformer.` /
   `clip_g` / `clip_h` + CLIP path, kohya parameter names, no alpha (comfy_extras/nodes_lora_extract.py,
@@ -67,7 +67,7 @@ class Dialect(str, Enum):
     DIFFUSERS = "diffusers"
     DIFFUSERS_LEGACY = "diffusers-legacy"
     ATTN_PROC = "attn-proc"
-    PEFT = "peft"
+    PEFT = "peft-saved"
     COMFYUI = "comfyui"
     OMI = "omi"
 

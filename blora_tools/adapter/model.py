@@ -180,11 +180,11 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
     if dialect is Dialect.PEFT:
         header, warning = _with_sidecar_config(header)
         warnings += [warning] if warning else []
-    if dialect is not Dialect.KOHYA:
-        grouped, names = _te_as_te1_when_sdxl(grouped, names)
     shapes = {stem: {p: header.tensors[k].shape for p, k in params.items()} for stem, params in grouped.items()}
     arch, arch_warnings = _detect(grouped, shapes, header, arch)
     warnings += arch_warnings
+    if dialect is not Dialect.KOHYA and arch is Arch.SDXL:
+        grouped, names, shapes = _te_as_te1(grouped, names, shapes)
     config_alphas = read_config_alphas(header.metadata, names, path) if dialect.format is Format.PEFT else {}
     modules: dict[str, Module] = {}
     for stem, params in grouped.items():
@@ -253,14 +253,13 @@ def _with_sidecar_config(header: Header) -> tuple[Header, str | None]:
     return replace(header, metadata=MappingProxyType(metadata)), None
 
 
-def _te_as_te1_when_sdxl(grouped: dict, names: dict) -> tuple[dict, dict]:
-    """PEFT's `text_encoder` is `te` on SD1/SD2 but `te1` on SDXL (a file with `text_encoder_2`)."""
-    if not any(s.startswith("lora_te2_") for s in grouped):
-        return grouped, names
-    rename = {s: "lora_te1_" + s[len("lora_te_") :] for s in grouped if s.startswith("lora_te_")}
-    new_grouped = {rename.get(s, s): p for s, p in grouped.items()}
-    new_names = {rename.get(s, s): n for s, n in names.items()}
-    return new_grouped, new_names
+def _te_as_te1(*by_stem: dict) -> tuple[dict, ...]:
+    """Dotted dialects name SDXL's first text encoder like SD1/SD2's only one (`text_encoder`, ComfyUI's and
+    OMI's `clip_l`); on SDXL it is kohya's `te1`, whether or not the file also holds the second."""
+    def renamed(stem: str) -> str:
+        return "lora_te1_" + stem[len("lora_te_") :] if stem.startswith("lora_te_") else stem
+
+    return tuple({renamed(s): v for s, v in mapping.items()} for mapping in by_stem)
 
 
 def _refuse_unsupported_family(keys, path: Path) -> None:

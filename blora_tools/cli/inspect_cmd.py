@@ -122,7 +122,7 @@ def _show_one(app, report: dict, fine: bool) -> None:
 
 def _keys(report: dict) -> str:
     """The key format, and the producer dialect where it is not the format's own (`kohya (comfyui keys)`)."""
-    if report["dialect"] in (report["format"], "diffusers" if report["format"] == "peft" else None):
+    if report["dialect"] == report["format"] or (report["format"], report["dialect"]) == ("peft", "diffusers"):
         return report["format"]
     return f"{report['format']} ({report['dialect']} keys)"
 

@@ -188,7 +188,7 @@ def peft_saved(workdir: Path, *, dora: bool = False, rslora: bool = False, compo
                 if "lora_magnitude_vector" in pname:
                     p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
     peft_model.save_pretrained(str(folder))
-    return Produced("peft", "sd1", folder, "diffusers", lambda p: load_peft(p, component))
+    return Produced("peft-saved", "sd1", folder, "diffusers", lambda p: load_peft(p, component))
 
 
 def load_peft(folder: Path, component: str) -> Deltas:
