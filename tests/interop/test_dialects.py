@@ -99,6 +99,18 @@ def _reference(workdir: Path, case: str):
     return _produced(workdir, case).reference
 
 
+@cache
+def _loaded(workdir: Path, case: str):
+    """What the producer's loader makes of the input (for diffusers' training-script files, less than it trained)."""
+    p = _produced(workdir, case)
+    return p.load(p.path)
+
+
+COMMAND_CASES = [c for c in CASES if c not in ("diffusers-legacy-no-metadata", "peft-rslora", "diffusers-legacy-sdxl")]
+"""The commands run on one file per dialect (the variants differ from their sibling only in the alpha rule or
+architecture, which the reading test covers; SDXL's te1 naming is exercised by the ComfyUI and OMI files)."""
+
+
 def _models(p: Produced) -> TinyModels:
     return TinyModels.fresh(p.arch, p.unet_kind)
 
@@ -148,8 +160,7 @@ def test_diffusers_drops_the_attention_layers_of_its_own_training_scripts_files(
     """diffusers 0.42 converts `.lora.down` keys only when the first key is not `lora_A`; the training scripts'
     files mix both, so their attention projections are silently not loaded (A1111/ComfyUI-style loaders and this
     product read them). If this starts failing, diffusers fixed it: the README's dialect table should say so."""
-    p = _produced(workdir, "diffusers-legacy")
-    loaded = p.load(p.path)
+    loaded = _loaded(workdir, "diffusers-legacy")
     trained = _reference(workdir, "diffusers-legacy")
     missing = [k for k in trained if k not in loaded]
     assert missing
@@ -165,7 +176,7 @@ def _selector_present(adapter, wanted: str) -> str:
     return ",".join(g for g in wanted.split(",") if g in groups)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", COMMAND_CASES)
 def test_prune_keeps_key_names_and_loads_where_the_input_loaded(case, workdir):
     p = _produced(workdir, case)
     adapter = open_adapter(p.path)
@@ -186,11 +197,11 @@ def test_prune_keeps_key_names_and_loads_where_the_input_loaded(case, workdir):
     assert 0 < len(kept_layers) < len(adapter.modules)
     reference = _reference(workdir, case)
     assert_same(our_deltas(pruned, _models(p)), {k: v for k, v in reference.items() if k in kept_layers})
-    loaded_input = p.load(p.path)
+    loaded_input = _loaded(workdir, case)
     assert_same(p.load(_written(p, out, workdir)), {k: v for k, v in loaded_input.items() if k in kept_layers})
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", COMMAND_CASES)
 def test_reweight_scales_one_factor_under_the_same_names(case, workdir):
     p = _produced(workdir, case)
     adapter = open_adapter(p.path)
@@ -208,14 +219,15 @@ def test_reweight_scales_one_factor_under_the_same_names(case, workdir):
     assert len(set(factor.values())) > 1 or case == "peft-text-encoder"
     expect = {k: factor[k] * v for k, v in _reference(workdir, case).items()}
     assert_same(our_deltas(open_adapter(out), _models(p)), expect, _tolerance(case))
-    loaded = p.load(p.path)
-    assert_same(p.load(_written(p, out, workdir)), {k: factor[k] * v for k, v in loaded.items()}, _tolerance(case))
+    if case in ("diffusers-legacy", "peft-unet"):  # a loader whose alpha lives outside the tensors
+        loaded = _loaded(workdir, case)
+        assert_same(p.load(_written(p, out, workdir)), {k: factor[k] * v for k, v in loaded.items()}, _tolerance(case))
 
 
 # --- computing commands write kohya names ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", COMMAND_CASES)
 def test_merge_resize_convert_and_compare_read_the_dialect(case, workdir):
     p = _produced(workdir, case)
     adapter = open_adapter(p.path)
@@ -259,7 +271,7 @@ def _renamed(deltas, p: Produced, naming: str = "diffusers"):
     return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", COMMAND_CASES)
 def test_render_applies_the_dialect_to_the_right_layers(case, workdir):
     from blora_tools.render.pipeline import RenderModel, attach_adapter, merged_weights
 
