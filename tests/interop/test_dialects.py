@@ -438,3 +438,20 @@ def test_alpha_pattern_follows_peft_first_match_rule(workdir):
             assert module.alpha == want, module.path
             checked += 1
     assert checked and LoraConfig is not None
+
+
+@pytest.mark.parametrize("case", ["comfyui", "lycoris"])
+def test_uniform_alpha_on_a_foreign_dialect_writes_alphas_in_its_own_spelling(case, workdir):
+    """`prune --uniform-alpha` adds alpha tensors: named like the file's other keys (`diffusion_model.x.alpha`,
+    `lycoris_x.alpha`), never with kohya stems, which would make the output a mix of dialects."""
+    p = _produced(workdir, case)
+    adapter = open_adapter(p.path)
+    drop = _selector_present(adapter, "mid,out1")
+    out = workdir / f"uniform-{case}.safetensors"
+    prune(adapter, resolve_selector(drop, p.arch), keep=False, uniform_alpha=True).save(out)
+    written = open_adapter(out)
+    assert written.dialect is adapter.dialect
+    assert len({m.alpha for m in written.modules.values()}) == 1
+    kept_layers = set(_layer_of(written, _models(p)).values())
+    want = {k: v for k, v in _reference(workdir, case).items() if k in kept_layers}
+    assert_same(our_deltas(written, _models(p)), want, _tolerance(case))
