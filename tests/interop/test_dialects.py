@@ -248,11 +248,13 @@ def test_merge_resize_convert_and_compare_read_the_dialect(case, workdir):
     convert(adapter, to="kohya", names="ldm" if CASES[case] == "kohya" else None).save(kohya)
     kohya_adapter = open_adapter(kohya)
     assert kohya_adapter.dialect.value == "kohya"
-    assert_same(our_deltas(kohya_adapter, TinyModels.fresh(p.arch, "ldm" if p.arch == "sdxl" else "diffusers")), _renamed(reference, p, "ldm"))
+    ldm_models = TinyModels.fresh(p.arch, "ldm" if p.arch == "sdxl" else "diffusers")
+    assert_same(our_deltas(kohya_adapter, ldm_models), _renamed(reference, p, "ldm"), _tolerance(case))
     if CASES[case] != "diffusers":
         peft = workdir / f"peft-{case}.safetensors"
         convert(adapter, to="peft").save(peft)
-        assert_same(our_deltas(open_adapter(peft), TinyModels.fresh(p.arch)), _renamed(reference, p))
+        # PEFT output has alpha = rank: each module's scale is folded into lora_B (rounded in an fp16 file)
+        assert_same(our_deltas(open_adapter(peft), TinyModels.fresh(p.arch)), _renamed(reference, p), _tolerance(case))
 
     report = compare(adapter, kohya_adapter)
     cosines = [b["cosine"] for b in report["blocks"].values() if b.get("cosine") is not None]
