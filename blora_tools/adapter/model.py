@@ -217,7 +217,8 @@ def _file_dialect(dialects: Mapping[Dialect, str], path: Path) -> Dialect:
     Only the diffusers family mixes legitimately; its oldest member names the file.
     """
     if len(dialects) > 1 and not set(dialects) <= DIFFUSERS_FAMILY:
-        (first, a), (second, b) = list(dialects.items())[:2]
+        first, a = next(iter(dialects.items()))
+        second, b = next((d, k) for d, k in dialects.items() if d is not first and {d, first} - DIFFUSERS_FAMILY)
         raise AdapterFileError(
             f"mixes {first.value} keys (e.g. {a}) and {second.value} keys (e.g. {b}) in one file; loaders read one "
             "dialect per file (split it into one file per dialect)",
