@@ -378,9 +378,9 @@ def _with_metadata(workdir: Path, name: str, doc) -> Path:
 
 
 BAD_CONFIGS = {
-    "nan-alpha": ('{"unet.r": 4, "unet.lora_alpha": NaN}', "lora_alpha is nan"),
-    "infinite-alpha": ('{"unet.r": 4, "unet.lora_alpha": Infinity}', "lora_alpha is inf"),
-    "nan-pattern": ('{"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": {"proj_in": NaN}}', "alpha_pattern"),
+    "nan-alpha": ('{"unet.r": 4, "unet.lora_alpha": NaN}', "NaN is not JSON"),
+    "infinite-alpha": ('{"unet.r": 4, "unet.lora_alpha": Infinity}', "Infinity is not JSON"),
+    "nan-pattern": ('{"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": {"proj_in": NaN}}', "NaN is not JSON"),
     "list-alpha-pattern": ({"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": ["proj_in", 2]}, "alpha_pattern must be an object"),
     "string-rank-pattern": ({"unet.r": 4, "unet.lora_alpha": 4, "unet.rank_pattern": "proj_in=2"}, "rank_pattern must be an object"),
     "string-alpha": ({"unet.r": 4, "unet.lora_alpha": "4"}, "expected a number"),
