@@ -181,6 +181,8 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
         header, warning = _with_sidecar_config(header)
         warnings += [warning] if warning else []
     shapes = {stem: {p: header.tensors[k].shape for p, k in params.items()} for stem, params in grouped.items()}
+    if dialect is not Dialect.KOHYA and any(stem.startswith("lora_te2_") for stem in grouped):
+        grouped, names, shapes = _te_as_te1(grouped, names, shapes)  # a second text encoder: SDXL's naming
     arch, arch_warnings = _detect(grouped, shapes, header, arch)
     warnings += arch_warnings
     if dialect is not Dialect.KOHYA and arch is Arch.SDXL:
