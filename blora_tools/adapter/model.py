@@ -183,10 +183,17 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
     shapes = {stem: {p: header.tensors[k].shape for p, k in params.items()} for stem, params in grouped.items()}
     if dialect is not Dialect.KOHYA and any(stem.startswith("lora_te2_") for stem in grouped):
         grouped, names, shapes = _te_as_te1(grouped, names, shapes)  # a second text encoder: SDXL's naming
+    unet = any(stem.startswith("lora_unet_") for stem in grouped)
+    if dialect is not Dialect.KOHYA and unet and any(stem.startswith("lora_te_") for stem in grouped):
+        # SDXL's first text encoder alone (`text_encoder`, `clip_l`): te1 when the file reads as SDXL that way
+        as_te1 = _te_as_te1(grouped, names, shapes)
+        try:
+            if _detect(as_te1[0], as_te1[2], header, arch)[0] is Arch.SDXL:
+                grouped, names, shapes = as_te1
+        except AdapterFileError:
+            pass
     arch, arch_warnings = _detect(grouped, shapes, header, arch)
     warnings += arch_warnings
-    if dialect is not Dialect.KOHYA and arch is Arch.SDXL:
-        grouped, names, shapes = _te_as_te1(grouped, names, shapes)
     config_alphas = read_config_alphas(header.metadata, names, path) if dialect.format is Format.PEFT else {}
     modules: dict[str, Module] = {}
     for stem, params in grouped.items():
