@@ -1,7 +1,7 @@
 """Module trees of the SD1, SD2 and SDXL U-Nets and text encoders, full size and tiny, built in code.
 
 Nothing here downloads a model. Full-size trees reproduce the layer names and weight shapes of the models
-that kohya sd-scripts hands to a network module (DESIGN.md §2, §6) and are meant to be built on the meta
+that kohya sd-scripts hands to a network module (docs/architecture.md §2, §6) and are meant to be built on the meta
 device (`device="meta"`: no memory, a fraction of a second). Tiny trees have the same module names and the same
 set of blocks with small widths, so they can be trained and run on a CPU in tests.
 

@@ -1,6 +1,6 @@
 """BlockSpec: the resolved per-block training specification, and its `blora_spec` JSON form.
 
-A `BlockSpec` says, for every block of one architecture (DESIGN.md §2: text encoders, LBW blocks, `OTHER`),
+A `BlockSpec` says, for every block of one architecture (docs/architecture.md §2: text encoders, LBW blocks, `OTHER`),
 the LoRA rank and alpha of its linear and 1×1 layers, the rank and alpha of its k×k convolutions (LoCon) and
 its learning-rate weight. Rank 0 means the block is not trained. It is what `kohya_plugin.args` makes of the
 `--network_args` strings, and what the plugin writes into every file it saves under the metadata key

@@ -7,7 +7,7 @@ is unchanged and the module's holds only `lora_down.weight`, `lora_up.weight` an
     output = layer(x) + multiplier · (alpha / rank) · up(dropout(down(x)))
 
 LoCon: for a k×k conv, `down` is a conv with the layer's kernel, stride, padding and dilation and `up` a 1×1
-conv, so ΔW = scale · (U[:, :, 0, 0] @ D.flatten(1)).view(out, in, k, k) (DESIGN.md §3).
+conv, so ΔW = scale · (U[:, :, 0, 0] @ D.flatten(1)).view(out, in, k, k) (docs/architecture.md §3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BlockwiseNetwork: the sd-scripts network contract (DESIGN.md §4) over per-block LoRA/LoCon modules.
+"""BlockwiseNetwork: the sd-scripts network contract (docs/architecture.md §4) over per-block LoRA/LoCon modules.
 
 A network is built from a plan (`kohya_plugin.planning`: one `PlannedModule` record per module, made while
 only reading the models); nothing touches the models until `apply_to` (forward swap) or `merge_to` (weights).
@@ -6,7 +6,7 @@ only reading the models); nothing touches the models until `apply_to` (forward s
 Files (`kohya_plugin.weights_io`, `kohya_plugin.spec_io`). `save_weights` writes kohya's keys with ONE alpha
 value for every module — the training alpha shared by most modules (ties: `--network_alpha`, then the
 smaller) — and folds each other module's alpha/file-alpha ratio into its up factor, so ΔW is the same for every
-loader and diffusers loads it exactly (DESIGN.md §3). The `blora_spec` metadata states the blocks, ranks and
+loader and diffusers loads it exactly (docs/architecture.md §3). The `blora_spec` metadata states the blocks, ranks and
 training alphas of the modules in the file. `load_weights` keeps this network's alphas and rescales each loaded
 up factor by file-alpha/training-alpha, so any kohya file keeps its ΔW and the plugin's own file restores the
 trained factors. A plain `load_state_dict` (gen_img.py's path) also keeps ΔW: it loads the file's alphas with

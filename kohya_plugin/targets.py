@@ -1,6 +1,6 @@
 """Which layers a kohya-compatible LoRA wraps, and the kohya names it gives them.
 
-The rules are kohya `networks.lora`'s (DESIGN.md §2, §4), restated here:
+The rules are kohya `networks.lora`'s (docs/architecture.md §2, §4), restated here:
 
 * U-Net: every `nn.Linear` and 1×1 `nn.Conv2d` anywhere inside a module whose class is `Transformer2DModel`;
   with conv targets also inside `ResnetBlock2D`, `Downsample2D` and `Upsample2D`, where 3×3 convs count too.

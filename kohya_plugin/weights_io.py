@@ -7,7 +7,7 @@ half modules, NaN/Inf factors or alphas, factors that fit no layer — is an `Ad
 Writing: one alpha value for every module (`single_alpha`: the training alpha most modules share), stored by the
 product's alpha rules (`alpha_storage`: exact, in F32 where the factors' dtype cannot hold it; 0 or an overflow
 refused), each module's alpha / the stored alpha folded into its up factor, so ΔW is the same for every loader
-and diffusers loads the file exactly (DESIGN.md §3).
+and diffusers loads the file exactly (docs/architecture.md §3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A stand-in for sd-scripts' `train_network.py`: the network-module calls in the trainer's order (DESIGN.md §4).
+"""A stand-in for sd-scripts' `train_network.py`: the network-module calls in the trainer's order (docs/architecture.md §4).
 
 It replays what the real trainer does with `--network_module` — import by name, `--base_weights` merges,
 `create_network` or (with `--dim_from_weights`) `create_network_from_weights`, `prepare_network`, `apply_to`,

@@ -80,7 +80,7 @@ def kind_of(params: frozenset[str], down_ndim: int | None, kernel: tuple[int, ..
 
 
 def scaled_params(kind: Kind, params: frozenset[str]) -> tuple[str, ...]:
-    """The parameters a linear reweight multiplies: exactly one factor of the product (DESIGN §3)."""
+    """The parameters a linear reweight multiplies: exactly one factor of the product (docs/architecture.md §3)."""
     if kind.is_lora:
         return ("lora_up.weight",)
     if kind is Kind.LOHA:

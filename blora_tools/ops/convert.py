@@ -8,7 +8,7 @@ up factor (`ops.uniform`), which leaves ΔW unchanged:
   says `lora_alpha` = `r`. Loaders that ignore that metadata (ComfyUI among them) assume alpha = rank, so they
   and diffusers apply the same strength.
 * `uniform_alpha` (kohya output) gives every module the file's most common alpha, so diffusers — which
-  mis-scales kohya files with mixed alphas (DESIGN §3) — loads the file exactly.
+  mis-scales kohya files with mixed alphas (docs/architecture.md §3) — loads the file exactly.
 """
 
 from __future__ import annotations

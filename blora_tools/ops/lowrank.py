@@ -3,7 +3,7 @@
 A sum of low-rank terms ΔW = Σ Uᵢ·Dᵢ is the product of the stacked factors U = [U₁ … Uₖ] (out×R) and
 D = [D₁; …; Dₖ] (R×fan_in). With U = Qᵤ·Rᵤ and Dᵀ = Q_d·R_d (thin QR), ΔW = Qᵤ·(Rᵤ·R_dᵀ)·Q_dᵀ, so the SVD
 of ΔW is the SVD of the R×R core rotated back by the orthonormal Q's: exact, O((out+fan_in)·R²), and no
-out×fan_in matrix is ever formed (DESIGN §3, §5). Dense SVD is only for kinds with no factorisation.
+out×fan_in matrix is ever formed (docs/architecture.md §3, §5). Dense SVD is only for kinds with no factorisation.
 """
 
 from __future__ import annotations

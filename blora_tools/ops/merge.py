@@ -8,7 +8,7 @@ For one module, source i contributes cᵢ·Uᵢ·Dᵢ with cᵢ = ratioᵢ·alph
   the ranks a `RankPlan` allows. Sources with no factorisation (LoHa, LoKr, full) are made dense for their
   module and SVD'd there (svd only). Norm modules are summed.
 
-Outputs use one alpha for the whole file (DESIGN §3: diffusers mis-scales files whose alphas differ); each
+Outputs use one alpha for the whole file (docs/architecture.md §3: diffusers mis-scales files whose alphas differ); each
 module's remaining scale rank/alpha is folded into its factors. Work is lazy: a module is computed when the
 writer reaches it and forgotten once written, so memory holds one module, not the file.
 """

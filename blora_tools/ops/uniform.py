@@ -1,6 +1,6 @@
 """One alpha for every module, and a module's kohya tensors with a factor folded into its scaled parameter.
 
-diffusers (0.42) mis-scales kohya files whose modules have different alphas (DESIGN §3). `uniform_alphas` gives
+diffusers (0.42) mis-scales kohya files whose modules have different alphas (docs/architecture.md §3). `uniform_alphas` gives
 every module the file's most common alpha and says by how much each module's scaled parameter (the one factor
 a reweight multiplies, `kinds.scaled_params`) must grow so ΔW stays the same for every loader. `module_entries`
 writes one module that way; convert, prune and reweight (`--uniform-alpha`) all go through it.

@@ -1,6 +1,6 @@
 """Block tables per architecture and the one parser from a kohya module name to its block.
 
-Three naming layers meet here (DESIGN.md §2): paper groups (`in0`…`out3`, `mid`, `te`), LBW IDs
+Three naming layers meet here (docs/architecture.md §2): paper groups (`in0`…`out3`, `mid`, `te`), LBW IDs
 (`BASE`, `IN00`…, `M00`, `OUT00`…) and kohya block indices (25 slots on SD1/SD2, 23 on SDXL).
 A *block* — the unit selectors pick and weights address — is an LBW ID for U-Net modules, the component
 name (`te`, `te1`, `te2`) for text-encoder modules, and `OTHER` for U-Net modules outside every LBW block

@@ -1,4 +1,4 @@
-"""Which architecture an adapter or a model is for, decided from evidence only (issue #12).
+"""Which architecture an adapter or a model is for, decided from evidence only (docs/architecture.md §3).
 
 Evidence, strongest first:
 

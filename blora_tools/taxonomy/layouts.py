@@ -1,4 +1,4 @@
-"""The architecture table: every layout fact of each supported model family, written once (DESIGN.md §2).
+"""The architecture table: every layout fact of each supported model family, written once (docs/architecture.md §2).
 
 One record per architecture says what the real network is — resolution levels, channels and transformer
 depth per level, cross-attention context width, text encoders with width, depth and MLP width, and how kohya
@@ -214,7 +214,7 @@ _RECORDS: Mapping[Arch, UNet] = MappingProxyType(
     }
 )
 """SD1.5 (CLIP-L), SD2.x (OpenCLIP-H as kohya converts it: 23 layers) and SDXL base (CLIP-L + OpenCLIP-bigG);
-widths from the models sd-scripts 48d368f builds (DESIGN.md §2, the golden kohya manifests)."""
+widths from the models sd-scripts 48d368f builds (docs/architecture.md §2, the golden kohya manifests)."""
 
 
 def record(arch: Arch | str) -> UNet:
@@ -264,7 +264,7 @@ _LDM_MID = re.compile(r"^middle_block_(\d+)_")
 
 def _lbw_of_path(path: str) -> tuple[str | None, int]:
     """(LBW ID, middle-block part 0..2) of an underscored U-Net path in either naming; (None, 0) outside
-    the stages. The index rules of DESIGN.md §2 hold for every U-Net family."""
+    the stages. The index rules of docs/architecture.md §2 hold for every U-Net family."""
     if path.startswith("conv_in"):
         return "IN00", 0
     m = _DIFFUSERS_STAGE.match(path)

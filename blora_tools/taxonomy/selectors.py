@@ -1,4 +1,4 @@
-"""The selector grammar: one parser for the plugin and every CLI command (DESIGN.md §2).
+"""The selector grammar: one parser for the plugin and every CLI command (docs/architecture.md §2).
 
 A selector is a comma- or space-separated list of terms; the result is a set of blocks. Terms are paper
 groups (`in0`, `mid`, `out3`, `te`, `te1`, `te2`), `unet`, `all`, LBW IDs (`IN05`, `M00`/`MID`, `BASE`),

@@ -5,7 +5,7 @@ under (the record knows its family's spellings).
 A module fits when its ΔW is no larger than the real layer in any dimension — test models are smaller
 than real ones — with a Linear layer counting as a 1×1 kernel. A module whose name is no real layer is
 held to the architecture's largest layer. This is what keeps a hostile header from making a command
-allocate more than the real model ever needs (issue #12).
+allocate more than the real model ever needs (docs/architecture.md §3).
 """
 
 from __future__ import annotations

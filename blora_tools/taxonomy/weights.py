@@ -1,4 +1,4 @@
-"""Block-weight vectors: named weights, LBW vectors and presets, and exports (DESIGN.md §2).
+"""Block-weight vectors: named weights, LBW vectors and presets, and exports (docs/architecture.md §2).
 
 Every form resolves to a `BlockWeights` mapping: block → float for every block of an architecture.
 Named weights (`in0=1,out3=0.5,te=0`) leave unnamed blocks at 1.0. LBW vectors (17/26 on SD1/SD2,

@@ -274,7 +274,7 @@ def test_lycoris_loads_uniform_alpha_output_of_every_kind(kind, workdir, lycoris
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_diffusers_misscales_mixed_alphas_and_uniform_alpha_repairs_it(arch, workdir):
-    """DESIGN §3: diffusers (0.42) gives attention projections the file's most common alpha. If this starts
+    """docs/architecture.md §3: diffusers (0.42) gives attention projections the file's most common alpha. If this starts
     failing on the first assertion, diffusers fixed it: update the README's compatibility table."""
     src = _source(workdir, arch, "lora", "block")
     want, base = reference_outputs(src, arch), base_outputs(arch)
