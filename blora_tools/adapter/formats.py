@@ -291,7 +291,7 @@ def path_from_stem(stem: str, arch: "Arch | str") -> tuple["Component", str]:
         raise BloraError(f"module name {stem!r} does not start with {', '.join(_COMPONENT_OF_PREFIX)}")
     component = Component(_COMPONENT_OF_PREFIX[prefix])
     arch = Arch(arch)
-    if component is not Component.UNET and arch is not Arch.UNKNOWN:
+    if component is not Component.UNET:
         allowed = table(arch).text_encoders
         # A PEFT SDXL file holding only `text_encoder` reads as `te`; it is te1 there.
         if component not in allowed and not (component is Component.TE and Component.TE1 in allowed):

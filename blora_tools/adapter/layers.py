@@ -38,8 +38,6 @@ NAMINGS = ("ldm", "diffusers")
 
 def _parsed(stem: str, arch: Arch) -> tuple[Component, str] | None:
     """(component, path) with U-Net paths in diffusers naming; None for names outside the vocabulary."""
-    if arch is Arch.UNKNOWN:
-        return None
     try:
         component, path = path_from_stem(stem, arch)
         if component is Component.UNET and unet_naming(path) == "ldm":

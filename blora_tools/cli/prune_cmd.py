@@ -45,7 +45,6 @@ def prune_cmd(
     from blora_tools.adapter.model import open_adapter
     from blora_tools.adapter.writer import check_output
     from blora_tools.ops.prune import prune
-    from blora_tools.ops.result import known_arch
 
     if (keep is None) == (drop is None):
         raise click.UsageError("give exactly one of --keep SELECTOR or --drop SELECTOR")
@@ -55,7 +54,7 @@ def prune_cmd(
     adapter = open_adapter(file, arch)
     if not dry_run:
         check_output(output, [file], force)
-    blocks = selector.resolve(known_arch(adapter))
+    blocks = selector.resolve(adapter.arch)
     result = prune(adapter, blocks, keep=keep is not None, selector=selector.text, uniform_alpha=uniform_alpha)
     written = None if dry_run else ui.save_result(app, result, output, force, allow_nonfinite)
     if as_json:

@@ -55,13 +55,12 @@ def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha,
     from blora_tools.adapter.writer import check_output
     from blora_tools.ops.lowrank import rank_plan
     from blora_tools.ops.resize import resize
-    from blora_tools.ops.result import known_arch
 
     if rank is None and dynamic is None and conv_rank is None:
         raise click.UsageError("give --rank, --dynamic or --conv-rank")
     adapter = open_adapter(file, arch)
     check_output(output, [file], force)
-    plan = rank_plan(rank, known_arch(adapter), conv=conv_rank, rule=dynamic)
+    plan = rank_plan(rank, adapter.arch, conv=conv_rank, rule=dynamic)
     with ui.progress(app, f"decomposing {file.name}", len(adapter.modules)) as advance:
         result = resize(adapter, plan, alpha=alpha, dtype=DTYPES[dtype] if dtype else None, clamp_quantile=clamp_quantile, text=rank or "", progress=advance)
     written = ui.save_result(app, result, output, force, allow_nonfinite)

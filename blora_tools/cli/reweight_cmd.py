@@ -41,7 +41,6 @@ def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: f
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.adapter.writer import check_output
-    from blora_tools.ops.result import known_arch
     from blora_tools.ops.reweight import reweight
 
     given = [name for name, value in (("--weights", weights), ("--lbw", lbw), ("--preset", preset)) if value is not None]
@@ -54,7 +53,7 @@ def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: f
     spec = weights or lbw or _preset(preset, preset_file)
     adapter = open_adapter(file, arch)
     check_output(output, [file, *([preset_file] if preset_file is not None else [])], force)
-    resolved = spec.resolve(known_arch(adapter), fill=lbw_fill)
+    resolved = spec.resolve(adapter.arch, fill=lbw_fill)
     result = reweight(adapter, resolved, text=spec.text, uniform_alpha=uniform_alpha)
     written = ui.save_result(app, result, output, force, allow_nonfinite)
     s = result.summary

@@ -64,11 +64,8 @@ def compare(
     """The `compare --json` object (schema `blora-compare/1`) for adapters `a` and `b`.
 
     `style` (`a` or `b`) says which file is the style adapter for the pruning advice; by default the one
-    that trains fewer U-Net groups. Raises BloraError when the architectures differ or are unknown.
+    that trains fewer U-Net groups. Raises BloraError when the architectures differ.
     """
-    if a.arch is Arch.UNKNOWN or b.arch is Arch.UNKNOWN:
-        unknown = a if a.arch is Arch.UNKNOWN else b
-        raise BloraError("cannot tell the architecture (SD1, SD2 or SDXL), so blocks cannot be matched", unknown.path)
     if a.arch is not b.arch:
         raise BloraError(
             f"architectures differ: {a.path} is {a.arch.value}, {b.path} is {b.arch.value}; "

@@ -64,12 +64,6 @@ def convert(
     if names is not None and names not in NAMINGS:
         raise BloraError(f"unknown naming {names!r}; valid: {', '.join(NAMINGS)}")
     arch = adapter.arch
-    if arch is Arch.UNKNOWN:
-        raise BloraError(
-            "cannot tell the architecture (SD1, SD2 or SDXL) from the module names or metadata, so U-Net names "
-            "cannot be mapped",
-            adapter.path,
-        )
     if target is Format.PEFT and names is not None:
         raise BloraError("--names applies to kohya output; PEFT files always use diffusers module names")
     if target is Format.KOHYA and names is None and adapter.dialect is not Dialect.KOHYA:

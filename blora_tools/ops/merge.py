@@ -31,7 +31,7 @@ from blora_tools.adapter.model import PEFT_METADATA_KEY, Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
-from blora_tools.ops.result import Progress, Result, computed, copied, known_arch, loader_notes
+from blora_tools.ops.result import Progress, Result, computed, copied, loader_notes
 from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.selectors import describe_blocks
@@ -188,7 +188,7 @@ def merge(
 
 def common_arch(adapters: Sequence[Adapter]) -> "Arch":
     """The architecture all adapters share; an error naming two files when they differ."""
-    archs = [(known_arch(a), a.path) for a in adapters]
+    archs = [(a.arch, a.path) for a in adapters]
     first, first_path = archs[0]
     for arch, path in archs[1:]:
         if arch is not first:

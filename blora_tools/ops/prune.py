@@ -19,7 +19,6 @@ from blora_tools.ops.result import (
     copied,
     loader_notes,
     group_counts,
-    known_arch,
 )
 from blora_tools.ops.uniform import module_entries, uniform_alphas
 from blora_tools.spec import ModuleFacts
@@ -35,7 +34,7 @@ def prune(
     `selector` is the user's text, recorded in the history. `uniform_alpha` gives the kept modules one alpha
     (`ops.uniform`; ΔW unchanged). Raises BloraError when nothing would be left.
     """
-    arch = known_arch(adapter)
+    arch = adapter.arch
     layout = table(arch)
     warnings: list[str] = list(adapter.warnings)  # unplaced modules and pass-through keys are named there
     kept: list[Module] = []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blora_tools.adapter.writer import Entry, check_output, write_entries
-from blora_tools.errors import AdapterFileError, NonFiniteError
+from blora_tools.errors import NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -127,11 +127,6 @@ def copied(adapter: "Adapter", key: str, name: str | None = None) -> Entry:
     return Entry(name or key, info.dtype, info.shape, lambda: adapter.raw(key))
 
 
-def copied_module(adapter: "Adapter", module: "Module") -> list[Entry]:
-    """Every key of a module, byte-identical."""
-    return [copied(adapter, key) for key in module.keys.values()]
-
-
 def computed(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], "torch.Tensor"]) -> Entry:
     """An entry made when written: `make()` is called then, and its tensor cast to `dtype`."""
 
@@ -141,19 +136,6 @@ def computed(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], "
         return encode(make().to(TORCH_DTYPE[dtype]).reshape(shape))
 
     return Entry(name, dtype, shape, produce)
-
-
-def known_arch(adapter: "Adapter") -> "Arch":
-    """The adapter's architecture; an error when it cannot be told (blocks would mean nothing)."""
-    from blora_tools.taxonomy.arch import Arch
-
-    if adapter.arch is Arch.UNKNOWN:
-        raise AdapterFileError(
-            "cannot tell the architecture (SD1, SD2 or SDXL) from the module names or metadata, "
-            "so its blocks are unknown",
-            adapter.path,
-        )
-    return adapter.arch
 
 
 def group_counts(modules: Iterable["Module"]) -> dict[str, int]:

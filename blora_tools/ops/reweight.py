@@ -20,7 +20,6 @@ from blora_tools.ops.result import (
     Result,
     copied,
     loader_notes,
-    known_arch,
 )
 from blora_tools.ops.uniform import module_entries, uniform_alphas
 from blora_tools.spec import ModuleFacts
@@ -35,7 +34,7 @@ def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "", uniform
     one alpha (`ops.uniform`; the fold and the weight multiply the same factor). Raises BloraError when a DoRA
     module gets a weight other than 0 or 1, or when every module would get weight 0.
     """
-    arch = known_arch(adapter)
+    arch = adapter.arch
     if weights.arch is not arch:
         raise BloraError(f"weights were resolved for {weights.arch.value} but the file is {arch.value}", adapter.path)
     warnings = list(adapter.warnings)

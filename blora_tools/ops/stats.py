@@ -60,8 +60,6 @@ def row_key(module: Module, fine: bool) -> str:
 
 
 def row_order(arch: Arch, fine: bool) -> list[str]:
-    if arch is Arch.UNKNOWN:
-        return []
     layout = table(arch)
     if fine:
         return list(layout.lbw_full) + ["OTHER"]
@@ -139,7 +137,7 @@ def _kind_counts(adapter: Adapter) -> dict[str, int]:
 
 def _empty_block_warnings(adapter: Adapter, rows: dict[str, BlockFigures], fine: bool) -> list[str]:
     """Groups the file's own `blora_spec` trains, or that an attention-only file cannot reach, with no modules."""
-    if adapter.arch is Arch.UNKNOWN or fine:
+    if fine:
         return []
     layout = table(adapter.arch)
     wanted: set[str] = set()

@@ -325,8 +325,8 @@ class AttachedAdapter:
 
 
 def check_arch(adapter: Adapter, arch: Arch) -> None:
-    """AdapterFileError unless the adapter is for `arch` (an adapter of unknown family passes)."""
-    if adapter.arch is not Arch.UNKNOWN and adapter.arch is not arch:
+    """AdapterFileError unless the adapter is for `arch`."""
+    if adapter.arch is not arch:
         raise AdapterFileError(
             f"is a {adapter.arch.value} adapter but the model is {arch.value}; use an adapter trained for {arch.value}",
             adapter.path,

@@ -219,8 +219,6 @@ def select_modules(name: str, adapter, selector: str, arch) -> Selection:
 def resolve_plan(plan: GridPlan, adapters: dict) -> tuple[dict[tuple[str, str], Selection], list[str]]:
     """Every (adapter, selector) pair the plan uses, resolved on the adapter's architecture; and warnings
     naming selected groups where an adapter has no modules. `adapters` maps names to opened `Adapter`s."""
-    from blora_tools.taxonomy.arch import Arch
-
     selections: dict[tuple[str, str], Selection] = {}
     warnings: list[str] = []
     for cell in plan.cells:
@@ -229,9 +227,6 @@ def resolve_plan(plan: GridPlan, adapters: dict) -> tuple[dict[tuple[str, str], 
             if key in selections:
                 continue
             adapter = adapters[use.name]
-            if adapter.arch is Arch.UNKNOWN:
-                raise BloraError("cannot tell which model family this adapter is for (no U-Net or text-encoder "
-                                 "module names it recognises)", adapter.path)
             selection = select_modules(use.name, adapter, use.selector, adapter.arch)
             selections[key] = selection
             if selection.empty_groups:

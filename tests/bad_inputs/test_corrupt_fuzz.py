@@ -19,7 +19,6 @@ from corrupt_files import corrupt
 
 from blora_tools.adapter.model import open_adapter
 from blora_tools.errors import AdapterFileError, BloraError
-from blora_tools.ops.result import known_arch
 from blora_tools.ops.reweight import reweight
 from blora_tools.ops.stats import inspect_adapter
 from blora_tools.taxonomy.weights import uniform_weights
@@ -69,7 +68,7 @@ def _fuzz_library(bases: list[bytes], folder: Path, seed: int, count: int) -> di
         try:
             inspect_adapter(adapter, with_stats=True)
             if index % 4 == 0:  # an operation on a quarter of what opens: reads every tensor, writes a file
-                arch = known_arch(adapter)
+                arch = adapter.arch
                 weights = uniform_weights(arch, frozenset(), inside=1.0, outside=0.5)
                 reweight(adapter, weights).save(out, force=True)
         except BloraError:
