@@ -21,7 +21,9 @@ from blora_tools.errors import BloraError
 if TYPE_CHECKING:
     from blora_tools.adapter.model import Module
 
-ZERO_ALPHA_READINGS = "A1111 and ComfyUI read it as scale 0 (no effect), kohya and LyCORIS as alpha = rank"
+__all__ = ["alpha_storage", "zero_alpha_warning"]
+
+_ZERO_ALPHA_READINGS = "A1111 and ComfyUI read it as scale 0 (no effect), kohya and LyCORIS as alpha = rank"
 
 
 def _round_trip(value: float, dtype: str) -> float:
@@ -54,17 +56,17 @@ def alpha_storage(value: float, dtype: str, what: str = "alpha", path: str | Pat
     return back, "F32"
 
 
-def zero_alpha_modules(modules: Iterable["Module"]) -> list[str]:
+def _zero_alpha_modules(modules: Iterable["Module"]) -> list[str]:
     """Stems of modules whose stored alpha is 0 (sorted)."""
     return sorted(m.stem for m in modules if m.alpha == 0 and m.rank is not None)
 
 
 def zero_alpha_warning(modules: Iterable["Module"]) -> str | None:
     """A warning when modules kept as they are store alpha 0, else None."""
-    stems = zero_alpha_modules(modules)
+    stems = _zero_alpha_modules(modules)
     if not stems:
         return None
     return (
-        f"{len(stems)} module(s) store alpha 0, e.g. {stems[0]}: {ZERO_ALPHA_READINGS}; "
+        f"{len(stems)} module(s) store alpha 0, e.g. {stems[0]}: {_ZERO_ALPHA_READINGS}; "
         "blora-tools reads it as scale 0"
     )

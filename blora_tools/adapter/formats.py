@@ -47,6 +47,20 @@ if TYPE_CHECKING:
     from blora_tools.taxonomy.arch import Arch
     from blora_tools.taxonomy.blocks import Component
 
+__all__ = [
+    "Format",
+    "Dialect",
+    "DIFFUSERS_FAMILY",
+    "NATIVE_DIALECT",
+    "KeyName",
+    "split_key",
+    "stem_from_path",
+    "path_from_stem",
+    "unet_naming",
+    "ldm_to_diffusers",
+    "diffusers_to_ldm",
+]
+
 
 class Format(str, Enum):
     """How a file names its tensors: the layouts the product writes (kohya, peft) and the old attn-proc."""
@@ -92,10 +106,10 @@ conversion renames only attention projections). Any other two dialects in one fi
 NATIVE_DIALECT = MappingProxyType({Format.KOHYA: Dialect.KOHYA, Format.PEFT: Dialect.DIFFUSERS})
 """The dialect the product writes for each format."""
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-LYCORIS_PREFIX = "lycoris_"
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_LYCORIS_PREFIX = "lycoris_"
 
-KOHYA_PARAMS = frozenset(
+_KOHYA_PARAMS = frozenset(
     {
         "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
         "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
@@ -151,10 +165,10 @@ class KeyName:
 
 def split_key(key: str) -> KeyName | None:
     """Split a tensor key of any dialect; None for keys that belong to no adapter module (pass-through)."""
-    if key.startswith(KOHYA_PREFIXES):
+    if key.startswith(_KOHYA_PREFIXES):
         stem, dot, param = key.partition(".")
-        return KeyName(stem, param, Dialect.KOHYA) if dot and param in KOHYA_PARAMS else None
-    if key.startswith(LYCORIS_PREFIX):
+        return KeyName(stem, param, Dialect.KOHYA) if dot and param in _KOHYA_PARAMS else None
+    if key.startswith(_LYCORIS_PREFIX):
         return _split_lycoris(key)
     m = _ATTN_PROC.match(key)
     if m:
@@ -169,9 +183,9 @@ def split_key(key: str) -> KeyName | None:
 def _split_lycoris(key: str) -> KeyName | None:
     """`lycoris_<flattened path>.<param>`: a U-Net path, or a CLIP one (`text_model_…` / `encoder_…`)."""
     stem, dot, param = key.partition(".")
-    if not dot or param not in KOHYA_PARAMS:
+    if not dot or param not in _KOHYA_PARAMS:
         return None
-    flat = stem[len(LYCORIS_PREFIX) :]
+    flat = stem[len(_LYCORIS_PREFIX) :]
     if flat.startswith(tuple(root.replace(".", "_") for root in _TE_PATH_ROOTS)):
         te_flat = flat if flat.startswith("text_model_") else "text_model_" + flat
         return KeyName("lora_te_" + te_flat, param, Dialect.LYCORIS)
@@ -215,10 +229,10 @@ def _split_param(key: str) -> tuple[str, str, str] | None:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], param, "legacy"
     head, dot, tail = key.rpartition(".")
-    if dot and tail in KOHYA_PARAMS:
+    if dot and tail in _KOHYA_PARAMS:
         return head, tail, "kohya"
     head2, dot2, tail2 = head.rpartition(".")
-    if dot and dot2 and f"{tail2}.{tail}" in KOHYA_PARAMS:
+    if dot and dot2 and f"{tail2}.{tail}" in _KOHYA_PARAMS:
         return head2, f"{tail2}.{tail}", "kohya"
     return None
 

@@ -39,6 +39,8 @@ from blora_tools.errors import AdapterFileError
 from blora_tools.inputs import open_regular
 from blora_tools.jsonio import JsonObject, loads_strict
 
+__all__ = ["MAX_HEADER_BYTES", "DTYPE_BYTES", "OTHER_SAFETENSORS_DTYPES", "TensorInfo", "Header", "read_header"]
+
 MAX_HEADER_BYTES = 100_000_000
 """safetensors' own limit on the header size (MAX_HEADER_SIZE in tensor.rs)."""
 
@@ -57,7 +59,7 @@ OTHER_SAFETENSORS_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8
 
 _FIELDS = ("dtype", "shape", "data_offsets")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _CONVERT_HINT = (
     "pickle files can run code when loaded and are refused; convert it once in a trusted environment, "
     "e.g. python -c \"import torch, safetensors.torch as s; "
@@ -99,7 +101,7 @@ class Header:
 def read_header(path: str | Path) -> Header:
     """Read and validate the header of a `.safetensors` file; AdapterFileError on any problem."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise AdapterFileError(_CONVERT_HINT, path)
     with open_regular(path, AdapterFileError, "a .safetensors file") as f:
         try:
@@ -119,10 +121,10 @@ def read_header(path: str | Path) -> Header:
             raw = f.read(length)
         except OSError as err:
             raise AdapterFileError(f"cannot read: {err.strerror or err}", path) from None
-    return parse_header(raw, path, size)
+    return _parse_header(raw, path, size)
 
 
-def parse_header(raw: bytes, path: Path, file_size: int) -> Header:
+def _parse_header(raw: bytes, path: Path, file_size: int) -> Header:
     """Validate header bytes (the JSON after the 8-byte length) of a file of `file_size` bytes."""
     try:
         doc = loads_strict(raw.decode("utf-8"))

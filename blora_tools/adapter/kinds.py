@@ -12,6 +12,18 @@ from typing import TYPE_CHECKING, Mapping
 if TYPE_CHECKING:
     import torch
 
+__all__ = [
+    "Kind",
+    "kind_of",
+    "scaled_params",
+    "lora_factors",
+    "rank_exceeds_layer",
+    "delta_weight",
+    "factored_inner",
+    "gram_norm",
+    "frobenius_norm",
+]
+
 
 class Kind(str, Enum):
     """What an adapter module is made of."""
@@ -38,7 +50,7 @@ class Kind(str, Enum):
         return self not in (Kind.FULL, Kind.NORM)
 
 
-REQUIRED: Mapping[Kind, frozenset[str]] = {
+_REQUIRED: Mapping[Kind, frozenset[str]] = {
     Kind.LORA: frozenset({"lora_down.weight", "lora_up.weight"}),
     Kind.LORA_CONV1X1: frozenset({"lora_down.weight", "lora_up.weight"}),
     Kind.LOCON: frozenset({"lora_down.weight", "lora_up.weight"}),
@@ -49,7 +61,7 @@ REQUIRED: Mapping[Kind, frozenset[str]] = {
     Kind.NORM: frozenset({"w_norm"}),
 }
 
-OPTIONAL = frozenset({"alpha", "dora_scale", "hada_t1", "hada_t2", "lokr_t2", "diff_b", "b_norm"})
+_OPTIONAL = frozenset({"alpha", "dora_scale", "hada_t1", "hada_t2", "lokr_t2", "diff_b", "b_norm"})
 
 
 def kind_of(params: frozenset[str], down_ndim: int | None, kernel: tuple[int, ...] | None) -> Kind | str:
@@ -64,7 +76,7 @@ def kind_of(params: frozenset[str], down_ndim: int | None, kernel: tuple[int, ..
             return Kind.LORA_CONV1X1 if kernel == (1, 1) else Kind.LOCON
         return Kind.LORA
     if any(p.startswith("hada_") for p in params):
-        missing = REQUIRED[Kind.LOHA] - params
+        missing = _REQUIRED[Kind.LOHA] - params
         return Kind.LOHA if not missing else f"LoHa module lacks {', '.join(sorted(missing))}"
     if any(p.startswith("lokr_") for p in params):
         w1 = "lokr_w1" in params or {"lokr_w1_a", "lokr_w1_b"} <= params
@@ -92,7 +104,7 @@ def scaled_params(kind: Kind, params: frozenset[str]) -> tuple[str, ...]:
     return tuple(p for p in ("w_norm", "b_norm") if p in params)
 
 
-def as_matrix(tensor: "torch.Tensor") -> "torch.Tensor":
+def _as_matrix(tensor: "torch.Tensor") -> "torch.Tensor":
     """A factor as a 2-D matrix: conv factors flatten over (in, kh, kw)."""
     return tensor.reshape(tensor.shape[0], -1)
 
@@ -101,12 +113,12 @@ def lora_factors(kind: Kind, t: Mapping[str, "torch.Tensor"]) -> tuple["torch.Te
     """(up out×r, down r×fan_in) in float32 for a LoRA-family module; Tucker folds its core into down."""
     import torch
 
-    up = as_matrix(t["lora_up.weight"].float())
+    up = _as_matrix(t["lora_up.weight"].float())
     down = t["lora_down.weight"].float()
     if kind is Kind.TUCKER:
         mid = t["lora_mid.weight"].float()  # r×r×kh×kw, down r×in×1×1
-        down = torch.einsum("ijhw,jc->ichw", mid, as_matrix(down))
-    return up, as_matrix(down)
+        down = torch.einsum("ijhw,jc->ichw", mid, _as_matrix(down))
+    return up, _as_matrix(down)
 
 
 def rank_exceeds_layer(up: "torch.Tensor", down: "torch.Tensor") -> bool:
@@ -147,8 +159,8 @@ def _hada_half(t: Mapping[str, "torch.Tensor"], i: str) -> "torch.Tensor":
     a, b = t[f"hada_w{i}_a"].float(), t[f"hada_w{i}_b"].float()
     core = t.get(f"hada_t{i}")
     if core is not None:  # Tucker LoHa: w = einsum(t, a, b) over the rank axes
-        return torch.einsum("ijhw,jr,ip->prhw", core.float(), as_matrix(b), a)
-    return a @ as_matrix(b)
+        return torch.einsum("ijhw,jr,ip->prhw", core.float(), _as_matrix(b), a)
+    return a @ _as_matrix(b)
 
 
 def _lokr_half(t: Mapping[str, "torch.Tensor"], i: str) -> "torch.Tensor":
@@ -160,7 +172,7 @@ def _lokr_half(t: Mapping[str, "torch.Tensor"], i: str) -> "torch.Tensor":
     a, b = t[f"lokr_w{i}_a"].float(), t[f"lokr_w{i}_b"].float()
     core = t.get("lokr_t2") if i == "2" else None
     if core is not None:
-        return torch.einsum("ijhw,jr,ip->prhw", core.float(), as_matrix(b), a)
+        return torch.einsum("ijhw,jr,ip->prhw", core.float(), _as_matrix(b), a)
     return a @ b if b.dim() == 2 else torch.einsum("ij,jchw->ichw", a, b)
 
 

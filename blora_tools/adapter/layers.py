@@ -32,6 +32,8 @@ from blora_tools.taxonomy.shapes import layer_shape as real_layer_shape
 if TYPE_CHECKING:
     from blora_tools.adapter.model import Adapter, Module
 
+__all__ = ["NAMINGS", "layer_id", "stem_in_naming", "unet_naming_of", "modules_by_layer", "layer_shape", "is_conv"]
+
 NAMINGS = ("ldm", "diffusers")
 """U-Net namings a kohya file can use."""
 

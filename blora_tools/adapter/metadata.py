@@ -1,7 +1,7 @@
 """Metadata of written files: keep `ss_*`/`modelspec.*`, update dim/alpha, record `blora_spec` and history.
 
 Every writing command calls `updated_metadata` once: it states the output's modules as `blora_spec`
-(`BlockSpec.from_modules`) and appends one `blora_history` entry (`history_entry`) naming the inputs (file name
+(`BlockSpec.from_modules`) and appends one `blora_history` entry (`_history_entry`) naming the inputs (file name
 and short sha256) and the arguments. The `sshs_*` hashes and the inputs' sha256 are filled in by the writer:
 inputs are hashed on worker threads while the output is written (`InputDigests`), the output as it is written.
 """
@@ -23,9 +23,19 @@ if TYPE_CHECKING:
 
 from blora_tools.jsonio import dumps, json_value, loads_strict
 
+__all__ = [
+    "SPEC_KEY",
+    "HISTORY_KEY",
+    "InputDigests",
+    "filled_history",
+    "updated_metadata",
+    "training_summary",
+    "top_tags",
+]
+
 SPEC_KEY = "blora_spec"
 HISTORY_KEY = "blora_history"
-SHORT_HASH = 10
+_SHORT_HASH = 10
 """Hex digits of an input's sha256 kept in the history: A1111's and Civitai's short ("AutoV2") hash of a file."""
 _DROPPED = ("sshs_model_hash", "sshs_legacy_hash")
 
@@ -34,7 +44,7 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def dim_and_alpha(ranks: Iterable[int | None], alphas: Iterable[float]) -> tuple[str, str]:
+def _dim_and_alpha(ranks: Iterable[int | None], alphas: Iterable[float]) -> tuple[str, str]:
     """`ss_network_dim` / `ss_network_alpha` values: the common value, or "Dynamic" when modules differ."""
     rank_set = {r for r in ranks if r is not None}
     alpha_set = set(alphas)
@@ -43,9 +53,9 @@ def dim_and_alpha(ranks: Iterable[int | None], alphas: Iterable[float]) -> tuple
     return dim, alpha
 
 
-def input_placeholder(index: int) -> str:
+def _input_placeholder(index: int) -> str:
     """What the history holds for input `index`'s short sha256 until the writer fills it in (same length)."""
-    return f"?{index:0{SHORT_HASH - 1}d}"
+    return f"?{index:0{_SHORT_HASH - 1}d}"
 
 
 class InputDigests:
@@ -75,7 +85,7 @@ class InputDigests:
             thread.join()
         if self._errors:
             raise self._errors[0]
-        return {input_placeholder(i): h.hexdigest()[:SHORT_HASH] for i, h in enumerate(self._hashes)}
+        return {_input_placeholder(i): h.hexdigest()[:_SHORT_HASH] for i, h in enumerate(self._hashes)}
 
 
 def filled_history(history: str, digests: Mapping[str, str]) -> str:
@@ -86,14 +96,14 @@ def filled_history(history: str, digests: Mapping[str, str]) -> str:
     return dumps(entries, sort_keys=True)
 
 
-def history_entry(operation: str, inputs: Sequence[str | Path], arguments: Mapping[str, object]) -> dict:
+def _history_entry(operation: str, inputs: Sequence[str | Path], arguments: Mapping[str, object]) -> dict:
     """One `blora_history` entry: the operation, its inputs (file name, short sha256 placeholder that the writer
     fills from `InputDigests`) and its arguments."""
     from blora_tools import __version__
 
     return {
         "operation": operation,
-        "inputs": [{"file": Path(p).name, "sha256": input_placeholder(i)} for i, p in enumerate(inputs)],
+        "inputs": [{"file": Path(p).name, "sha256": _input_placeholder(i)} for i, p in enumerate(inputs)],
         "arguments": dict(arguments),
         "tool": f"blora-tools {__version__}",
         "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -115,12 +125,12 @@ def updated_metadata(
     from blora_tools.spec import BlockSpec
 
     meta = {k: v for k, v in source.items() if k not in _DROPPED}
-    dim, alpha = dim_and_alpha((m.rank for m in modules), (m.alpha for m in modules if m.alpha is not None))
+    dim, alpha = _dim_and_alpha((m.rank for m in modules), (m.alpha for m in modules if m.alpha is not None))
     meta["ss_network_dim"] = dim
     meta["ss_network_alpha"] = alpha
     meta[SPEC_KEY] = BlockSpec.from_modules(arch, modules, _lr_weights(source)).to_json()
-    history = read_history(source)
-    history.append(history_entry(operation, inputs, arguments))
+    history = _read_history(source)
+    history.append(_history_entry(operation, inputs, arguments))
     meta[HISTORY_KEY] = dumps(history, sort_keys=True)
     return meta
 
@@ -140,7 +150,7 @@ def _lr_weights(source: Mapping[str, str]) -> dict[str, float]:
     return {block: setting.lr_weight for block, setting in spec.blocks.items()}
 
 
-def read_history(metadata: Mapping[str, str]) -> list[dict]:
+def _read_history(metadata: Mapping[str, str]) -> list[dict]:
     """The `blora_history` list of a file (empty when absent or unreadable)."""
     history = json_value(metadata.get(HISTORY_KEY, "[]"))
     return history if isinstance(history, list) else []

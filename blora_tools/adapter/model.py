@@ -30,6 +30,8 @@ from blora_tools.taxonomy.shapes import misfit
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["PEFT_METADATA_KEY", "effective_alpha", "Module", "Adapter", "open_adapter"]
+
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 
 
@@ -194,7 +196,7 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
             pass
     arch, arch_warnings = _detect(grouped, shapes, header, arch)
     warnings += arch_warnings
-    config_alphas = read_config_alphas(header.metadata, names, path) if dialect.format is Format.PEFT else {}
+    config_alphas = _read_config_alphas(header.metadata, names, path) if dialect.format is Format.PEFT else {}
     modules: dict[str, Module] = {}
     for stem, params in grouped.items():
         modules[stem] = _module(stem, params, shapes[stem], arch, header, names[stem], config_alphas, path)
@@ -208,15 +210,15 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
     return Adapter(path, header, dialect.format, arch, modules, passthrough, warnings, dialect)
 
 
-PEFT_FOLDER_FILE = "adapter_model.safetensors"
-PEFT_CONFIG_FILE = "adapter_config.json"
+_PEFT_FOLDER_FILE = "adapter_model.safetensors"
+_PEFT_CONFIG_FILE = "adapter_config.json"
 """The files PEFT's `save_pretrained` writes into its folder (PEFT `utils/constants.py`)."""
 
 
 def _adapter_file(path: Path) -> Path:
     """A PEFT folder stands for the adapter file inside it; any other path is read as given."""
-    if path.is_dir() and (path / PEFT_FOLDER_FILE).is_file():
-        return path / PEFT_FOLDER_FILE
+    if path.is_dir() and (path / _PEFT_FOLDER_FILE).is_file():
+        return path / _PEFT_FOLDER_FILE
     return path
 
 
@@ -246,19 +248,19 @@ def _with_sidecar_config(header: Header) -> tuple[Header, str | None]:
     output of this file self-describing (prune and reweight keep the alphas, so the original config still fits
     the output too). A config in the file's own metadata wins over none; the sidecar wins over both.
     """
-    config_path = header.path.parent / PEFT_CONFIG_FILE
+    config_path = header.path.parent / _PEFT_CONFIG_FILE
     if not config_path.is_file():
         if PEFT_METADATA_KEY in header.metadata:
             return header, None
         return header, (
-            f"PEFT keys (base_model.model.) but no {PEFT_CONFIG_FILE} beside the file: alpha is taken as each "
+            f"PEFT keys (base_model.model.) but no {_PEFT_CONFIG_FILE} beside the file: alpha is taken as each "
             "module's rank (PEFT needs the config to load it)"
         )
     try:
         text = config_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"cannot read {PEFT_CONFIG_FILE} beside it: {err}", header.path) from None
-    _parse_config_json(text, f"{PEFT_CONFIG_FILE} beside it", header.path)
+        raise AdapterFileError(f"cannot read {_PEFT_CONFIG_FILE} beside it: {err}", header.path) from None
+    _parse_config_json(text, f"{_PEFT_CONFIG_FILE} beside it", header.path)
     metadata = {**header.metadata, PEFT_METADATA_KEY: text}
     return replace(header, metadata=MappingProxyType(metadata)), None
 
@@ -307,7 +309,7 @@ def _module(
     arch: Arch,
     header: Header,
     name: KeyName,
-    config_alphas: Mapping[str, "ConfigAlpha"],
+    config_alphas: Mapping[str, "_ConfigAlpha"],
     path: Path,
 ) -> Module:
     kind = _checked_kind(stem, shapes, path)
@@ -455,7 +457,7 @@ def _read_alpha(header: Header, key: str, stem: str, path: Path) -> float:
 
 
 @dataclass(frozen=True)
-class ConfigAlpha:
+class _ConfigAlpha:
     """A module's alpha as a PEFT config gives it; with rsLoRA PEFT scales by alpha/√rank, not alpha/rank."""
 
     value: float
@@ -473,7 +475,7 @@ _PEFT_COMPONENT_OF_STEM = MappingProxyType(
 )
 
 
-def read_config_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName], path: Path) -> dict[str, ConfigAlpha]:
+def _read_config_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName], path: Path) -> dict[str, _ConfigAlpha]:
     """Per-module alphas of a PEFT-family file from its `lora_adapter_metadata` (PEFT's own rules).
 
     The JSON holds `LoraConfig` fields, prefixed per component the way diffusers writes them (`unet.lora_alpha`)
@@ -494,7 +496,7 @@ def read_config_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName]
         else:
             configs[""][key] = value
     checked = {name: _checked_config(config, name or PEFT_METADATA_KEY, path) for name, config in configs.items()}
-    alphas: dict[str, ConfigAlpha] = {}
+    alphas: dict[str, _ConfigAlpha] = {}
     for stem, name in names.items():
         prefix = next(p for p in _PEFT_COMPONENT_OF_STEM if stem.startswith(p))
         config = checked.get(_PEFT_COMPONENT_OF_STEM[prefix]) or checked.get("")
@@ -505,7 +507,7 @@ def read_config_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName]
             if name.path is not None and pattern.match(name.path):
                 alpha = value
                 break
-        alphas[stem] = ConfigAlpha(alpha, rslora)
+        alphas[stem] = _ConfigAlpha(alpha, rslora)
     return alphas
 
 

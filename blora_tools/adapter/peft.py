@@ -24,10 +24,12 @@ from types import MappingProxyType
 from blora_tools.jsonio import dumps
 from blora_tools.taxonomy.blocks import Component
 
+__all__ = ["METADATA_KEY", "FACTOR_KEYS", "PeftModule", "peft_key", "adapter_metadata"]
+
 METADATA_KEY = "lora_adapter_metadata"
 """The safetensors metadata key diffusers reads LoRA configs from (diffusers' LORA_ADAPTER_METADATA_KEY)."""
 
-COMPONENT_NAMES = MappingProxyType(
+_COMPONENT_NAMES = MappingProxyType(
     {
         Component.UNET: "unet",
         Component.TE: "text_encoder",
@@ -55,10 +57,10 @@ class PeftModule:
 
 def peft_key(component: Component, path: str, param: str) -> str:
     """The PEFT tensor key of a kohya factor (`lora_down.weight` / `lora_up.weight`) of one module."""
-    return f"{COMPONENT_NAMES[component]}.{path}.{FACTOR_KEYS[param]}"
+    return f"{_COMPONENT_NAMES[component]}.{path}.{FACTOR_KEYS[param]}"
 
 
-def pattern_of(component: Component, path: str) -> str:
+def _pattern_of(component: Component, path: str) -> str:
     """The name PEFT's `target_modules` / `rank_pattern` / `alpha_pattern` use for a module."""
     if component is not Component.UNET and path.startswith(_TE_ROOT):
         return path[len(_TE_ROOT) :]
@@ -74,7 +76,7 @@ def adapter_metadata(modules: Iterable[PeftModule]) -> str:
     `r` / `lora_alpha`, every other module's in `rank_pattern` / `alpha_pattern`, and `target_modules`."""
     by_component: dict[str, list[PeftModule]] = {}
     for m in modules:
-        by_component.setdefault(COMPONENT_NAMES[m.component], []).append(m)
+        by_component.setdefault(_COMPONENT_NAMES[m.component], []).append(m)
     doc: dict[str, object] = {}
     for name, group in sorted(by_component.items()):
         r = Counter(m.rank for m in group).most_common(1)[0][0]
@@ -82,9 +84,9 @@ def adapter_metadata(modules: Iterable[PeftModule]) -> str:
         fields = {
             "r": r,
             "lora_alpha": _number(alpha),
-            "rank_pattern": {pattern_of(m.component, m.path): m.rank for m in group if m.rank != r},
-            "alpha_pattern": {pattern_of(m.component, m.path): _number(m.alpha) for m in group if m.alpha != alpha},
-            "target_modules": sorted(pattern_of(m.component, m.path) for m in group),
+            "rank_pattern": {_pattern_of(m.component, m.path): m.rank for m in group if m.rank != r},
+            "alpha_pattern": {_pattern_of(m.component, m.path): _number(m.alpha) for m in group if m.alpha != alpha},
+            "target_modules": sorted(_pattern_of(m.component, m.path) for m in group),
             "lora_dropout": 0.0,
             "bias": "none",
             "use_dora": False,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["TORCH_DTYPE", "DTYPE_NAME", "decode", "encode"]
+
 _TORCH_DTYPES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
     "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64",

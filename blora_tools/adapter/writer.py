@@ -33,6 +33,17 @@ from blora_tools.errors import OutputError
 if TYPE_CHECKING:
     import torch
 
+__all__ = [
+    "Entry",
+    "check_output",
+    "header_bytes",
+    "write_entries",
+    "atomic_file",
+    "write_bytes_atomic",
+    "check_readable",
+    "save_state_dict",
+]
+
 _DTYPE_ORDER = {name: i for i, name in enumerate(DTYPE_BYTES)}
 _HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 _PLACEHOLDER = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
@@ -89,7 +100,7 @@ def _same_file(path: Path, source: Path) -> bool:
         return False
 
 
-def ordered(entries: Iterable[Entry]) -> list[Entry]:
+def _ordered(entries: Iterable[Entry]) -> list[Entry]:
     """safetensors' data order: larger dtypes first (its dtype order, descending), then by name."""
     return sorted(entries, key=lambda e: (-_DTYPE_ORDER[e.dtype], e.name))
 
@@ -123,7 +134,7 @@ def write_entries(
     meanwhile); each must encode to the length of the value it replaces, as the header is rewritten in place.
     """
     path = check_output(path, inputs, force)
-    items = ordered(entries)
+    items = _ordered(entries)
     names = [e.name for e in items]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names in output")
@@ -349,7 +360,7 @@ def check_readable(path: Path) -> None:
         raise OutputError(f"the file written would not load ({reason}); nothing was written") from None
 
 
-def tensor_entry(name: str, tensor: "torch.Tensor") -> Entry:
+def _tensor_entry(name: str, tensor: "torch.Tensor") -> Entry:
     """An entry for an in-memory tensor."""
     from blora_tools.adapter.tensors import DTYPE_NAME, encode
 
@@ -360,4 +371,4 @@ def save_state_dict(
     path: str | Path, tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write an in-memory state dict atomically with sd-scripts' hashes (replaces an existing file)."""
-    return write_entries(path, [tensor_entry(k, t) for k, t in tensors.items()], metadata or {}, force=True)
+    return write_entries(path, [_tensor_entry(k, t) for k, t in tensors.items()], metadata or {}, force=True)

@@ -23,13 +23,14 @@ from blora_tools.cli.params import (
     names_option,
     output_option,
 )
+from blora_tools.ops.merge import METHODS
 
 @click.command("merge")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @output_option()
 @click.option("--ratios", type=RatiosParam(), help="One comma list, one ratio per input, in input order (default 1 each).")
 @click.option("--blocks", "selectors", multiple=True, type=SELECTOR, help="Blocks taken from an input; give it once per input, in input order (default all).")
-@click.option("--method", type=click.Choice(["concat", "svd"]), default="concat", show_default=True, help="concat: exact, rank = sum of ranks. svd: re-compressed to --rank.")
+@click.option("--method", type=click.Choice(METHODS), default=METHODS[0], show_default=True, help="concat: exact, rank = sum of ranks. svd: re-compressed to --rank.")
 @click.option("--rank", type=RANK, help="With svd: target rank, or per block 'in0=8,out3=16' (unnamed blocks keep every rank).")
 @conv_rank_option
 @clamp_option

@@ -32,12 +32,14 @@ from blora_tools.taxonomy.blocks import table
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["SCHEMA", "compare"]
+
 SCHEMA = "blora-compare/1"
-STRONG = 0.25
+_STRONG = 0.25
 """A block is strong in a file when its norm is at least this share of the file's strongest block."""
-ALIGNED = 0.3
+_ALIGNED = 0.3
 """cosine above this: the two adapters push the block the same way (their effects add up)."""
-OPPOSED = -0.3
+_OPPOSED = -0.3
 """cosine below this: they push it opposite ways (they cancel out)."""
 _BASIS_TOLERANCE = 1e-5
 """Singular values below this share of the largest do not count towards a column space."""
@@ -117,7 +119,7 @@ def compare(
         "b": str(b.path),
         "arch": arch.value,
         "blocks": blocks,
-        "thresholds": {"strong": STRONG, "aligned": ALIGNED, "opposed": OPPOSED},
+        "thresholds": {"strong": _STRONG, "aligned": _ALIGNED, "opposed": _OPPOSED},
         "advice": _advice(blocks, arch, style, a, b),
         "warnings": warnings,
     }
@@ -212,13 +214,13 @@ def _flag(blocks: dict[str, dict]) -> None:
     top_a = max((b["norm_a"] for b in blocks.values()), default=0.0)
     top_b = max((b["norm_b"] for b in blocks.values()), default=0.0)
     for b in blocks.values():
-        b["strong_a"] = top_a > 0 and b["norm_a"] >= STRONG * top_a
-        b["strong_b"] = top_b > 0 and b["norm_b"] >= STRONG * top_b
+        b["strong_a"] = top_a > 0 and b["norm_a"] >= _STRONG * top_a
+        b["strong_b"] = top_b > 0 and b["norm_b"] >= _STRONG * top_b
         status = {"a": "a only", "b": "b only", None: None}.get(b["trained_by"], "shared")
         if b["trained_by"] == "both" and b["cosine"] is not None and b["strong_a"] and b["strong_b"]:
-            if b["cosine"] > ALIGNED:
+            if b["cosine"] > _ALIGNED:
                 status = "aligned"
-            elif b["cosine"] < OPPOSED:
+            elif b["cosine"] < _OPPOSED:
                 status = "opposed"
         b["status"] = status
 

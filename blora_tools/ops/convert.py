@@ -41,6 +41,8 @@ from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component
 
+__all__ = ["PEFT_KINDS", "convert"]
+
 PEFT_KINDS = frozenset({Kind.LORA, Kind.LORA_CONV1X1, Kind.LOCON})
 """Kinds a PEFT LoRA file holds: plain up/down factors on Linear, 1×1 and k×k convolutions."""
 

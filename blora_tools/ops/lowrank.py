@@ -18,6 +18,8 @@ from blora_tools.errors import BloraError
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["RULES", "Decomposition", "decompose_factors", "decompose_dense", "RankRule", "RankPlan", "rank_plan"]
+
 RULES = ("sv_fro", "sv_ratio", "sv_cumulative")
 """Dynamic rank rules (kohya `resize_lora.py` names): Frobenius share kept, largest/smallest kept singular
 value ratio, share of the sum of singular values kept."""

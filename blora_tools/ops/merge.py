@@ -41,8 +41,10 @@ if TYPE_CHECKING:
 
     from blora_tools.taxonomy.arch import Arch
 
+__all__ = ["METHODS", "Source", "merge", "common_arch"]
+
 METHODS = ("concat", "svd")
-BASE_MODEL_KEYS = ("ss_base_model_version", "ss_sd_model_hash")
+_BASE_MODEL_KEYS = ("ss_base_model_version", "ss_sd_model_hash")
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
@@ -207,7 +209,7 @@ def _source_warnings(sources: Sequence[Source]) -> list[str]:
 
 def _base_model_check(sources: Sequence[Source], strict: bool) -> list[str]:
     warnings = []
-    for key in BASE_MODEL_KEYS:
+    for key in _BASE_MODEL_KEYS:
         seen = {Path(s.adapter.path).name: s.adapter.metadata[key] for s in sources if s.adapter.metadata.get(key)}
         if len(set(seen.values())) > 1:
             listing = ", ".join(f"{name}: {value}" for name, value in seen.items())

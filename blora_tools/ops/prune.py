@@ -25,6 +25,8 @@ from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.selectors import describe_blocks
 
+__all__ = ["prune"]
+
 
 def prune(
     adapter: Adapter, blocks: frozenset[str], *, keep: bool, selector: str = "", uniform_alpha: bool = False

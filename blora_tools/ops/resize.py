@@ -14,6 +14,8 @@ from blora_tools.ops.lowrank import RankPlan
 from blora_tools.ops.merge import Source, merge
 from blora_tools.ops.result import Progress, Result
 
+__all__ = ["resize"]
+
 
 def resize(
     adapter: Adapter,

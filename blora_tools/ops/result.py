@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from blora_tools.adapter.model import Adapter, Module
     from blora_tools.taxonomy.arch import Arch
 
+__all__ = ["Progress", "Result", "finite_bytes", "copied", "computed", "group_counts", "loader_notes"]
+
 Progress = Callable[[int], None]
 """A callback told how many units of work just finished (modules, or bytes while writing)."""
 

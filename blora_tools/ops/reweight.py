@@ -26,6 +26,8 @@ from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.weights import BlockWeights
 
+__all__ = ["reweight"]
+
 
 def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "", uniform_alpha: bool = False) -> Result:
     """Scale every module by `weights[module.block]`; modules that fit no block are left as they are.

@@ -19,11 +19,13 @@ from blora_tools.spec import BlockSpec
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import table
 
+__all__ = ["SCHEMA", "row_order", "inspect_adapter"]
+
 SCHEMA = "blora-inspect/1"
 
 
 @dataclass
-class BlockFigures:
+class _BlockFigures:
     """Running totals for one row of the per-block table."""
 
     modules: int = 0
@@ -50,7 +52,7 @@ class BlockFigures:
         }
 
 
-def row_key(module: Module, fine: bool) -> str:
+def _row_key(module: Module, fine: bool) -> str:
     """The row a module counts in: its paper group, or with `fine` its LBW ID (`BASE` for text encoders)."""
     if module.placement is None:
         return "none"
@@ -74,11 +76,11 @@ def inspect_adapter(
     on_module: Callable[[], None] | None = None,
 ) -> dict:
     """The `inspect --json` object for one adapter (schema `blora-inspect/1`, documented in the README)."""
-    rows: dict[str, BlockFigures] = {k: BlockFigures() for k in row_order(adapter.arch, fine)}
+    rows: dict[str, _BlockFigures] = {k: _BlockFigures() for k in row_order(adapter.arch, fine)}
     warnings = list(adapter.warnings)
     nonfinite: list[str] = []
     for module in adapter.modules.values():
-        figures = rows.setdefault(row_key(module, fine), BlockFigures())
+        figures = rows.setdefault(_row_key(module, fine), _BlockFigures())
         figures.modules += 1
         if module.rank is not None:
             figures.ranks.append(module.rank)
@@ -135,7 +137,7 @@ def _kind_counts(adapter: Adapter) -> dict[str, int]:
     return dict(counts)
 
 
-def _empty_block_warnings(adapter: Adapter, rows: dict[str, BlockFigures], fine: bool) -> list[str]:
+def _empty_block_warnings(adapter: Adapter, rows: dict[str, _BlockFigures], fine: bool) -> list[str]:
     """Groups the file's own `blora_spec` trains, or that an attention-only file cannot reach, with no modules."""
     if fine:
         return []

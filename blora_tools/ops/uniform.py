@@ -21,6 +21,8 @@ from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError
 from blora_tools.ops.result import computed, copied
 
+__all__ = ["Alpha", "uniform_alphas", "rank_alphas", "folded", "module_entries"]
+
 
 @dataclass(frozen=True)
 class Alpha:
@@ -61,7 +63,7 @@ def rank_alphas(adapter: Adapter) -> dict[str, Alpha]:
     }
 
 
-def alpha_entry(name: str, alpha: Alpha) -> Entry:
+def _alpha_entry(name: str, alpha: Alpha) -> Entry:
     import torch
 
     return computed(name, alpha.dtype, (), lambda: torch.tensor(alpha.value, dtype=torch.float64))
@@ -102,7 +104,7 @@ def module_entries(
         if param in scaled:
             entries.append(folded(adapter, module, param, name, ratio))
         elif param == "dora_scale" and stem is not None and adapter.format is Format.PEFT:
-            entries.append(kohya_dora_scale(adapter, module, key, name))
+            entries.append(_kohya_dora_scale(adapter, module, key, name))
         else:
             entries.append(copied(adapter, key, name))
     if stem is None and replaced and adapter.format is not Format.KOHYA:
@@ -113,10 +115,10 @@ def module_entries(
         )
     prefix = _own_prefix(module) if stem is None else stem  # a LyCORIS/ComfyUI/OMI file keeps its own spelling
     if replaced:
-        entries.append(alpha_entry(f"{prefix}.alpha", alpha))
+        entries.append(_alpha_entry(f"{prefix}.alpha", alpha))
     elif complete_alpha and "alpha" not in module.keys and module.rank is not None and module.kind.has_rank:
         value, dtype = alpha_storage(module.effective_alpha, "F32", f"module {module.stem}: alpha", adapter.path)
-        entries.append(alpha_entry(f"{prefix}.alpha", Alpha(value, dtype, 1.0)))
+        entries.append(_alpha_entry(f"{prefix}.alpha", Alpha(value, dtype, 1.0)))
     return entries
 
 
@@ -126,7 +128,7 @@ def _own_prefix(module: Module) -> str:
     return key[: -len(param) - 1]
 
 
-def kohya_dora_scale(adapter: Adapter, module: Module, key: str, name: str) -> Entry:
+def _kohya_dora_scale(adapter: Adapter, module: Module, key: str, name: str) -> Entry:
     """PEFT's DoRA magnitude as kohya's `dora_scale`: the same values (one per output row), in LyCORIS's
     out×1… shape, so loaders that tell the norm axis by shape (ComfyUI, LyCORIS) take the output axis."""
     shape = (module.weight_shape[0],) + (1,) * (len(module.weight_shape) - 1)
