@@ -10,7 +10,6 @@ so the base weights are bit-identical by construction. Only touched layers are h
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
 from collections import defaultdict
@@ -26,6 +25,8 @@ from blora_tools.adapter.layers import layer_id
 from blora_tools.adapter.kinds import Kind, delta_weight, lora_factors
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import AdapterFileError, BloraError
+from blora_tools.inputs import read_text_bounded
+from blora_tools.jsonio import loads_strict
 from blora_tools.render import DEFAULT_SAMPLER, SAMPLERS
 from blora_tools.render.draw import draw_grid
 from blora_tools.render.files import grid_map
@@ -192,12 +193,24 @@ def _pipeline_class(name: str, where: Path):
     return getattr(diffusers, name)
 
 
-def _class_in(folder: Path) -> str:
-    index = folder / "model_index.json"
+_CONFIG_LIMIT = 1 << 20
+"""The largest model config JSON read (diffusers' are a few KB)."""
+
+
+def _config(path: Path) -> dict:
+    """A model config JSON object, read like every other input: a bounded regular file, strict JSON."""
+    text = read_text_bounded(path, _CONFIG_LIMIT, BloraError, "a model config")
     try:
-        return str(json.loads(index.read_text()).get("_class_name", ""))
-    except (OSError, ValueError) as err:
-        raise BloraError(f"cannot read model_index.json: {err}", folder) from None
+        doc = loads_strict(text)
+    except ValueError as err:
+        raise BloraError(f"is not valid JSON: {err}", path) from None
+    if not isinstance(doc, dict):
+        raise BloraError("is not a JSON object", path)
+    return doc
+
+
+def _class_in(folder: Path) -> str:
+    return str(_config(folder / "model_index.json").get("_class_name", ""))
 
 
 def _check_checkpoint(path: Path) -> None:
@@ -223,8 +236,8 @@ def peek_arch(path: str | Path, config: str | Path | None = None) -> Arch | None
     if class_name != "StableDiffusionPipeline":
         return None
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-    except (OSError, ValueError):
+        unet = _config(folder / "unet" / "config.json")
+    except BloraError:
         return None
     return _family(class_name, unet.get("cross_attention_dim"), unet.get("use_linear_projection"))
 
