@@ -1,4 +1,5 @@
-"""Module trees of the SD1, SD2 and SDXL U-Nets and text encoders, full size and tiny, built in code.
+"""Module trees of the SD1, SD2 and SDXL U-Nets and text encoders, full size and tiny, and tiny Flux.1 / SD3
+transformers and pipelines, built in code.
 
 Nothing here downloads a model. Full-size trees reproduce the layer names and weight shapes of the models
 that kohya sd-scripts hands to a network module (docs/architecture.md §2, §6) and are meant to be built on the meta
@@ -11,6 +12,10 @@ set of blocks with small widths, so they can be trained and run on a CPU in test
   `Transformer2DModel`, `Downsample2D`, `Upsample2D`, with a simple, real forward.
 * Text encoders: transformers `CLIPTextModel` (SD1/SD2) or `[CLIPTextModel, CLIPTextModelWithProjection]`
   (SDXL).
+* Flux.1 and SD3/SD3.5 (tiny only): diffusers `FluxTransformer2DModel` / `SD3Transformer2DModel` with the layer
+  names of the published models, and whole `FluxPipeline` / `StableDiffusion3Pipeline`s (tiny CLIP, T5 and VAE,
+  tokenizers built in memory) that generate a 32 px image in a fraction of a second. Full-size DiT layer names are
+  in tests/data/kohya_manifests/diffusers_*.json.
 
 diffusers and transformers are imported inside the functions that need them.
 """
@@ -44,6 +49,14 @@ __all__ = [
     "build_text_encoders",
     "build_tokenizer",
     "timestep_embedding",
+    "FLUX_TINY",
+    "SD3_TINY",
+    "SD3_TINY_VARIANTS",
+    "build_flux_transformer",
+    "build_sd3_transformer",
+    "build_t5_tokenizer",
+    "build_flux_pipeline",
+    "build_sd3_pipeline",
 ]
 
 
@@ -512,4 +525,157 @@ def build_tokenizer(folder, vocab_size: int = 1000):
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
+
+
+# --- Flux.1 and SD3 / SD3.5: tiny diffusers transformers and pipelines ---------------------------------
+
+FLUX_TINY = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels packed 2x2, as Flux.1
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=32,  # the tiny T5's d_model
+    pooled_projection_dim=32,  # the tiny CLIP-L's pooled output
+    axes_dims_rope=(4, 14, 14),  # sums to the head dim
+)
+"""A CPU-sized FluxTransformer2DModel: hidden 64, 2 heads, 2 double + 2 single blocks (Flux.1: 3072, 24, 19 + 38)."""
+
+SD3_TINY = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=3,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    caption_projection_dim=64,  # the hidden width
+    joint_attention_dim=96,  # the tiny T5's d_model, wider than CLIP-L + CLIP-G hidden (32 + 48) as in SD3
+    pooled_projection_dim=80,  # CLIP-L + CLIP-G projections (32 + 48)
+    pos_embed_max_size=16,
+)
+"""A CPU-sized SD3Transformer2DModel: hidden 64, 2 heads, 3 joint blocks (the last pre-only on the context)."""
+
+SD3_TINY_VARIANTS = {
+    "sd3_medium": {},
+    "sd35_medium": dict(qk_norm="rms_norm", dual_attention_layers=(0,)),
+    "sd35_large": dict(qk_norm="rms_norm"),
+}
+"""What the published SD3 models differ in, at the tiny size: q/k RMS norms (SD3.5) and `attn2` (SD3.5 Medium)."""
+
+_DIT_VAE = {  # latent scaling and shift of the Flux.1 and SD3 VAEs
+    "flux": dict(scaling_factor=0.3611, shift_factor=0.1159),
+    "sd3": dict(scaling_factor=1.5305, shift_factor=0.0609),
+}
+_T5_PIECES = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def build_flux_transformer(device: str | torch.device = "cpu", seed: int = 0, *, variant: str = "dev") -> nn.Module:
+    """A tiny diffusers `FluxTransformer2DModel` (`FLUX_TINY`); `variant="schnell"` has no guidance embedder."""
+    from diffusers import FluxTransformer2DModel
+
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"unknown Flux variant {variant!r} (known: 'dev', 'schnell')")
+    with _building(device, seed):
+        return FluxTransformer2DModel(**FLUX_TINY, guidance_embeds=variant == "dev")
+
+
+def build_sd3_transformer(
+    device: str | torch.device = "cpu", seed: int = 0, *, variant: str = "sd35_medium"
+) -> nn.Module:
+    """A tiny diffusers `SD3Transformer2DModel` (`SD3_TINY`) shaped like one of `SD3_TINY_VARIANTS`."""
+    from diffusers import SD3Transformer2DModel
+
+    if variant not in SD3_TINY_VARIANTS:
+        raise ValueError(f"unknown SD3 variant {variant!r} (known: {', '.join(map(repr, SD3_TINY_VARIANTS))})")
+    with _building(device, seed):
+        return SD3Transformer2DModel(**SD3_TINY, **SD3_TINY_VARIANTS[variant])
+
+
+def build_t5_tokenizer():
+    """A T5 tokenizer (`<pad>` 0, `</s>` 1, `<unk>` 2) over lower-case letters and digits, built in memory."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(ch, -3.0) for ch in _T5_PIECES] + [("▁" + ch, -2.5) for ch in _T5_PIECES]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _tiny_t5(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=128, d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config)
+
+
+def _tiny_dit_vae(family: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=16,
+        norm_num_groups=8,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **_DIT_VAE[family],
+    )
+
+
+def _clip_tokenizer():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        return build_tokenizer(folder)
+
+
+def build_flux_pipeline(seed: int = 0, *, variant: str = "dev"):
+    """A tiny diffusers `FluxPipeline`: `build_flux_transformer`, a tiny CLIP-L (`CLIPTextModel`, hidden 32), a
+    one-layer T5 (d_model 32), a two-level VAE with 16 latent channels and Flux's flow-matching scheduler.
+
+    Images must be multiples of 4 px (VAE factor 2, 2x2 packing); 32 px with 2 steps takes about 0.1 s on one CPU
+    thread. Every model is in eval mode. Deterministic from `seed`; nothing is downloaded.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel
+
+    transformer = build_flux_transformer(seed=seed, variant=variant)
+    with _building("cpu", seed + 1):
+        text_encoder = CLIPTextModel(_clip_config(32, 2, 4, 64, "quick_gelu", 1000, 32))
+        text_encoder_2 = _tiny_t5(FLUX_TINY["joint_attention_dim"])
+        vae = _tiny_dit_vae("flux")
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder.eval(),
+                        tokenizer=_clip_tokenizer(), text_encoder_2=text_encoder_2.eval(),
+                        tokenizer_2=build_t5_tokenizer(), transformer=transformer.eval())
+
+
+def build_sd3_pipeline(seed: int = 0, *, variant: str = "sd35_medium"):
+    """A tiny diffusers `StableDiffusion3Pipeline`: `build_sd3_transformer`, tiny CLIP-L and CLIP-G
+    (`CLIPTextModelWithProjection`, hidden 32 and 48), a one-layer T5 (d_model 96), a two-level VAE with 16 latent
+    channels and SD3's flow-matching scheduler (shift 3).
+
+    Images must be multiples of 4 px (VAE factor 2, patch 2) and at most 32 px (`pos_embed_max_size` 16); 32 px with
+    2 steps takes about 0.1 s on one CPU thread. Every model is in eval mode. Deterministic from `seed`; nothing is
+    downloaded.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    transformer = build_sd3_transformer(seed=seed, variant=variant)
+    with _building("cpu", seed + 1):
+        clip_l = CLIPTextModelWithProjection(_clip_config(32, 2, 4, 64, "quick_gelu", 1000, 32))
+        clip_g = CLIPTextModelWithProjection(_clip_config(48, 2, 4, 96, "gelu", 1000, 48))
+        t5 = _tiny_t5(SD3_TINY["joint_attention_dim"])
+        vae = _tiny_dit_vae("sd3")
+    tokenizer = _clip_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.eval(),
+        text_encoder=clip_l.eval(), tokenizer=tokenizer, text_encoder_2=clip_g.eval(), tokenizer_2=tokenizer,
+        text_encoder_3=t5.eval(), tokenizer_3=build_t5_tokenizer(),
     )
