@@ -9,8 +9,9 @@ under a second interpreter: KOHYA_PYTHON if set, else a venv built once in the s
 requirements.txt (about 6 GB, mostly torch). prepare.py (tokenizers, tiny model, images) and launch.py (sizes
 kohya's U-Net to the tiny model, then runs the trainer script) run under that interpreter.
 
-Architectures are rows of TRAINERS here and of prepare.BUILDERS / launch.SIZERS: SD1 and SDXL today; a Flux or
-SD3 row adds its trainer script and flags, a tiny-model builder and whatever sizing kohya hard-codes.
+Architectures are rows of TRAINERS here and of prepare.BUILDERS / launch.SIZERS: SD1, SDXL, Flux.1
+(flux_train_network.py) and SD3 (sd3_train_network.py). network_plan.py, under the same interpreter, loads a tiny
+model with kohya's loaders and reports the modules a network module plans for it, or merges a saved file into it.
 """
 
 from __future__ import annotations
@@ -35,11 +36,27 @@ class Trainer:
 
     script: str
     flags: tuple[str, ...] = ()
+    model_args: tuple[str, ...] = ("--pretrained_model_name_or_path", "{model}")
+    """The flags naming the prepared model's files; `{model}` is its folder (prepare.DIT_FILES for Flux/SD3)."""
+
+    def model_flags(self, model: Path) -> list[str]:
+        return [arg.format(model=model) for arg in self.model_args]
 
 
+# Flux/SD3: latents and text-encoder outputs cached once (the VAE and text encoders then leave the loop), a short T5
+# sequence, and for Flux the flow-matching settings of kohya's FLUX.1 examples.
+_DIT_FLAGS = ("--cache_latents", "--cache_text_encoder_outputs", "--t5xxl_max_token_length", "16")
 TRAINERS = {
     "sd1": Trainer("train_network.py", ("--sdpa",)),
     "sdxl": Trainer("sdxl_train_network.py", ("--sdpa", "--cache_text_encoder_outputs")),
+    "flux": Trainer("flux_train_network.py",
+                    (*_DIT_FLAGS, "--guidance_scale", "1.0", "--timestep_sampling", "sigmoid",
+                     "--model_prediction_type", "raw", "--discrete_flow_shift", "3.0"),
+                    ("--pretrained_model_name_or_path", "{model}/flux.safetensors", "--ae", "{model}/ae.safetensors",
+                     "--clip_l", "{model}/clip_l", "--t5xxl", "{model}/t5xxl")),
+    "sd3": Trainer("sd3_train_network.py", _DIT_FLAGS,
+                   ("--pretrained_model_name_or_path", "{model}/sd3.safetensors", "--vae", "{model}/vae.safetensors",
+                    "--clip_l", "{model}/clip_l", "--clip_g", "{model}/clip_g", "--t5xxl", "{model}/t5xxl")),
 }
 # The settings of every run: AdamW at a high rate so a few steps visibly move the factors; fp32 throughout.
 COMMON_ARGS = ("--network_dim", "4", "--network_alpha", "1", "--optimizer_type", "AdamW", "--learning_rate", "1e-3",
@@ -140,7 +157,7 @@ class Kohya:
     def prepare(self, arch: str) -> Path:
         """The tokenizers, tiny model and images for `arch`, written again when prepare.py or its inputs change."""
         folder = self.work / "prepared" / arch
-        inputs = (HERE / "prepare.py", REPO / "blora_tools" / "models.py", REQUIREMENTS)
+        inputs = (HERE / "prepare.py", HERE / "tiny_dit.py", REPO / "blora_tools" / "models.py", REQUIREMENTS)
         stamp = folder / f".prepare-{_digest(*inputs)}"
         if not stamp.is_file():
             shutil.rmtree(folder, ignore_errors=True)
@@ -158,7 +175,7 @@ class Kohya:
         out = self.work / "runs" / name
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        args = ["--pretrained_model_name_or_path", str(prepared / "model"),
+        args = [*trainer.model_flags(prepared / "model"),
                 "--tokenizer_cache_dir", str(prepared / "tokenizers"),
                 "--dataset_config", str(prepared / "data" / "dataset.toml"),
                 "--output_dir", str(out), "--output_name", "net", "--network_module", network_module,
