@@ -7,6 +7,14 @@ on TypeError), `prepare_grad_etc`, then per epoch `on_epoch_start` and per step 
 gradient all-reduce (distributed), `get_trainable_params` for clipping, optimizer step,
 `apply_max_norm_regularization`, and finally `save_weights` with kohya-like metadata — on tiny models and a
 fixed synthetic batch, on the CPU. The loss is a plain noise-prediction MSE; no scheduler, no VAE.
+
+Flux.1 and SD3 (`flux_train_network.py` / `sd3_train_network.py`, sd-scripts 48d368f) differ where the network sees
+it: the text encoders arrive as a list (`[clip_l, t5xxl]`, `[clip_l, clip_g, t5xxl]`); `post_process_network`
+reads `network.train_t5xxl` (an AttributeError without it) and refuses it with `cache_text_encoder_outputs`; the
+text-encoder train flags are `[clip, t5xxl]` / `[clip, clip, t5xxl]`; `prepare_optimizer_params_with_multiple_te_lrs`
+is used when the network has it, with the text-encoder learning rate as a list; and a batch with
+diff-output-preservation items predicts its prior with `set_multiplier(0.0)`, then calls `set_multiplier(1.0)`.
+The models are the sd-scripts-shaped fixtures of `dit_models.py`.
 """
 
 from __future__ import annotations
@@ -20,14 +28,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import dit_models
 from blora_tools.models import build_text_encoders, build_unet
 
 SEQ_LEN = 8
 LATENT = 8
+DIT_ARCHS = ("flux", "sd3")
 
 
 def tiny_models(arch: str, seed: int = 0) -> tuple[list[nn.Module], nn.Module]:
-    """Tiny text encoder(s) and U-Net of `arch`, deterministic for a seed."""
+    """Tiny text encoder(s) and U-Net (Flux/SD3: transformer) of `arch`, deterministic for a seed."""
+    if arch in DIT_ARCHS:
+        return dit_models.build(arch, seed)
     tes = build_text_encoders(arch, "tiny", "cpu", seed)
     unet = build_unet(arch, "tiny", "cpu", seed)
     for model in (*tes, unet):
@@ -36,8 +48,17 @@ def tiny_models(arch: str, seed: int = 0) -> tuple[list[nn.Module], nn.Module]:
 
 
 def text_encoder_arg(arch: str, tes: list[nn.Module]):
-    """What the trainer hands the network module: one model for SD1/SD2, the list for SDXL."""
-    return tes if arch == "sdxl" else tes[0]
+    """What the trainer hands the network module: one model for SD1/SD2, the list for SDXL, Flux and SD3."""
+    return tes if arch in ("sdxl", *DIT_ARCHS) else tes[0]
+
+
+def text_encoder_train_flags(arch: str, train_text_encoder: bool, train_t5xxl: bool) -> list[bool]:
+    """Which text encoders the trainer trains: `get_text_encoders_train_flags` of each trainer."""
+    if arch == "flux":
+        return [train_text_encoder, train_t5xxl]
+    if arch == "sd3":
+        return [train_text_encoder, train_text_encoder, train_t5xxl]
+    return [train_text_encoder] * (2 if arch == "sdxl" else 1)
 
 
 def synthetic_batch(arch: str, batch_size: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -45,10 +66,16 @@ def synthetic_batch(arch: str, batch_size: int = 2, seed: int = 1) -> dict[str, 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 990, (batch_size, SEQ_LEN), generator=g)
     ids[:, -1] = 999  # the tiny CLIP's eos token
+    if arch == "flux":  # packed latents: (B, tokens, channels)
+        shape = (batch_size, LATENT * LATENT // 4, dit_models.FluxSize.in_channels)
+    elif arch == "sd3":
+        shape = (batch_size, dit_models.MMDiTSize.latent_channels, LATENT, LATENT)
+    else:
+        shape = (batch_size, 4, LATENT, LATENT)
     return {
         "input_ids": ids,
-        "latents": torch.randn(batch_size, 4, LATENT, LATENT, generator=g),
-        "noise": torch.randn(batch_size, 4, LATENT, LATENT, generator=g),
+        "latents": torch.randn(shape, generator=g),
+        "noise": torch.randn(shape, generator=g),
         "timesteps": torch.randint(0, 1000, (batch_size,), generator=g),
     }
 
@@ -56,6 +83,16 @@ def synthetic_batch(arch: str, batch_size: int = 2, seed: int = 1) -> dict[str, 
 def predict(arch: str, tes: list[nn.Module], unet: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The U-Net's noise prediction for the batch, conditioned through the text encoder(s)."""
     noisy = batch["latents"] + 0.5 * batch["noise"]
+    if arch == "flux":
+        pooled = tes[0](batch["input_ids"]).pooler_output
+        t5 = tes[1](batch["input_ids"]).last_hidden_state
+        return unet(noisy, t5, batch["timesteps"], pooled)
+    if arch == "sd3":
+        clip_l = tes[0](batch["input_ids"], output_hidden_states=True)
+        clip_g = tes[1](batch["input_ids"], output_hidden_states=True)
+        t5 = tes[2](batch["input_ids"]).last_hidden_state
+        context = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2], t5], dim=1)
+        return unet(noisy, batch["timesteps"], torch.cat([clip_l.text_embeds, clip_g.text_embeds], -1), context)
     if arch == "sdxl":
         out1 = tes[0](batch["input_ids"])
         out2 = tes[1](batch["input_ids"])
@@ -67,8 +104,19 @@ def predict(arch: str, tes: list[nn.Module], unet: nn.Module, batch: dict[str, t
     return unet(noisy, batch["timesteps"], context).sample
 
 
-def loss_of(arch: str, tes, unet, batch) -> torch.Tensor:
-    return F.mse_loss(predict(arch, tes, unet, batch), batch["noise"])
+def loss_of(arch: str, tes, unet, batch, target: torch.Tensor | None = None) -> torch.Tensor:
+    return F.mse_loss(predict(arch, tes, unet, batch), batch["noise"] if target is None else target)
+
+
+def preserved_target(network: nn.Module, arch: str, tes, unet, batch) -> torch.Tensor:
+    """Diff output preservation (the DiT trainers' get_noise_pred_and_target): the second half of the batch is
+    trained towards the prediction with the network switched off (set_multiplier 0, then back to 1)."""
+    with torch.no_grad():
+        network.set_multiplier(0.0)
+        prior = predict(arch, tes, unet, batch)
+        network.set_multiplier(1.0)
+    half = batch["noise"].shape[0] // 2
+    return torch.cat([batch["noise"][:half], prior[half:]])
 
 
 @dataclass
@@ -86,7 +134,10 @@ class TrainerArgs:
     base_weights_multiplier: list[float] | None = None
     learning_rate: float = 1e-2
     unet_lr: float | None = None
-    text_encoder_lr: float | None = None
+    text_encoder_lr: float | list[float] | None = None
+    """A list (one rate per text encoder) reaches prepare_optimizer_params_with_multiple_te_lrs as it is."""
+    cache_text_encoder_outputs: bool = False
+    diff_output_preservation: bool = False
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
     gradient_checkpointing: bool = False
@@ -107,6 +158,9 @@ class Result:
     descriptions: list[str] | None
     load_info: object = None
     max_norm_logs: list[tuple] = field(default_factory=list)
+    text_encoder_train_flags: list[bool] = field(default_factory=list)
+    multiple_te_lrs: bool = False
+    """Whether the optimizer groups came from prepare_optimizer_params_with_multiple_te_lrs."""
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -152,6 +206,7 @@ def train(
         )
     if hasattr(network, "prepare_network"):
         network.prepare_network(args)
+    train_t5xxl = post_process_network(arch, args, network)
 
     train_unet = not args.network_train_text_encoder_only
     train_text_encoder = not args.network_train_unet_only
@@ -163,14 +218,22 @@ def train(
             unet.train()  # diffusers checkpoints only in training mode, as the trainer sets it
         network.enable_gradient_checkpointing()
 
+    multiple_te_lrs = hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs")
+    text_encoder_lr = args.text_encoder_lr
+    if not multiple_te_lrs and isinstance(text_encoder_lr, list):
+        text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
     try:
-        results = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+        if multiple_te_lrs:
+            results = network.prepare_optimizer_params_with_multiple_te_lrs(
+                text_encoder_lr, args.unet_lr, args.learning_rate)
+        else:
+            results = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
         if isinstance(results, tuple):
             params, descriptions = results
         else:
             params, descriptions = results, None
     except TypeError:
-        params, descriptions = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr), None
+        params, descriptions = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr), None
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
 
     unet.requires_grad_(False)
@@ -191,7 +254,8 @@ def train(
                 break
             if hasattr(_unwrap(network), "on_step_start"):
                 _unwrap(network).on_step_start(text_encoder, unet)
-            loss = loss_of(arch, tes, unet, batch)
+            target = preserved_target(_unwrap(network), arch, tes, unet, batch) if args.diff_output_preservation else None
+            loss = loss_of(arch, tes, unet, batch, target)
             loss.backward()
             if distributed:
                 world = torch.distributed.get_world_size()
@@ -222,7 +286,19 @@ def train(
         }
         metadata = {k: str(v) for k, v in metadata.items()}
         network.save_weights(args.output, args.save_dtype, metadata)
-    return Result(network, losses, params, descriptions, load_info, max_norm_logs)
+    flags = text_encoder_train_flags(arch, train_text_encoder, train_t5xxl)
+    return Result(network, losses, params, descriptions, load_info, max_norm_logs, flags, multiple_te_lrs)
+
+
+def post_process_network(arch: str, args: TrainerArgs, network: nn.Module) -> bool:
+    """The DiT trainers read `network.train_t5xxl` (no default) and refuse it with cached text-encoder outputs;
+    the SD trainers do nothing. Returns whether T5 is trained."""
+    if arch not in DIT_ARCHS:
+        return False
+    train_t5xxl = network.train_t5xxl
+    if train_t5xxl and args.cache_text_encoder_outputs:
+        raise ValueError("T5XXL is trained, so cache_text_encoder_outputs cannot be used")
+    return bool(train_t5xxl)
 
 
 def distributed_worker(rank: int, world_size: int, init_method: str, out_dir: str, steps: int) -> None:

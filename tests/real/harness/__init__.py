@@ -188,3 +188,29 @@ class Kohya:
         if not Run(out, log).network_file.is_file():
             raise HarnessError(f"the trainer exited 0 but wrote no {out / 'net.safetensors'}")
         return Run(out, log)
+
+    def plan(self, arch: str, network_module: str, network_args: list[str] = (), dim: int = 4,
+             alpha: float = 1.0) -> dict[str, list[int]]:
+        """{module name: [rank, in, out]} that `network_module` plans for the tiny Flux/SD3 model (network_plan.py)."""
+        import json
+
+        out = self.work / "plans" / f"{arch}-{_digest_text(network_module, dim, alpha, *network_args)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.run_python([str(HERE / "network_plan.py"), "plan", "--arch", arch, "--model",
+                         str(self.prepare(arch) / "model"), "--module", network_module, "--out", str(out),
+                         "--dim", str(dim), "--alpha", str(alpha), "--", *network_args],
+                        out.with_suffix(".log"), cwd=self.sd_scripts)
+        return json.loads(out.read_text())
+
+    def merge(self, arch: str, network_module: str, weights: Path) -> Path:
+        """`network_module`'s create_network_from_weights + merge_to of `weights` into the tiny model; the file
+        with each module's layer weight before (`<name>.base`) and after (`<name>.merged`)."""
+        out = weights.with_name(weights.stem + "-merged.safetensors")
+        self.run_python([str(HERE / "network_plan.py"), "merge", "--arch", arch, "--model",
+                         str(self.prepare(arch) / "model"), "--module", network_module, "--weights", str(weights),
+                         "--out", str(out)], out.with_suffix(".log"), cwd=self.sd_scripts)
+        return out
+
+
+def _digest_text(*parts) -> str:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:12]
