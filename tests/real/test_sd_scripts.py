@@ -29,14 +29,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="session")
-def kohya(tmp_path_factory) -> Kohya:
-    found = Kohya.from_env(tmp_path_factory.mktemp("kohya_harness"))
-    if found is None:
-        pytest.skip("SD_SCRIPTS is not set: point it at a kohya-ss/sd-scripts work tree to run the real trainer")
-    return found
-
-
 def _read(run: Run) -> tuple[dict, dict]:
     from safetensors.torch import load_file
     from safetensors import safe_open

@@ -11,7 +11,8 @@ kohya's U-Net to the tiny model, then runs the trainer script) run under that in
 
 Architectures are rows of TRAINERS here and of prepare.BUILDERS / launch.SIZERS: SD1, SDXL, Flux.1
 (flux_train_network.py) and SD3 (sd3_train_network.py). network_plan.py, under the same interpreter, loads a tiny
-model with kohya's loaders and reports the modules a network module plans for it, or merges a saved file into it.
+model with kohya's loaders and reports the modules a network module plans for it, or merges a saved file into it;
+replay.py drives a network module with tests/fake_trainer.py's Flux/SD3 call sequence.
 """
 
 from __future__ import annotations
@@ -209,6 +210,17 @@ class Kohya:
         self.run_python([str(HERE / "network_plan.py"), "merge", "--arch", arch, "--model",
                          str(self.prepare(arch) / "model"), "--module", network_module, "--weights", str(weights),
                          "--out", str(out)], out.with_suffix(".log"), cwd=self.sd_scripts)
+        return out
+
+
+    def replay(self, name: str, arch: str, network_module: str, network_args: list[str] = (), steps: int = 10) -> Path:
+        """tests/fake_trainer.py's Flux/SD3 call sequence driving `network_module` under this interpreter
+        (replay.py); the folder with its net.safetensors and replay.json."""
+        out = self.work / "replays" / name
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        self.run_python([str(HERE / "replay.py"), "--arch", arch, "--module", network_module, "--out", str(out),
+                         "--steps", str(steps), "--", *network_args], out / "replay.log", cwd=self.sd_scripts)
         return out
 
 
