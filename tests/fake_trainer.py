@@ -36,10 +36,11 @@ LATENT = 8
 DIT_ARCHS = ("flux", "sd3")
 
 
-def tiny_models(arch: str, seed: int = 0) -> tuple[list[nn.Module], nn.Module]:
-    """Tiny text encoder(s) and U-Net (Flux/SD3: transformer) of `arch`, deterministic for a seed."""
+def tiny_models(arch: str, seed: int = 0, **dit_size) -> tuple[list[nn.Module], nn.Module]:
+    """Tiny text encoder(s) and U-Net (Flux/SD3: transformer) of `arch`, deterministic for a seed; `dit_size`
+    overrides fields of dit_models.FluxSize / MMDiTSize."""
     if arch in DIT_ARCHS:
-        return dit_models.build(arch, seed)
+        return dit_models.build(arch, seed, **dit_size)
     tes = build_text_encoders(arch, "tiny", "cpu", seed)
     unet = build_unet(arch, "tiny", "cpu", seed)
     for model in (*tes, unet):
