@@ -11,6 +11,17 @@ parameters, optimizer state and step time.
     python bench/bench_train.py --size sd15 --device cuda --dtype bf16 --batch 4 --res 64
 
 Prints one table; times are medians over `--steps` steps after `--warmup` steps.
+
+Flux.1 / SD3 (`--arch flux|sd3`): kohya's own `networks.lora_flux` / `lora_sd3` against the plugin at the same
+modules, on one tiny model built by sd-scripts' own classes (`library.flux_models.Flux`, `sd3_models.MMDiT`: the
+real block layout, small widths). Each network trains in a fresh process, so each peak is its own: on the CPU the
+peak resident memory above what the process held before the first step (Linux VmHWM, reset through
+/proc/self/clear_refs), on CUDA the peak allocated. Needs sd-scripts and an interpreter with its pins:
+
+    KOHYA_PYTHON bench/bench_train.py --arch flux --sd-scripts /path/to/sd-scripts        # 19+38 blocks, width 64
+    KOHYA_PYTHON bench/bench_train.py --arch sd3 --sd-scripts /path/to/sd-scripts --depth 4
+
+While the plugin refuses the arch, the plugin row says so and kohya's module is measured alone.
 """
 
 from __future__ import annotations
@@ -130,8 +141,159 @@ def run(kind: str, args) -> dict:
     return result
 
 
+KOHYA_MODULES = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+
+
+def build_dit(args, device: str, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    """The tiny Flux / MMDiT of sd-scripts' own classes and one random batch of its inputs."""
+    g = torch.Generator().manual_seed(0)
+    batch, tokens, text = args.batch, (args.res // 2) ** 2, 16
+    if args.arch == "flux":
+        from library import flux_models
+
+        head = args.width // args.heads
+        side = head * 7 // 16  # FLUX.1's RoPE split of a 128-wide head is [16, 56, 56]
+        params = flux_models.FluxParams(
+            in_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=args.width, mlp_ratio=4.0,
+            num_heads=args.heads, depth=args.double, depth_single_blocks=args.single,
+            axes_dim=[head - 2 * side, side, side], theta=10_000, qkv_bias=True, guidance_embed=True)
+        model = flux_models.Flux(params)
+        inputs = {"img": torch.randn(batch, tokens, 64, generator=g), "img_ids": torch.zeros(batch, tokens, 3),
+                  "txt": torch.randn(batch, text, 32, generator=g), "txt_ids": torch.zeros(batch, text, 3),
+                  "timesteps": torch.rand(batch, generator=g), "y": torch.randn(batch, 32, generator=g),
+                  "guidance": torch.ones(batch)}
+        target = torch.randn(batch, tokens, 64, generator=g)
+    else:
+        from library import sd3_models
+
+        grid = args.res // 2
+        params = sd3_models.SD3Params(
+            patch_size=2, depth=args.depth, num_patches=grid * grid, pos_embed_max_size=grid, adm_in_channels=2048,
+            qk_norm="rms", x_block_self_attn_layers=[], context_embedder_in_features=4096,
+            context_embedder_out_features=64 * args.depth, model_type="5-large")
+        model = sd3_models.create_sd3_mmdit(params)
+        nn.init.normal_(model.pos_embed, std=0.02)  # left uninitialised (torch.empty) by the constructor
+        for module in model.modules():
+            if isinstance(module, sd3_models.RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+        inputs = {"x": torch.randn(batch, 16, args.res, args.res, generator=g),
+                  "t": torch.rand(batch, generator=g) * 1000, "y": torch.randn(batch, 2048, generator=g),
+                  "context": torch.randn(batch, text, 4096, generator=g)}
+        target = torch.randn(batch, 16, args.res, args.res, generator=g)
+    model = model.to(device=device, dtype=dtype).requires_grad_(False)
+    inputs = {k: v.to(device, dtype) for k, v in inputs.items()}
+    return model, {"inputs": inputs, "target": target.to(device, dtype)}
+
+
+def dit_network(kind: str, model: nn.Module, args):
+    """kohya's module (transformer blocks, no text encoder) or the plugin at the same modules (`preset=all`)."""
+    if kind == "kohya":
+        import importlib
+
+        network = importlib.import_module(KOHYA_MODULES[args.arch]).create_network(
+            1.0, args.rank, args.alpha, None, [], model)
+    else:
+        from kohya_plugin import blockwise
+
+        network = blockwise.create_network(1.0, args.rank, args.alpha, None, None, model, preset="all", te_dim="0")
+    network.apply_to(None, model, False, True)
+    return network.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+
+
+def _resident_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_dit(kind: str, args, queue) -> None:
+    """One network's training steps in this (fresh) process; puts its row, or why it did not run, on `queue`."""
+    try:
+        sys.path.insert(0, str(args.sd_scripts))
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        model, data = build_dit(args, args.device, dtype)
+        try:
+            network = dit_network(kind, model, args)
+        except ValueError as err:  # the plugin's SpecError: an arch it does not support yet
+            if kind != "plugin":
+                raise
+            queue.put({"kind": kind, "skipped": f"kohya_plugin.blockwise refuses {args.arch}: {err}"})
+            return
+        params = [p for p in network.get_trainable_params() if p.requires_grad] or list(network.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        modules = sorted({k.split(".")[0] for k in network.state_dict()})
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        resident = _resident_mb("VmRSS")
+        times = []
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            out = model(**data["inputs"])
+            torch.nn.functional.mse_loss(out.float(), data["target"].float()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _resident_mb("VmHWM") - resident
+        queue.put({"kind": kind, "modules": modules, "params": sum(p.numel() for p in params),
+                   "ms": 1000 * statistics.median(times), "peak_mb": peak})
+    except Exception as err:  # reported by the parent, which prints the table
+        queue.put({"kind": kind, "error": f"{type(err).__name__}: {err}"})
+
+
+def run_dit(args) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rows = {}
+    for kind in ("kohya", "plugin"):
+        queue = context.Queue()
+        process = context.Process(target=measure_dit, args=(kind, args, queue))
+        process.start()
+        rows[kind] = queue.get()
+        process.join()
+    name = {"kohya": KOHYA_MODULES[args.arch], "plugin": "kohya_plugin.blockwise preset=all"}
+    size = (f"{args.double} double + {args.single} single blocks, width {args.width}" if args.arch == "flux"
+            else f"depth {args.depth}, width {64 * args.depth}")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.threads or 'default'} threads)"
+    print(f"\n{args.arch} ({size}), {device}, {args.dtype}, batch {args.batch}, latent {args.res}x{args.res}, "
+          f"rank {args.rank}; median of {args.steps} steps after {args.warmup}; torch {torch.__version__}")
+    print(f"{'network':<36}{'modules':>8}{'trainable':>12}{'step ms':>10}{'peak MB':>10}")
+    for kind, row in rows.items():
+        if "ms" in row:
+            print(f"{name[kind]:<36}{len(row['modules']):>8}{row['params']:>12,}{row['ms']:>10.1f}{row['peak_mb']:>10.1f}")
+        else:
+            print(f"{name[kind]:<36}  not run: {row.get('skipped') or row.get('error')}")
+    kohya, plugin = rows["kohya"], rows["plugin"]
+    if "ms" in kohya and "ms" in plugin:
+        if kohya["modules"] != plugin["modules"]:
+            only = sorted(set(kohya["modules"]) ^ set(plugin["modules"]))
+            print(f"NOT the same modules ({len(only)} differ, e.g. {only[:3]}): the ratios compare different networks")
+        print(f"plugin / kohya: step time {plugin['ms'] / kohya['ms']:.3f}, peak memory "
+              f"{plugin['peak_mb'] / max(kohya['peak_mb'], 1e-9):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["sd1", "flux", "sd3"], default="sd1")
+    parser.add_argument("--sd-scripts", type=Path, help="an sd-scripts work tree (needed by --arch flux / sd3)")
+    parser.add_argument("--width", type=int, default=64, help="Flux hidden width (FLUX.1: 3072)")
+    parser.add_argument("--heads", type=int, default=2, help="Flux attention heads (FLUX.1: 24)")
+    parser.add_argument("--double", type=int, default=19, help="Flux double blocks")
+    parser.add_argument("--single", type=int, default=38, help="Flux single blocks")
+    parser.add_argument("--depth", type=int, default=4, help="SD3 depth; kohya's MMDiT is 64 x depth wide")
     parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -143,6 +305,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args()
+    if args.arch != "sd1":
+        if args.sd_scripts is None or not (args.sd_scripts / "library").is_dir():
+            parser.error("--arch flux / sd3 needs --sd-scripts, an sd-scripts work tree")
+        run_dit(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = {}
