@@ -425,3 +425,12 @@ def plugin_refusal(arch: str) -> str | None:
     except SpecError as err:
         return f"kohya_plugin.blockwise refuses {arch}: {err}"
     return None
+
+
+def skip_unless_plugin_supports(arch: str) -> None:
+    """pytest.skip with the plugin's refusal while kohya_plugin.blockwise does not build a network for `arch`."""
+    import pytest
+
+    refusal = plugin_refusal(arch)
+    if refusal:
+        pytest.skip(refusal)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dit_models import plugin_refusal
+from dit_models import skip_unless_plugin_supports
 from fake_trainer import TrainerArgs, loss_of, predict, synthetic_batch, text_encoder_arg, tiny_models, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -57,19 +57,13 @@ def test_text_encoders_arrive_as_the_trainers_list(arch):
     assert [type(t).__name__ for t in handed][-1] == "T5EncoderModel"
 
 
-def _plugin(arch: str) -> None:
-    refusal = plugin_refusal(arch)
-    if refusal:
-        pytest.skip(refusal)
-
-
 @pytest.fixture(scope="module")
 def plugin_run(tmp_path_factory):
     """One plugin run per arch: text encoders trained with one rate each, diff output preservation on."""
     runs = {}
 
     def run(arch: str):
-        _plugin(arch)
+        skip_unless_plugin_supports(arch)
         if arch not in runs:
             tes, model = _models(arch)
             before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, *tes)]
@@ -120,7 +114,7 @@ def test_plugin_multiplier_zero_is_the_base_model(arch, plugin_run):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_plugin_train_t5xxl_is_refused_with_cached_text_encoder_outputs(arch):
-    _plugin(arch)
+    skip_unless_plugin_supports(arch)
     tes, model = _models(arch)
     args = TrainerArgs(network_args=["preset=all", "train_t5xxl=true"], cache_text_encoder_outputs=True,
                        max_train_steps=0)

@@ -25,7 +25,7 @@ from harness import Kohya, Run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dit_models import plugin_refusal
+from dit_models import skip_unless_plugin_supports
 
 pytestmark = pytest.mark.real
 
@@ -164,19 +164,13 @@ def test_fake_trainer_replays_the_dit_contract_for_kohya_modules(arch, kohya):
 # --- the plugin: ready, skipped while kohya_plugin refuses the arch ----------------------------------------------
 
 
-def _plugin_supports(arch: str) -> None:
-    refusal = plugin_refusal(arch)
-    if refusal:
-        pytest.skip(refusal)
-
-
 @pytest.fixture(scope="module")
 def plugin_runs(kohya):
     runs: dict[str, Run] = {}
 
     def run(case: str) -> Run:
         arch, network_args = PLUGIN_CASES[case]
-        _plugin_supports(arch)
+        skip_unless_plugin_supports(arch)
         if case not in runs:
             runs[case] = _trainer(kohya, arch).train(f"{case}-plugin", arch, PLUGIN, network_args, steps=STEPS)
         return runs[case]
@@ -228,7 +222,7 @@ def test_plugin_resumes_from_its_file(case, kohya, plugin_runs):
 @pytest.mark.parametrize("arch", sorted(KOHYA_MODULES))
 def test_fake_trainer_replays_the_dit_contract_for_the_plugin(arch, kohya):
     """The same replay as kohya's modules get, with the plugin: same text-encoder list, hooks and a falling loss."""
-    _plugin_supports(arch)
+    skip_unless_plugin_supports(arch)
     folder = _trainer(kohya, arch).replay(f"{arch}-plugin", arch, PLUGIN, ["preset=all"])
     replay = json.loads((folder / "replay.json").read_text())
     assert replay["losses"][-1] < 0.9 * replay["losses"][0], replay["losses"]
