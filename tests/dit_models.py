@@ -8,7 +8,8 @@ names and attribute paths of sd-scripts (commit 48d368f) `library/flux_models.py
 `attn2` in the chosen x-blocks, `MLP.fc1/fc2`, `adaLN_modulation.1`, the pre-only last context block, `PatchEmbed`,
 `TimestepEmbedding`, `Embedder`, `UnPatch`), at small widths. The forward passes are simplified (no RoPE, no
 position interpolation) but every layer takes part, so a LoRA on any of them gets a gradient and a loss falls.
-`tests/real/test_dit_sd_scripts.py` checks the names against kohya's own `create_network`.
+tests/plugin/test_fake_trainer_dit.py checks the names against the golden lora_flux / lora_sd3 manifests, and
+`tests/real/test_dit_sd_scripts.py` against kohya's own `create_network` on models built by sd-scripts.
 
 Text encoders are tiny transformers models of the classes kohya targets (`CLIPAttention`, `CLIPMLP`,
 `T5Attention`, `T5DenseGatedActDense`), in the trainers' order: Flux `[clip_l, t5xxl]`, SD3 `[clip_l, clip_g, t5xxl]`.
@@ -395,19 +396,21 @@ def sd3_text_encoders(seed: int = 0) -> list[nn.Module]:
     return [_clip(True, seed), _clip(True, seed + 1), _t5(seed + 2)]
 
 
+def transformer(arch: str, seed: int = 0, **size) -> nn.Module:
+    """The Flux or MMDiT fixture alone, deterministic for a seed; `size` overrides FluxSize / MMDiTSize fields."""
+    torch.manual_seed(seed + 10)
+    if arch == "flux":
+        return Flux(FluxSize(**size)).eval()
+    if arch == "sd3":
+        return MMDiT(MMDiTSize(**size)).eval()
+    raise ValueError(f"unknown DiT arch {arch!r}")
+
+
 def build(arch: str, seed: int = 0, **size) -> tuple[list[nn.Module], nn.Module]:
     """Text encoders and transformer of `arch` ("flux" or "sd3"), deterministic for a seed, in eval mode."""
-    if arch == "flux":
-        tes = flux_text_encoders(seed)
-        torch.manual_seed(seed + 10)
-        model = Flux(FluxSize(**size))
-    elif arch == "sd3":
-        tes = sd3_text_encoders(seed)
-        torch.manual_seed(seed + 10)
-        model = MMDiT(MMDiTSize(**size))
-    else:
-        raise ValueError(f"unknown DiT arch {arch!r}")
-    for m in (*tes, model):
+    model = transformer(arch, seed, **size)
+    tes = flux_text_encoders(seed) if arch == "flux" else sd3_text_encoders(seed)
+    for m in tes:
         m.eval()
     return tes, model
 

@@ -1,7 +1,8 @@
 """Flux.1 and SD3 through the fake trainer's replay of flux_train_network.py / sd3_train_network.py.
 
-The sd-scripts-shaped fixtures (tests/dit_models.py) are checked here to train at all; their kohya names are pinned
-against sd-scripts itself by the opt-in tests/real/test_dit_sd_scripts.py. The plugin tests are written and
+The sd-scripts-shaped fixtures (tests/dit_models.py) are checked here to train, and to carry the kohya module names
+of the golden lora_flux / lora_sd3 manifests; the opt-in tests/real/test_dit_sd_scripts.py also runs kohya's own
+modules on them through the fake trainer. The plugin tests are written and
 ready, and skip with the plugin's own refusal while kohya_plugin.blockwise does not build a network for the arch.
 """
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dit_models import skip_unless_plugin_supports
+from dit_models import skip_unless_plugin_supports, transformer
 from fake_trainer import TrainerArgs, loss_of, predict, synthetic_batch, text_encoder_arg, tiny_models, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -47,6 +48,36 @@ def test_fixture_trains_and_every_layer_gets_a_gradient(arch):
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def _kohya_names(model: nn.Module, block_classes: tuple[str, ...], outside: tuple[str, ...]) -> dict[str, str]:
+    """kohya's lora_flux / lora_sd3 selection restated (sd-scripts 48d368f `LoRANetwork.create_modules`): every
+    Linear/Conv2d inside a module whose class name is one of `block_classes`, plus the ones whose kohya name contains
+    one of the `outside` filters (in_dims / emb_dims); name = "lora_unet_" + path with "." -> "_"."""
+    found = {}
+    for path, parent in model.named_modules():
+        for child_path, layer in parent.named_modules():
+            name = "lora_unet_" + f"{path}.{child_path}".strip(".").replace(".", "_")
+            inside = type(parent).__name__ in block_classes
+            if type(layer).__name__ in ("Linear", "Conv2d") and (inside or (not path and any(f in name for f in outside))):
+                found[name] = "linear" if isinstance(layer, nn.Linear) else "conv"
+    return found
+
+
+@pytest.mark.parametrize(("arch", "manifest", "size", "blocks", "outside"), [
+    ("flux", "flux_dev_in_dims", {}, ("DoubleStreamBlock", "SingleStreamBlock"),
+     ("_img_in", "_time_in", "_vector_in", "_guidance_in", "_txt_in")),
+    ("sd3", "sd35_medium_emb_dims", {"depth": 24, "attn2_blocks": tuple(range(13))}, ("SingleDiTBlock",),
+     ("context_embedder", "_t_embedder", "x_embedder", "y_embedder", "final_layer_adaLN_modulation",
+      "final_layer_linear")),
+])
+def test_fixture_has_kohyas_module_names(arch, manifest, size, blocks, outside, load_manifest):
+    """At the real block layout the fixture's kohya names and layer kinds are the golden manifest's, made by
+    sd-scripts' own lora_flux / lora_sd3 on its own full-size models (FLUX.1-dev with in_dims; SD3.5 Medium,
+    attn2 in x-blocks 0-12, with emb_dims)."""
+    model = transformer(arch, **size)
+    golden = {m["name"]: "linear" if m["kind"] == "linear" else "conv" for m in load_manifest(manifest)["modules"]}
+    assert _kohya_names(model, blocks, outside) == golden
 
 
 @pytest.mark.parametrize("arch", ARCHS)
