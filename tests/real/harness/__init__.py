@@ -116,6 +116,7 @@ class Kohya:
         self.work = work.resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self._python = python
+        self._plans: dict[tuple, dict[str, list[int]]] = {}
 
     @classmethod
     def from_env(cls, default_work: Path) -> "Kohya | None":
@@ -192,16 +193,21 @@ class Kohya:
 
     def plan(self, arch: str, network_module: str, network_args: list[str] = (), dim: int = 4,
              alpha: float = 1.0) -> dict[str, list[int]]:
-        """{module name: [rank, in, out]} that `network_module` plans for the tiny Flux/SD3 model (network_plan.py)."""
+        """{module name: [rank, in, out]} that `network_module` plans for the tiny Flux/SD3 model (network_plan.py);
+        computed once per session and arguments."""
         import json
 
+        key = (arch, network_module, tuple(network_args), dim, alpha)
+        if key in self._plans:
+            return self._plans[key]
         out = self.work / "plans" / f"{arch}-{_digest_text(network_module, dim, alpha, *network_args)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         self.run_python([str(HERE / "network_plan.py"), "plan", "--arch", arch, "--model",
                          str(self.prepare(arch) / "model"), "--module", network_module, "--out", str(out),
                          "--dim", str(dim), "--alpha", str(alpha), "--", *network_args],
                         out.with_suffix(".log"), cwd=self.sd_scripts)
-        return json.loads(out.read_text())
+        self._plans[key] = json.loads(out.read_text())
+        return self._plans[key]
 
     def merge(self, arch: str, network_module: str, weights: Path) -> Path:
         """`network_module`'s create_network_from_weights + merge_to of `weights` into the tiny model; the file
