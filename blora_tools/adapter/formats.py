@@ -31,6 +31,18 @@ parameters and alpha rule with: `kohya` (kohya parameter names, alpha in an `alp
   comfyanonymous/ComfyUI 962638c9; loaded by comfy/lora.py, Comfy-Org/ComfyUI ec93dcac).
 * `omi` — OneTrainer's OMI layout: `unet.` + LDM path, `clip_l.` / `clip_g.` + CLIP path, kohya parameter names
   (OneTrainer `modules/util/convert/lora/convert_sdxl_lora.py` 6b44ee32, "omi" prefixes).
+
+Flux.1 and SD3 (docs/architecture.md §2, facts in `taxonomy.dit`): kohya writes `lora_unet_double_blocks_…`,
+`lora_unet_joint_blocks_…`, `lora_te1_` (CLIP-L), `lora_te2_` (SD3's CLIP-G) and `lora_te3_` (T5); diffusers,
+PEFT and ai-toolkit write `transformer.` + diffusers path (split q/k/v) and `text_encoder.`, `text_encoder_2.`,
+`text_encoder_3.`; ComfyUI writes `diffusion_model.` + BFL path and `text_encoders.t5xxl.transformer.`. Two more:
+* `xlabs` — XLabs' x-flux LoRA processors: `double_blocks.N.processor.qkv_lora1.down.weight` (img qkv), `proj_lora1`,
+  `qkv_lora2`/`proj_lora2` (txt), `single_blocks.N.processor.qkv_lora` (the q, k, v rows of `linear1` only) and
+  `proj_lora` (`linear2`); no alpha (XLabs-AI/x-flux `src/flux/modules/layers.py`, `DoubleStreamBlockLoraProcessor`;
+  diffusers `_convert_xlabs_flux_lora_to_diffusers`).
+* `onetrainer` — OneTrainer's default names for transformers: `lora_transformer_` + the flattened diffusers path
+  (ComfyUI `comfy/lora.py` `model_lora_keys_unet` maps them).
+A T5 encoder's paths (`encoder.block.…`, `shared`) name component `te3` under whichever root a file uses.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from blora_tools.taxonomy.encoders import is_t5_path
 from blora_tools.taxonomy.layouts import DIFFUSERS_ROOTS, LDM_ROOTS, rename_unet
 
 if TYPE_CHECKING:
@@ -84,6 +97,8 @@ class Dialect(str, Enum):
     PEFT = "peft-saved"
     COMFYUI = "comfyui"
     OMI = "omi"
+    XLABS = "xlabs"
+    ONETRAINER = "onetrainer"
 
     def __str__(self) -> str:
         return self.value
@@ -106,8 +121,9 @@ conversion renames only attention projections). Any other two dialects in one fi
 NATIVE_DIALECT = MappingProxyType({Format.KOHYA: Dialect.KOHYA, Format.PEFT: Dialect.DIFFUSERS})
 """The dialect the product writes for each format."""
 
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 _LYCORIS_PREFIX = "lycoris_"
+_ONETRAINER_PREFIX = "lora_transformer_"
 
 _KOHYA_PARAMS = frozenset(
     {
@@ -133,17 +149,32 @@ _LEGACY_PARAMS = MappingProxyType(
 )
 """Old diffusers factor names (diffusers `utils/state_dict_utils.py`: PEFT_TO_DIFFUSERS, UNET_TO_DIFFUSERS)."""
 
-_DIFFUSERS_ROOTS = MappingProxyType({"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"})
+_DIFFUSERS_ROOTS = MappingProxyType(
+    {"unet.": "unet", "transformer.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2", "text_encoder_3.": "te3"}
+)
+"""diffusers' component roots: the denoiser (U-Net or transformer) and up to three text encoders (a T5 path is
+`te3` whatever its root: Flux's `text_encoder_2` is T5)."""
 _COMFY_TE_ROOTS = MappingProxyType(
     {"text_encoders.clip_l.transformer.": "te", "text_encoders.clip_h.transformer.": "te",
-     "text_encoders.clip_g.transformer.": "te2"}
+     "text_encoders.clip_g.transformer.": "te2", "text_encoders.t5xxl.transformer.": "te3"}
 )
-"""ComfyUI's text-encoder state-dict prefixes: CLIP-L (SD1, SDXL's first), CLIP-H (SD2), CLIP-G (SDXL's second)."""
+"""ComfyUI's text-encoder state-dict prefixes: CLIP-L (SD1, SDXL's and Flux's/SD3's first), CLIP-H (SD2), CLIP-G
+(SDXL's and SD3's second), T5-XXL (Flux, SD3)."""
 _OMI_TE_ROOTS = MappingProxyType({"clip_l.": "te", "clip_g.": "te2"})
 _PEFT_ROOT = "base_model.model."
 _COMFY_UNET_ROOT = "diffusion_model."
-_TE_PATH_ROOTS = ("text_model.", "encoder.")
-"""How a CLIP text encoder's module paths begin (transformers 4 and 5): a path in a single-model file that is not a U-Net's."""
+_TE_PATH_ROOTS = ("text_model.", "encoder.", "shared")
+"""How a text encoder's module paths begin (CLIP in transformers 4 and 5, T5): a path in a single-model file that
+is not a denoiser's."""
+_XLABS = re.compile(r"^(double|single)_blocks\.(\d+)\.processor\.(qkv_lora[12]?|proj_lora[12]?)\.(down|up)\.weight$")
+_XLABS_LAYERS = MappingProxyType(
+    {
+        ("double", "qkv_lora1"): "img_attn.qkv", ("double", "proj_lora1"): "img_attn.proj",
+        ("double", "qkv_lora2"): "txt_attn.qkv", ("double", "proj_lora2"): "txt_attn.proj",
+        ("single", "qkv_lora"): "linear1_qkv", ("single", "proj_lora"): "linear2",
+    }
+)
+"""XLabs processor → the BFL layer it adapts (`linear1_qkv`: the q, k, v rows of `linear1`, as ComfyUI names them)."""
 _ATTN_PROC = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.processor\.(to_[qkv]|to_out)_lora\.(up|down)\.weight$")
 _ATTN_PROC_COMPONENTS = MappingProxyType({"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"})
 
@@ -170,6 +201,19 @@ def split_key(key: str) -> KeyName | None:
         return KeyName(stem, param, Dialect.KOHYA) if dot and param in _KOHYA_PARAMS else None
     if key.startswith(_LYCORIS_PREFIX):
         return _split_lycoris(key)
+    if key.startswith(_ONETRAINER_PREFIX):
+        stem, dot, param = key.partition(".")
+        if not dot or param not in _KOHYA_PARAMS:
+            return None
+        return KeyName("lora_unet_" + stem[len(_ONETRAINER_PREFIX) :], param, Dialect.ONETRAINER)
+    m = _XLABS.match(key)
+    if m:
+        layer = _XLABS_LAYERS.get((m.group(1), m.group(3)))
+        if layer is None:
+            return None
+        path = f"{m.group(1)}_blocks.{m.group(2)}.{layer}"
+        param = "lora_up.weight" if m.group(4) == "up" else "lora_down.weight"
+        return KeyName(stem_from_path("unet", path), param, Dialect.XLABS, path)
     m = _ATTN_PROC.match(key)
     if m:
         component = _ATTN_PROC_COMPONENTS[m.group(1) or "unet"]
@@ -186,6 +230,8 @@ def _split_lycoris(key: str) -> KeyName | None:
     if not dot or param not in _KOHYA_PARAMS:
         return None
     flat = stem[len(_LYCORIS_PREFIX) :]
+    if flat.startswith(("encoder_block_", "shared")):
+        return KeyName("lora_te3_" + flat, param, Dialect.LYCORIS)
     if flat.startswith(tuple(root.replace(".", "_") for root in _TE_PATH_ROOTS)):
         te_flat = flat if flat.startswith("text_model_") else "text_model_" + flat
         return KeyName("lora_te_" + te_flat, param, Dialect.LYCORIS)
@@ -202,7 +248,8 @@ def _split_dotted(key: str) -> KeyName | None:
         if rest.startswith(root):
             path = rest[len(root) :]
             if family == "kohya":
-                dialect = Dialect.OMI if component == "unet" else None
+                # OMI writes `unet.` with kohya names; diffusers' own Flux conversion writes `transformer.` so
+                dialect = {"unet.": Dialect.OMI, "transformer.": Dialect.DIFFUSERS}.get(root)
             else:
                 dialect = Dialect.DIFFUSERS_LEGACY if family == "legacy" else Dialect.DIFFUSERS
             return _key_name(component, path, param, dialect)
@@ -244,12 +291,16 @@ def _key_name(component: str, path: str, param: str, dialect: Dialect | None) ->
 
 
 def stem_from_path(component: str, path: str) -> str:
-    """The kohya stem of a module given its component (`unet`, `te`, `te1`, `te2`) and dotted path.
+    """The kohya stem of a module given its component (`unet`, `te`, `te1`, `te2`, `te3`) and dotted path.
 
-    Text-encoder stems always take transformers 4's form with `text_model`, whichever form the path has.
+    CLIP stems always take transformers 4's form with `text_model`, whichever form the path has; a T5 path
+    is always component `te3` (kohya's `lora_te3_`), whatever root the file gave it.
     """
-    if component != "unet" and not path.startswith("text_model."):
-        path = "text_model." + path
+    if component != "unet":
+        if is_t5_path(path):
+            component = "te3"
+        elif not path.startswith("text_model."):
+            path = "text_model." + path
     return f"lora_{component}_" + path.replace(".", "_")
 
 
@@ -267,6 +318,8 @@ _COMPOUND_NAMES = frozenset(
         # CLIP text encoders
         "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
         "final_layer_norm", "text_projection", "token_embedding", "position_embedding",
+        # T5 encoder (Flux's and SD3's `lora_te3_`)
+        "layer_norm", "wi_0", "wi_1", "relative_attention_bias",
     }
 )
 """Module names that contain an underscore: kohya's `.` → `_` flattening hides their boundaries."""
@@ -275,21 +328,24 @@ _SIMPLE_NAMES = frozenset(
     {
         "resnets", "attentions", "downsamplers", "upsamplers", "attn1", "attn2", "ff", "net", "proj", "norm",
         "norm1", "norm2", "norm3", "conv", "conv1", "conv2", "op", "out", "encoder", "layers", "mlp", "fc1",
-        "fc2", "embeddings",
+        "fc2", "embeddings", "block", "layer", "SelfAttention", "DenseReluDense", "q", "k", "v", "o", "wo", "shared",
     }
 )
 """Module names without an underscore; with the digits of list indices, every other part of a path."""
 
 _LONGEST_COMPOUND = max(name.count("_") + 1 for name in _COMPOUND_NAMES)
-_COMPONENT_OF_PREFIX = MappingProxyType({"lora_unet_": "unet", "lora_te_": "te", "lora_te1_": "te1", "lora_te2_": "te2"})
+_COMPONENT_OF_PREFIX = MappingProxyType(
+    {"lora_unet_": "unet", "lora_te_": "te", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te3_": "te3"}
+)
 
 
 def path_from_stem(stem: str, arch: "Arch | str") -> tuple["Component", str]:
     """The component and dotted module path a kohya stem was made from (the inverse of `stem_from_path`).
 
     kohya joins a module path with `_`, so `to_out_0` could be `to.out.0` or `to_out.0`; the path is
-    recovered from the vocabulary of SD/SDXL U-Net and CLIP module names, taking the longest known name
-    at each position. Text-encoder paths come back in transformers 4's form (`text_model.encoder.…`).
+    recovered from the vocabulary of SD/SDXL U-Net, CLIP and T5 module names, taking the longest known name
+    at each position; a diffusion transformer's paths come from its layer table (`taxonomy.dit`).
+    CLIP paths come back in transformers 4's form (`text_model.encoder.…`).
     Raises BloraError for a name part outside that vocabulary, or a text encoder `arch` does not have.
 
     Example:
@@ -297,14 +353,20 @@ def path_from_stem(stem: str, arch: "Arch | str") -> tuple["Component", str]:
         (<Component.UNET: 'unet'>, 'down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0')
     """
     from blora_tools.errors import BloraError
-    from blora_tools.taxonomy.arch import Arch
+    from blora_tools.taxonomy.arch import Arch, is_dit
     from blora_tools.taxonomy.blocks import Component, table
+    from blora_tools.taxonomy.dit import layer_index
 
     prefix = next((p for p in _COMPONENT_OF_PREFIX if stem.startswith(p)), None)
     if prefix is None:
         raise BloraError(f"module name {stem!r} does not start with {', '.join(_COMPONENT_OF_PREFIX)}")
     component = Component(_COMPONENT_OF_PREFIX[prefix])
     arch = Arch(arch)
+    if component is Component.UNET and is_dit(arch):
+        layer = layer_index(arch).get(stem[len(prefix) :])
+        if layer is None:
+            raise BloraError(f"module {stem} is no {arch.value} layer")
+        return component, layer.path
     if component is not Component.UNET:
         allowed = table(arch).text_encoders
         # A PEFT SDXL file holding only `text_encoder` reads as `te`; it is te1 there.
@@ -325,10 +387,10 @@ def path_from_stem(stem: str, arch: "Arch | str") -> tuple["Component", str]:
         else:
             raise BloraError(
                 f"cannot turn module name {stem!r} back into a module path: {parts[i]!r} is not part of any "
-                "Stable Diffusion U-Net or CLIP module name"
+                "Stable Diffusion U-Net, CLIP or T5 module name"
             )
     path = ".".join(names)
-    if component is not Component.UNET and not path.startswith("text_model."):
+    if component is not Component.UNET and not is_t5_path(path) and not path.startswith("text_model."):
         path = "text_model." + path
     return component, path
 

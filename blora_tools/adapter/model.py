@@ -23,7 +23,7 @@ from blora_tools.adapter.kinds import Kind, kind_of
 from blora_tools.errors import AdapterFileError, BloraError
 from blora_tools.jsonio import loads_strict
 from blora_tools.taxonomy.arch import Arch
-from blora_tools.taxonomy.blocks import Placement, place
+from blora_tools.taxonomy.blocks import Component, Placement, place, table
 from blora_tools.taxonomy.detect import decide_arch, unsupported_family
 from blora_tools.taxonomy.shapes import misfit
 
@@ -187,10 +187,11 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
         grouped, names, shapes = _te_as_te1(grouped, names, shapes)  # a second text encoder: SDXL's naming
     unet = any(stem.startswith("lora_unet_") for stem in grouped)
     if dialect is not Dialect.KOHYA and unet and any(stem.startswith("lora_te_") for stem in grouped):
-        # SDXL's first text encoder alone (`text_encoder`, `clip_l`): te1 when the file reads as SDXL that way
+        # the first text encoder alone (`text_encoder`, `clip_l`): te1 when the file reads as a family that
+        # calls it so (SDXL, Flux.1, SD3)
         as_te1 = _te_as_te1(grouped, names, shapes)
         try:
-            if _detect(as_te1[0], as_te1[2], header, arch)[0] is Arch.SDXL:
+            if Component.TE1 in table(_detect(as_te1[0], as_te1[2], header, arch)[0]).text_encoders:
                 grouped, names, shapes = as_te1
         except AdapterFileError:
             pass
@@ -266,8 +267,8 @@ def _with_sidecar_config(header: Header) -> tuple[Header, str | None]:
 
 
 def _te_as_te1(*by_stem: dict) -> tuple[dict, ...]:
-    """Dotted dialects name SDXL's first text encoder like SD1/SD2's only one (`text_encoder`, ComfyUI's and
-    OMI's `clip_l`); on SDXL it is kohya's `te1`, whether or not the file also holds the second."""
+    """Dotted dialects name SDXL's, Flux's and SD3's first text encoder like SD1/SD2's only one (`text_encoder`,
+    ComfyUI's and OMI's `clip_l`); there it is kohya's `te1`, whether or not the file also holds others."""
     def renamed(stem: str) -> str:
         return "lora_te1_" + stem[len("lora_te_") :] if stem.startswith("lora_te_") else stem
 

@@ -7,18 +7,30 @@ from enum import Enum
 
 
 class Arch(str, Enum):
-    """A Stable Diffusion family. The value is the name used in files, JSON and on the command line."""
+    """A model family. The value is the name used in files, JSON and on the command line."""
 
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    FLUX = "flux"
+    SD3 = "sd3"
     UNKNOWN = "unknown"
 
     def __str__(self) -> str:
         return self.value
 
 
-KNOWN_ARCHS = (Arch.SD1, Arch.SD2, Arch.SDXL)
+UNET_ARCHS = (Arch.SD1, Arch.SD2, Arch.SDXL)
+"""The Stable Diffusion U-Net families."""
+DIT_ARCHS = (Arch.FLUX, Arch.SD3)
+"""The diffusion-transformer families: Flux.1 (dev, schnell) and SD3 / SD3.5."""
+KNOWN_ARCHS = UNET_ARCHS + DIT_ARCHS
+"""Every supported family, in the order ambiguous evidence prefers them."""
+
+
+def is_dit(arch: "Arch | str") -> bool:
+    """Whether `arch` is a diffusion transformer (blocks D/S/J instead of U-Net levels)."""
+    return Arch(arch) in DIT_ARCHS
 
 
 def arch_from_metadata(metadata: Mapping[str, str]) -> Arch | None:
@@ -28,6 +40,10 @@ def arch_from_metadata(metadata: Mapping[str, str]) -> Arch | None:
     for claim in (spec, base):
         if not claim:
             continue
+        if "flux" in claim:
+            return Arch.FLUX
+        if "v3" in claim or "sd3" in claim or "-3" in claim:
+            return Arch.SD3
         if "xl" in claim:
             return Arch.SDXL
         if "v2" in claim or "sd2" in claim or "v-2" in claim:

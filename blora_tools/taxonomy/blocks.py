@@ -1,10 +1,13 @@
 """Block tables per architecture and the one parser from a kohya module name to its block.
 
-Three naming layers meet here (docs/architecture.md §2): paper groups (`in0`…`out3`, `mid`, `te`), LBW IDs
+Three naming layers meet here for U-Nets (docs/architecture.md §2): paper groups (`in0`…`out3`, `mid`, `te`), LBW IDs
 (`BASE`, `IN00`…, `M00`, `OUT00`…) and kohya block indices (25 slots on SD1/SD2, 23 on SDXL).
 A *block* — the unit selectors pick and weights address — is an LBW ID for U-Net modules, the component
 name (`te`, `te1`, `te2`) for text-encoder modules, and `OTHER` for U-Net modules outside every LBW block
 (time embedding, `conv_out`).
+
+On a diffusion transformer the blocks are `D00`…/`S00`… (Flux.1) or `J00`… (SD3), its groups `double`,
+`single` (`joint`), and `OTHER` holds the embedders and final layer; kohya has no block slots there.
 
 The tables are derived from the architecture records in `layouts`; nothing here states a layout fact.
 """
@@ -14,13 +17,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from blora_tools.taxonomy.arch import KNOWN_ARCHS, Arch
 from blora_tools.taxonomy.layouts import Component, record
 
+if TYPE_CHECKING:
+    from blora_tools.taxonomy.dit import DiTLayer
+
 OTHER = "OTHER"
-"""The block of U-Net modules that no LBW block covers: time/label embedding, `conv_out`, `out`."""
+"""The block of denoiser modules that no block covers: the U-Net's time/label embedding, `conv_out`, `out`; a
+diffusion transformer's embedders and final layer (Inspire's BASE)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,10 @@ class Placement:
     lbw: str | None
     group: str
     kohya_index: int | None
+    """U-Net: kohya's block slot; diffusion transformer: the block's position among all blocks (D00 = 0,
+    S00 = 19 on Flux)."""
+    layer: "DiTLayer | None" = None
+    """A diffusion transformer's layer (naming, fused rows, leaves); None on U-Nets and text encoders."""
 
 
 @dataclass(frozen=True)
@@ -130,10 +141,4 @@ def place(stem: str, arch: Arch) -> Placement | None:
         return Placement(component, component.value, "BASE", component.value, None)
     if not stem.startswith("lora_unet_"):
         return None
-    found = record(arch).place_path(stem[len("lora_unet_") :])
-    if found is None:
-        return None
-    lbw, index = found
-    if lbw is None:
-        return Placement(Component.UNET, OTHER, None, "none", index)
-    return Placement(Component.UNET, lbw, lbw, layout.group_of(lbw), index)
+    return record(arch).placement(stem[len("lora_unet_") :])

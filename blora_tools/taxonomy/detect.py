@@ -2,19 +2,21 @@
 
 Evidence, strongest first:
 
-1. Names of another family (Flux.1 `double_blocks`/`single_blocks`, SD3 `joint_blocks`, a T5 encoder
-   `lora_te3_`): the file is refused, naming what was seen. So is a file none of whose modules fits SD1, SD2
-   or SDXL, or whose U-Net modules all fit none.
-2. Names: the families whose real layers the modules name (most U-Net modules, then most text-encoder
-   modules, then most placeable ones) — SDXL's `te1`/`te2` and transformer depth 2–10, SD1/SD2's fourth
-   level and outer-level attention, SD2's 23 text-encoder layers.
+1. Names of another family (other diffusion transformers, `transformer.blocks.*`): the file is refused, naming
+   what was seen. So is a file none of whose modules fits a supported family, or whose denoiser modules all
+   fit none.
+2. Names: the families whose real layers the modules name (most denoiser modules, then most text-encoder
+   modules, then most placeable ones) — Flux's double/single blocks, SD3's joint blocks, SDXL's `te1`/`te2`
+   and transformer depth 2–10, SD1/SD2's fourth level and outer-level attention, SD2's 23 text-encoder
+   layers. diffusers names Flux's double blocks and SD3's joint blocks alike (`transformer_blocks`), so a file
+   holding only those (no single blocks, no family-only layer) is ambiguous between them.
 3. Shapes: a family whose real layer is smaller than some module's ΔW is out (`shapes.misfit`).
 4. Widths (`arch_from_widths`): an exact real cross-attention or text-encoder width names one family.
 
 When more than one family remains the evidence is ambiguous: `--arch` (the `override`) picks among them,
 else the file's metadata claim, else the documented rule: LDM U-Net names mean SDXL (kohya writes SDXL so),
 Linear transformer projections mean SD2 (as diffusers ships it), and otherwise SD1, the older and more
-common family. A claim or override the evidence rules out is a warning or an error, never obeyed.
+common family; Flux before SD3. A claim or override the evidence rules out is a warning or an error, never obeyed.
 """
 
 from __future__ import annotations
@@ -29,12 +31,8 @@ from blora_tools.taxonomy.layouts import record
 from blora_tools.taxonomy.shapes import layer_shape, misfit
 
 _UNSUPPORTED = (
-    (re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|single_transformer_blocks)[._]\d"),
-     "modules named double_blocks_*/single_blocks_*: a Flux.1 LoRA"),
-    (re.compile(r"(?:^|[._])joint_blocks[._]\d"), "modules named joint_blocks_*: an SD3 / SD3.5 LoRA"),
-    (re.compile(r"^lora_te3_"), "a T5 text encoder (lora_te3_*): a Flux.1 or SD3 LoRA"),
-    (re.compile(r"^(?:transformer|diffusion_model)\.(?:transformer_blocks|blocks|layers)\.\d"),
-     "modules of a diffusion transformer (transformer.*, diffusion_model.*): an SD3, Flux.1 or other DiT LoRA"),
+    (re.compile(r"^(?:transformer|diffusion_model)\.(?:blocks|layers)\.\d"),
+     "modules of a diffusion transformer other than Flux.1 and SD3 (transformer.blocks.*, diffusion_model.layers.*)"),
 )
 _NOT_YET = ", which this version does not support yet"
 
@@ -145,7 +143,7 @@ def _by_names(modules: Mapping[str, tuple[int, ...]]) -> list[Arch]:
     if top[2] == 0:
         shown = ", ".join(sorted(modules)[:3])
         raise BloraError(
-            f"no module fits SD1, SD2 or SDXL (e.g. {shown}): an adapter for another model, which this "
+            f"no module fits SD1, SD2, SDXL, Flux.1 or SD3 (e.g. {shown}): an adapter for another model, which this "
             "version does not support"
         )
     return [a for a in KNOWN_ARCHS if scores[a] == top]
@@ -168,7 +166,7 @@ def _check_unet_fits(modules: Mapping[str, tuple[int, ...]], arch: Arch) -> None
     unet = sorted(s for s in modules if s.startswith("lora_unet_"))
     if unet and not any(place(s, arch) is not None for s in unet):
         raise BloraError(
-            f"no U-Net module fits {arch.value} (e.g. {', '.join(unet[:3])}): an adapter for another model, "
+            f"no denoiser module fits {arch.value} (e.g. {', '.join(unet[:3])}): an adapter for another model, "
             "which this version does not support"
         )
 

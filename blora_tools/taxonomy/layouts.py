@@ -7,9 +7,9 @@ groups, attention blocks, kohya slots, vector lengths; `blocks.table`), the LDM 
 (`stage_rows`, `rename_unet`), where a module name sits (`UNet.place_path`) and every real layer shape
 (`taxonomy.shapes`).
 
-A record type is a family: `UNet` covers SD1, SD2 and SDXL. A diffusion transformer (Flux.1, SD3) becomes
-another record type with the same duties — `block_table()`, `place_path()` and `layer_shapes()` — and an
-entry in `_RECORDS`; no U-Net code path changes for it.
+A record type is a family: `UNet` covers SD1, SD2 and SDXL; the diffusion transformers (Flux.1, SD3) are the
+record types of `taxonomy.dit`. Every record has the same duties — `block_table()`, `placement()` and
+`layer_shapes()` — and an entry in `_RECORDS`.
 """
 
 from __future__ import annotations
@@ -23,35 +23,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
 from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.dit import FLUX_RECORD, SD3_RECORD, DiT
+from blora_tools.taxonomy.encoders import Component, TextEncoder, encoder_layer_shapes
 
 if TYPE_CHECKING:
-    from blora_tools.taxonomy.blocks import ArchTable
-
-
-class Component(str, Enum):
-    """Which network a module belongs to; also the kohya key prefix after `lora_`."""
-
-    UNET = "unet"
-    TE = "te"
-    TE1 = "te1"
-    TE2 = "te2"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class TextEncoder:
-    """A CLIP text encoder as the kohya trainer builds it (transformers `CLIPTextModel` names)."""
-
-    component: Component
-    width: int
-    depth: int
-    mlp_width: int
-    projection: int | None = None
-    """`text_projection` output width (SDXL's second encoder; a layer outside `text_model`)."""
-    vocabulary: int = 49408
-    positions: int = 77
+    from blora_tools.taxonomy.blocks import ArchTable, Placement
 
 
 @dataclass(frozen=True)
@@ -130,6 +106,20 @@ class UNet:
 
     # --- module name → block -----------------------------------------------------------------------
 
+    def placement(self, path: str) -> "Placement | None":
+        """Where an underscored U-Net module path sits; None when it is in no block of this family."""
+        from blora_tools.taxonomy.blocks import OTHER, Placement
+
+        found = self.place_path(path)
+        if found is None:
+            return None
+        lbw, index = found
+        if lbw is None:
+            return Placement(Component.UNET, OTHER, None, "none", index)
+        from blora_tools.taxonomy.blocks import table
+
+        return Placement(Component.UNET, lbw, lbw, table(self.arch).group_of(lbw), index)
+
     def place_path(self, path: str) -> tuple[str | None, int | None] | None:
         """(LBW ID or None for `OTHER`, kohya slot) of a U-Net module path (underscored, no `lora_unet_`);
         None when the path is in no block of this family.
@@ -170,18 +160,11 @@ class UNet:
         for path, shape in _unet_layers(self):
             yield _stem("unet", path), shape
             yield _stem("unet", rename_unet(path, self.arch, to_diffusers=False)), shape
-        for te in self.text_encoders:
-            for path, shape in _clip_layers(te):
-                yield _stem(te.component.value, path), shape
-                if path.startswith(_TEXT_MODEL):  # transformers 5 dropped the `text_model` level
-                    yield _stem(te.component.value, path[len(_TEXT_MODEL) :]), shape
+        yield from encoder_layer_shapes(self.text_encoders)
 
 
 def _stem(component: str, path: str) -> str:
     return f"lora_{component}_" + path.replace(".", "_")
-
-
-_TEXT_MODEL = "text_model."
 
 
 def _ids(prefix: str, start: int, stop: int) -> tuple[str, ...]:
@@ -192,7 +175,7 @@ def _ids(prefix: str, start: int, stop: int) -> tuple[str, ...]:
 
 _CLIP_L = dict(width=768, depth=12, mlp_width=3072)
 
-_RECORDS: Mapping[Arch, UNet] = MappingProxyType(
+_UNET_RECORDS: Mapping[Arch, UNet] = MappingProxyType(
     {
         Arch.SD1: UNet(
             Arch.SD1, (320, 640, 1280, 1280), (1, 1, 1, 0), 1, 768, False,
@@ -217,7 +200,13 @@ _RECORDS: Mapping[Arch, UNet] = MappingProxyType(
 widths from the models sd-scripts 48d368f builds (docs/architecture.md §2, the golden kohya manifests)."""
 
 
-def record(arch: Arch | str) -> UNet:
+_RECORDS: Mapping[Arch, "UNet | DiT"] = MappingProxyType(
+    {**_UNET_RECORDS, Arch.FLUX: FLUX_RECORD, Arch.SD3: SD3_RECORD}
+)
+"""Every family's record: the U-Nets above and the diffusion transformers (`taxonomy.dit`)."""
+
+
+def record(arch: Arch | str) -> "UNet | DiT":
     """The architecture record of a supported family; ValueError for any other."""
     arch = Arch(arch)
     if arch not in _RECORDS:
@@ -287,7 +276,7 @@ def _lbw_of_path(path: str) -> tuple[str | None, int]:
 
 @cache
 def _stage_rows(arch: Arch) -> tuple[tuple[str, str, str], ...]:
-    unet = _RECORDS[arch]
+    unet = _UNET_RECORDS[arch]
     levels = unet.levels
     rows: list[tuple[str, str, str]] = []
     n = 1
@@ -324,7 +313,7 @@ def rename_unet(path: str, arch: Arch | str, *, to_diffusers: bool) -> str:
     from blora_tools.errors import BloraError
 
     arch = Arch(arch)
-    if arch not in _RECORDS:
+    if arch not in _UNET_RECORDS:
         raise BloraError(f"no U-Net name table for architecture {arch.value!r}")
     source, target = (0, 1) if to_diffusers else (1, 0)
     best = None
@@ -414,20 +403,3 @@ def _transformer(prefix: str, width: int, depth: int, unet: UNet) -> Iterator[tu
         yield f"{block}.ff.net.0.proj", (8 * width, width)  # GEGLU: value and gate, 4×width each
         yield f"{block}.ff.net.2", (width, 4 * width)
     yield f"{prefix}.proj_out", projection
-
-
-def _clip_layers(te: TextEncoder) -> Iterator[tuple[str, tuple[int, ...]]]:
-    w = te.width
-    yield "text_model.embeddings.token_embedding", (te.vocabulary, w)
-    yield "text_model.embeddings.position_embedding", (te.positions, w)
-    for i in range(te.depth):
-        layer = f"text_model.encoder.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            yield f"{layer}.self_attn.{proj}", (w, w)
-        yield f"{layer}.layer_norm1", (w,)
-        yield f"{layer}.layer_norm2", (w,)
-        yield f"{layer}.mlp.fc1", (te.mlp_width, w)
-        yield f"{layer}.mlp.fc2", (w, te.mlp_width)
-    yield "text_model.final_layer_norm", (w,)
-    if te.projection is not None:
-        yield "text_projection", (te.projection, w)

@@ -4,6 +4,11 @@ Every form resolves to a `BlockWeights` mapping: block → float for every block
 Named weights (`in0=1,out3=0.5,te=0`) leave unnamed blocks at 1.0. LBW vectors (17/26 on SD1/SD2,
 12/20 on SDXL) give blocks they do not name 0, as the LBW extension and supermerger do; `fill=1.0`
 gives kohya `--lbws` semantics instead.
+
+Flux.1 and SD3 take the vectors users paste from other tools (`dit_vectors`), every value resolved by absolute
+block index whatever blocks a file holds (Inspire-Pack #191 is the bug of counting the blocks present) and a
+short vector never repeating its last value (Inspire-Pack #165). Named weights may address parts of a block
+(`D05.img=0.5`, `S10.linear1.mlp=0`); those land in `BlockWeights.parts`.
 """
 
 from __future__ import annotations
@@ -11,14 +16,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from blora_tools.errors import SelectorError
-from blora_tools.taxonomy.arch import Arch
-from blora_tools.taxonomy.blocks import ArchTable, table
-from blora_tools.taxonomy.selectors import check_term, resolve_term
+from blora_tools.taxonomy.arch import Arch, is_dit
+from blora_tools.taxonomy.blocks import OTHER, ArchTable, Placement, table
+from blora_tools.taxonomy.dit import block_leaves
+from blora_tools.taxonomy.selectors import check_term, resolve_atoms, resolve_term
 
 
 def _vector(text: str) -> tuple[float, ...]:
@@ -55,13 +61,32 @@ class BlockWeights:
 
     arch: Arch
     values: Mapping[str, float]
+    parts: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """Weights of single parts of DiT blocks (`D05:img.attn.q` → 0.5), overriding their block's value."""
 
     def __getitem__(self, block: str) -> float:
         return self.values[block]
 
     def nonzero(self) -> frozenset[str]:
-        """Blocks whose weight is not 0."""
-        return frozenset(b for b, w in self.values.items() if w != 0.0)
+        """Blocks whose weight is not 0 (for a block with part weights: any part not 0)."""
+        partly = {atom.partition(":")[0] for atom, w in self.parts.items() if w != 0.0}
+        return frozenset(b for b, w in self.values.items() if w != 0.0) | partly
+
+    def rows(self, placement: Placement | None) -> tuple[tuple[int, int, float], ...]:
+        """(unit start, unit stop, weight) for each leaf of a module's layer; one entry covering the module
+        (`0, 1`) when its layer has no parts or no part weight differs from its block's."""
+        if placement is None:
+            return ((0, 1, 1.0),)
+        weight = self.values.get(placement.block, 1.0)
+        layer = placement.layer
+        if layer is None or not self.parts:
+            return ((0, 1, weight),)
+        rows = tuple(
+            (leaf.start, leaf.stop, self.parts.get(f"{placement.block}:{leaf.name}", weight)) for leaf in layer.leaves
+        )
+        if len({w for _, _, w in rows}) == 1:
+            return ((0, 1, rows[0][2]),)
+        return tuple((start, stop, w) for start, stop, w in rows)
 
 
 @dataclass(frozen=True)
@@ -78,10 +103,17 @@ class WeightSpec:
         if self.vector is not None:
             return _from_lbw_vector(self.vector, layout, fill, self.text)
         values = dict.fromkeys(layout.blocks, 1.0)
+        parts: dict[str, float] = {}
         for term, weight in self.named:
-            for block in resolve_term(term, layout):
-                values[block] = weight
-        return BlockWeights(layout.arch, MappingProxyType(values))
+            for atom in resolve_atoms(term, layout):
+                block, _, leaf = atom.partition(":")
+                if leaf:
+                    parts[atom] = weight
+                else:
+                    values[block] = weight
+                    parts = {a: w for a, w in parts.items() if not a.startswith(block + ":")}
+        _fold_whole_blocks(values, parts, layout)
+        return BlockWeights(layout.arch, MappingProxyType(values), MappingProxyType(parts))
 
 
 MAX_PRESET_FILE_BYTES = 1 << 20
@@ -162,7 +194,68 @@ def _weight_value(raw: str, text: str) -> float:
     return value
 
 
+def _fold_whole_blocks(values: dict[str, float], parts: dict[str, float], layout: ArchTable) -> None:
+    """A block whose every part has one weight holds it as its own value (no part entries)."""
+    by_block: dict[str, dict[str, float]] = {}
+    for atom, weight in parts.items():
+        block, _, leaf = atom.partition(":")
+        by_block.setdefault(block, {})[leaf] = weight
+    for block, leaves in by_block.items():
+        every = {leaf.name for leaf in block_leaves(layout.arch, None if block == OTHER else block)}
+        if set(leaves) >= every and len(set(leaves.values())) == 1:
+            values[block] = next(iter(leaves.values()))
+            for leaf in leaves:
+                del parts[f"{block}:{leaf}"]
+
+
+def dit_vectors(layout: ArchTable) -> dict[int, tuple[tuple[tuple[str, ...], ...], float | None, str]]:
+    """Vector length → (selector terms each value sets, the weight of everything unnamed — None: the fill —,
+    where the convention comes from), for Flux.1 and SD3 (docs/architecture.md §2)."""
+    blocks = layout.unet_lbw
+    if layout.arch is Arch.SD3:
+        return {1 + len(blocks): ((("base",),) + tuple((b,) for b in blocks), None, "BASE, J00..J37"),
+                25: ((("base",),) + tuple((b,) for b in blocks[:24]), None, "BASE, J00..J23 (SD3 Medium, SD3.5 Medium)")}
+    doubles = layout.group_members["double"]
+    singles = layout.group_members["single"]
+    each = tuple((b,) for b in doubles + singles)
+    return {
+        58: ((("base",),) + each, None, "BASE, D00..D18, S00..S37 (Inspire-Pack FLUX-ALL)"),
+        57: (each, 1.0, "D00..D18, S00..S37 (the Forge lora-block-weight fork; BASE keeps 1)"),
+        20: ((("base",),) + tuple((b,) for b in doubles), 1.0,
+             "BASE, D00..D18 (Inspire-Pack FLUX-DBL presets; single blocks keep 1, the last value is not repeated)"),
+        19: (tuple((d, singles[2 * i], singles[2 * i + 1]) for i, d in enumerate(doubles)), 1.0,
+             "value i sets D_i, S_2i and S_2i+1 (the Forge fork's FL00..FL18; BASE keeps 1)"),
+        61: ((("te1",), ("te3",), ("base.in",)) + each + (("base.out",),), None,
+             "CLIP, T5, IN, D00..D18, S00..S37, OUT (supermerger)"),
+    }
+
+
+def _from_dit_vector(vector: tuple[float, ...], layout: ArchTable, fill: float, text: str) -> BlockWeights:
+    conventions = dit_vectors(layout)
+    found = conventions.get(len(vector))
+    if found is None:
+        lengths = " or ".join(str(n) for n in sorted(conventions))
+        raise SelectorError(f"weight vector {text!r} has {len(vector)} values; {layout.arch.value} takes {lengths}")
+    terms, keep, _ = found
+    unnamed = fill if keep is None else keep
+    values = dict.fromkeys(layout.blocks, unnamed)
+    parts: dict[str, float] = {}
+    for names, weight in zip(terms, vector):
+        for name in names:
+            for atom in resolve_atoms(name, layout):
+                block, _, leaf = atom.partition(":")
+                if leaf:
+                    parts[atom] = weight
+                else:
+                    values[block] = weight
+    return BlockWeights(layout.arch, MappingProxyType(values), MappingProxyType(parts))
+
+
 def _from_lbw_vector(vector: tuple[float, ...], layout: ArchTable, fill: float, text: str) -> BlockWeights:
+    if not all(math.isfinite(v) for v in vector):
+        raise SelectorError(f"LBW vector {text!r} has a value that is not finite")
+    if is_dit(layout.arch):
+        return _from_dit_vector(vector, layout, fill, text)
     layouts = {len(layout.lbw_short): layout.lbw_short, len(layout.lbw_full): layout.lbw_full}
     names = layouts.get(len(vector))
     if names is None:

@@ -2,7 +2,8 @@
 ambiguous files take `--arch` (issue #12).
 
 Before: a Flux.1 or SD3 LoRA was reported as `sd1`/`sdxl` with exit 0 (the last fallback of the old detector was
-"nothing that tells the widths apart: SD1") and pruned or merged as if it were one.
+"nothing that tells the widths apart: SD1") and pruned or merged as if it were one. Flux.1 and SD3 are supported
+now (issue #13); other diffusion transformers are still refused.
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ def _lora(stems: list[str], down_key: str = "lora_down.weight", up_key: str = "l
 
 
 FAMILIES = {
-    # sd-scripts lora_flux names, with its CLIP-L encoder (which alone would look like SDXL's te1)
-    "flux-kohya": (_lora(["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
-                          "lora_te1_text_model_encoder_layers_0_mlp_fc1"]), "double_blocks_*/single_blocks_*: a Flux.1 LoRA"),
-    # diffusers / ai-toolkit Flux (no key is a kohya or SD PEFT key)
-    "flux-diffusers": (_lora(["transformer.single_transformer_blocks.0.attn.to_q"], "lora_A.weight", "lora_B.weight"), "Flux.1"),
-    "sd3-kohya": (_lora(["lora_unet_joint_blocks_0_x_block_attn_qkv"]), "joint_blocks_*: an SD3"),
-    "t5": (_lora(["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te3_encoder_block_0_layer_0_SelfAttention_q"]), "T5"),
-    # a Wan-style video DiT under kohya's prefix: nothing names its family, so the unplaceable names are shown
-    "unknown-dit": (_lora(["lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_0_cross_attn_k"]), "no module fits SD1, SD2 or SDXL"),
+    # a Wan-style video DiT under diffusers' root: its key form names a diffusion transformer we do not support
+    "other-dit": (_lora(["transformer.blocks.0.self_attn.q"], "lora_A.weight", "lora_B.weight"),
+                  "diffusion transformer other than Flux.1 and SD3"),
+    # the same under kohya's prefix: nothing names its family, so the unplaceable names are shown
+    "unknown-dit": (_lora(["lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_0_cross_attn_k"]),
+                    "no module fits SD1, SD2, SDXL, Flux.1 or SD3"),
 }
 
 

@@ -63,8 +63,8 @@ def test_arch_from_metadata(metadata, expected):
 def test_nothing_known_is_refused_even_when_metadata_claims():
     """Was: UNKNOWN (or the metadata's claim) for a file with no module of a supported family. Modules that fit
     nothing are now refused by name: a claim in the metadata is not evidence about the tensors."""
-    with pytest.raises(BloraError, match="no module fits SD1, SD2 or SDXL.*lora_unet_transformer_blocks_0_attn_to_q"):
-        decide_arch({"lora_unet_transformer_blocks_0_attn_to_q": (8, 8)}, {"ss_base_model_version": "sdxl_base_v1-0"})
+    with pytest.raises(BloraError, match="no module fits SD1, SD2, SDXL, Flux.1 or SD3.*lora_unet_layers_0_attention_qkv"):
+        decide_arch({"lora_unet_layers_0_attention_qkv": (8, 8)}, {"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(BloraError, match="no adapter modules"):
         decide_arch({}, {"ss_base_model_version": "sdxl_base_v1-0"})
 
@@ -102,30 +102,41 @@ def test_override_that_contradicts_the_evidence_is_refused(load_manifest):
 
 
 @pytest.mark.parametrize(
-    "stems, seen",
+    "stems, expected",
     [
-        (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_3_linear1"], "double_blocks_\\*/single_blocks_\\*: a Flux.1 LoRA"),
-        (["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_unet_single_blocks_0_linear2"], "Flux.1"),  # te1 is not SDXL evidence here
-        (["lora_unet_joint_blocks_0_x_block_attn_qkv"], "joint_blocks_\\*: an SD3"),
-        (["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te3_encoder_block_0_layer_0_SelfAttention_q"], "T5"),
+        (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_3_linear1"], Arch.FLUX),
+        (["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_unet_single_blocks_0_linear2"], Arch.FLUX),
+        (["lora_unet_single_transformer_blocks_0_attn_to_q"], Arch.FLUX),
+        (["lora_unet_joint_blocks_0_x_block_attn_qkv"], Arch.SD3),
+        (["lora_unet_transformer_blocks_30_attn_to_q"], Arch.SD3),  # past Flux's 19 double blocks
+        (["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te3_encoder_block_0_layer_0_SelfAttention_q"], Arch.FLUX),
+        (["lora_te2_text_model_encoder_layers_0_mlp_fc1", "lora_te3_encoder_block_0_layer_0_SelfAttention_q"], Arch.SD3),
     ],
 )
-def test_other_families_are_refused_by_name(stems, seen):
-    """Was: a Flux or SD3 LoRA reported as sd1/sdxl (the old fallback "nothing tells the widths apart: SD1")."""
-    with pytest.raises(BloraError, match=seen + ".*does not support yet"):
-        decide_arch(dict.fromkeys(stems, (8, 8)))
+def test_dit_families_are_decided_by_name(stems, expected):
+    """Was: Flux and SD3 LoRAs refused by name ("does not support yet"); before that, reported as sd1/sdxl."""
+    assert decide_arch(dict.fromkeys(stems, (8, 8)))[0] is expected
+
+
+def test_diffusers_double_blocks_alone_are_ambiguous_between_flux_and_sd3():
+    """`transformer_blocks.N` with N < 19 names both Flux's double blocks and SD3's joint blocks: Flux by the
+    documented rule, SD3 when the metadata or --arch says so."""
+    stems = {"lora_unet_transformer_blocks_0_attn_to_q": (8, 8)}
+    assert decide_arch(stems)[0] is Arch.FLUX
+    assert decide_arch(stems, override=Arch.SD3)[0] is Arch.SD3
+    assert decide_arch(stems, {"modelspec.architecture": "stable-diffusion-3-medium/lora"})[0] is Arch.SD3
 
 
 def test_unsupported_family_reads_every_key_form():
-    assert "Flux.1" in unsupported_family(["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"])
-    assert "Flux.1" in unsupported_family(["diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight"])
-    assert "DiT" in unsupported_family(["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"])
+    assert "diffusion transformer" in unsupported_family(["transformer.blocks.0.attn.to_q.lora_A.weight"])
+    assert "diffusion transformer" in unsupported_family(["diffusion_model.layers.0.attention.qkv.lora_A.weight"])
+    assert unsupported_family(["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]) is None
     assert unsupported_family(["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"]) is None
 
 
 def test_unet_modules_that_fit_nothing_are_refused_beside_a_text_encoder():
     modules = {"lora_te_text_model_encoder_layers_0_mlp_fc1": (8, 8), "lora_unet_blocks_0_self_attn_q": (8, 8)}
-    with pytest.raises(BloraError, match="no U-Net module fits sd1 .*lora_unet_blocks_0_self_attn_q"):
+    with pytest.raises(BloraError, match="no denoiser module fits sd1 .*lora_unet_blocks_0_self_attn_q"):
         decide_arch(modules)
 
 
