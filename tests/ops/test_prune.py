@@ -118,7 +118,7 @@ def test_a_file_of_no_supported_family_is_refused_at_open(tmp_path):
     from adapters import save
 
     path = save({"lora_unet_foo.lora_down.weight": torch.randn(2, 4), "lora_unet_foo.lora_up.weight": torch.randn(4, 2)}, tmp_path / "u.safetensors")
-    with pytest.raises(AdapterFileError, match="no module fits SD1, SD2 or SDXL \\(e.g. lora_unet_foo\\)"):
+    with pytest.raises(AdapterFileError, match="no module fits SD1, SD2, SDXL, Flux.1 or SD3 \\(e.g. lora_unet_foo\\)"):
         open_adapter(path)
     path = save({"lora_te_foo.lora_down.weight": torch.randn(2, 4), "lora_te_foo.lora_up.weight": torch.randn(4, 2)}, tmp_path / "t.safetensors")
     assert open_adapter(path).arch.value == "sd1"
