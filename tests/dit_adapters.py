@@ -24,26 +24,38 @@ TINY = {
                        T5Encoder(Component.TE3, width=32, depth=1, heads=2, head_width=16, mlp_width=64)),
     ),
     "sd3": replace(
-        SD3_RECORD, depth=3, pooled_width=64, context_width=64,
-        text_encoders=(TextEncoder(Component.TE1, width=32, depth=1, mlp_width=64),
-                       TextEncoder(Component.TE2, width=32, depth=1, mlp_width=64, projection=32),
-                       T5Encoder(Component.TE3, width=32, depth=1, heads=2, head_width=16, mlp_width=64)),
+        SD3_RECORD, depth=3, width=64, pooled_width=80, context_width=96,
+        text_encoders=(TextEncoder(Component.TE1, width=32, depth=2, mlp_width=64, projection=32),
+                       TextEncoder(Component.TE2, width=48, depth=2, mlp_width=96, projection=48),
+                       T5Encoder(Component.TE3, width=96, depth=1, heads=2, head_width=16, mlp_width=64)),
     ),
 }
-"""Tiny Flux (width 64, 2 double + 2 single blocks) and SD3 (depth 3: width 192, J02 the last block)."""
+"""Tiny Flux and SD3 shaped like `blora_tools.models`' tiny diffusers transformers (FLUX_TINY: width 64, 2 double +
+2 single blocks; SD3_TINY, variant sd35_medium: width 64, 3 joint blocks, `attn2` in J00 only, J02 pre-only)."""
 
 DIALECTS = ("kohya", "diffusers", "comfyui", "onetrainer", "xlabs")
 
 
 def dit_layers(arch: str, naming: str = BFL) -> list[DiTLayer]:
     """Every layer of the tiny `arch` model in one naming (`bfl`, `diffusers` or `part`), in table order.
-    SD3's last block has no context attention output or MLP (pre-only) and a 2·width context modulation."""
+    SD3's last block has no context attention output or MLP (pre-only) and a 2·width context modulation; only
+    J00 has `attn2`."""
     record = TINY[arch]
     chosen = [layer for layer in record.layers() if layer.naming == naming]
     if arch == "sd3":
         last = f"J{record.depth - 1:02d}"
-        chosen = [_pre_only(layer, record.width) for layer in chosen if not (layer.block == last and _post_attention(layer))]
+        chosen = [_pre_only(layer, record.width) if layer.block == last else layer
+                  for layer in chosen if not (layer.block == last and _post_attention(layer))]
+        chosen = [_single_attention(layer, record.width) for layer in chosen
+                  if layer.block == "J00" or ".attn2" not in layer.path]
     return chosen
+
+
+def _single_attention(layer: DiTLayer, width: int) -> DiTLayer:
+    """Blocks without `attn2` have a 6·width image modulation (9·width with it)."""
+    if layer.block not in (None, "J00") and layer.leaves[0].name == "x.mod":
+        return replace(layer, shape=(6 * width, width))
+    return layer
 
 
 def _post_attention(layer: DiTLayer) -> bool:

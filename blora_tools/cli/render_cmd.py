@@ -49,7 +49,8 @@ SIZE = _FromText("WxH", parse_size)
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Noise seed (CPU generator).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=DEFAULT_STEPS, show_default=True, help="Denoising steps.")
 @click.option("--cfg", type=FINITE_FLOAT, default=DEFAULT_CFG, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=DEFAULT_SAMPLER, show_default=True)
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=DEFAULT_SAMPLER, show_default=True,
+              help="SD1/SD2/SDXL scheduler; Flux.1 and SD3 keep their own flow-matching scheduler.")
 @click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT, multiples of 8 [default: the model's own size].")
 @click.option("--grid-x", "grid_x", type=AXIS, default=None, help="Vary this across columns (see AXES above).")
 @click.option("--grid-y", "grid_y", type=AXIS, default=None, help="Vary this down rows (see AXES above).")
@@ -90,6 +91,9 @@ def render_cmd(app, model_path: Path, config, loras, prompt, negative, seed, ste
           --lora trained=style_upper.safetensors --prompt "a cat" --grid-x "lora:none|all|inference|trained" -o f.png
       # a single-file checkpoint offline: its configs from a local diffusers folder
       blora-tools render --model v1-5.safetensors --config ./sd15-configs --prompt "a cat" -o cat.png
+      # Flux.1 (a FluxPipeline folder): double vs single blocks, and SplitFlux's style blocks
+      blora-tools render --model ./flux-dev --lora s=style.safetensors --prompt "a cat" --cfg 3.5 \
+          --grid-x "s@none|double|single|splitflux-style" -o flux.png
     """
     from blora_tools.render.run import RenderRequest, render
 

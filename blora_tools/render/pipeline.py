@@ -1,10 +1,14 @@
 """Load a diffusers pipeline once, put adapters' ΔW into it per cell, take them out again, render.
 
-How an adapter is applied (the same for SD1, SD2 and SDXL, and for every kind the file model reads):
-for each touched layer, W' = cast(float32(W) + Σ mᵢ·ΔWᵢ) where ΔWᵢ is the module's dense ΔW exactly as
+How an adapter is applied (the same for SD1, SD2, SDXL, Flux.1 and SD3, and for every kind the file model
+reads): for each touched layer, W' = cast(float32(W) + Σ mᵢ·ΔWᵢ) where ΔWᵢ is the module's dense ΔW exactly as
 `adapter.kinds.delta_weight` defines it (scale = alpha/rank folded in) and mᵢ the user's weight. The layer's
 parameter then holds W' and the *original tensor object* W is kept aside; removing the adapters puts W back,
 so the base weights are bit-identical by construction. Only touched layers are held twice.
+
+diffusers splits the fused layers of Flux.1 and SD3 (q|k|v, Flux's single-block `linear1`): a module in BFL
+naming reaches each split layer as rows of its ΔW (`Target`), with the shift/scale halves swapped where diffusers
+swaps them (`norm_out.linear`, SD3's last context modulation); a sub-selector applies only its rows.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -32,10 +37,12 @@ from blora_tools.render.draw import draw_grid
 from blora_tools.render.files import grid_map
 from blora_tools.render.plan import Cell, CellSettings, GridPlan, Selection
 from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.dit import DIFFUSERS, parts_of
 
 __all__ = [
     "RenderModel",
     "AttachedAdapter",
+    "Target",
     "WeightPatcher",
     "load_model",
     "pipeline_arch",
@@ -51,7 +58,8 @@ __all__ = [
     "resolve_dtype",
 ]
 
-_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline"})
+_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline", "StableDiffusion3Pipeline"})
+_DIT_PIPELINES = MappingProxyType({"FluxPipeline": Arch.FLUX, "StableDiffusion3Pipeline": Arch.SD3})
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -108,39 +116,62 @@ class RenderModel:
 
     @classmethod
     def from_pipeline(cls, pipe, sampler: str | None = DEFAULT_SAMPLER, source: str | Path = "<in memory>") -> "RenderModel":
-        """Wrap a pipeline already loaded (StableDiffusionPipeline or StableDiffusionXLPipeline); with `sampler`,
-        its scheduler is replaced by that sampler's (None keeps the pipeline's)."""
+        """Wrap a pipeline already loaded (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline or
+        StableDiffusion3Pipeline); with `sampler`, its scheduler is replaced by that sampler's (None keeps the
+        pipeline's; Flux.1 and SD3 always keep their flow-matching scheduler)."""
         class_name = type(pipe).__name__
         if class_name not in _PIPELINES:
-            raise BloraError(f"{class_name} is not supported: use a StableDiffusionPipeline or StableDiffusionXLPipeline")
+            raise BloraError(f"{class_name} is not supported: {_SUPPORTED}")
+        if class_name in _DIT_PIPELINES:
+            sampler = None
         if sampler is not None:
             if sampler not in SAMPLERS:
                 raise BloraError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
             pipe.scheduler = _scheduler(sampler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        model = cls(pipe, pipeline_arch(pipe), pipe.unet.device, pipe.unet.dtype, Path(source), {}, sampler or "")
+        denoiser = _denoiser(pipe)
+        model = cls(pipe, pipeline_arch(pipe), denoiser.device, denoiser.dtype, Path(source), {}, sampler or "")
         model.layers = _layer_index(model)
         return model
 
     def default_size(self) -> tuple[int, int]:
-        """(width, height) the model was trained at: U-Net sample size × VAE scale factor."""
-        side = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        """(width, height) the model was trained at: the denoiser's sample size × VAE scale factor."""
+        sample = getattr(self.pipe, "default_sample_size", None) if self.arch in (Arch.FLUX, Arch.SD3) else None
+        side = int(sample or self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
         return side, side
 
     def components(self) -> dict[str, nn.Module]:
-        """The networks adapters can touch: `unet` and the text encoder(s) under their kohya component name."""
-        found = {"unet": self.pipe.unet}
-        if self.arch is Arch.SDXL:
-            found["te1"] = self.pipe.text_encoder
-            found["te2"] = self.pipe.text_encoder_2
+        """The networks adapters can touch: the denoiser (`unet`) and the text encoders under their kohya
+        component names (Flux.1: CLIP-L `te1`, T5 `te3`; SD3: `te1`, `te2`, `te3`)."""
+        pipe = self.pipe
+        found = {"unet": _denoiser(pipe)}
+        if self.arch is Arch.FLUX:
+            found |= {"te1": pipe.text_encoder, "te3": pipe.text_encoder_2}
+        elif self.arch is Arch.SD3:
+            found |= {"te1": pipe.text_encoder, "te2": pipe.text_encoder_2, "te3": pipe.text_encoder_3}
+        elif self.arch is Arch.SDXL:
+            found |= {"te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
         else:
-            found["te"] = self.pipe.text_encoder
+            found["te"] = pipe.text_encoder
         return {k: v for k, v in found.items() if v is not None}
 
 
+_SUPPORTED = (
+    "render needs a StableDiffusionPipeline (SD1/SD2), StableDiffusionXLPipeline (SDXL), FluxPipeline (Flux.1) or "
+    "StableDiffusion3Pipeline (SD3/SD3.5) model"
+)
+
+
+def _denoiser(pipe) -> nn.Module:
+    """The pipeline's U-Net, or its transformer (Flux.1, SD3)."""
+    return pipe.transformer if type(pipe).__name__ in _DIT_PIPELINES else pipe.unet
+
+
 def pipeline_arch(pipe) -> Arch:
-    """The family of a loaded pipeline: SDXL for an SDXL pipeline, else SD1 or SD2 from its U-Net's widths
-    (`taxonomy.detect.arch_from_widths`)."""
+    """The family of a loaded pipeline: Flux.1, SD3 and SDXL by pipeline class, else SD1 or SD2 from its U-Net's
+    widths (`taxonomy.detect.arch_from_widths`)."""
+    if type(pipe).__name__ in _DIT_PIPELINES:
+        return _DIT_PIPELINES[type(pipe).__name__]
     config = pipe.unet.config
     return _family(type(pipe).__name__, config.cross_attention_dim, getattr(config, "use_linear_projection", False))
 
@@ -185,11 +216,7 @@ def _pipeline_class(name: str, where: Path):
     import diffusers
 
     if name not in _PIPELINES:
-        raise BloraError(
-            f"{name or 'an unknown pipeline'} is not supported: render needs a StableDiffusionPipeline (SD1/SD2) or "
-            "StableDiffusionXLPipeline (SDXL) model",
-            where,
-        )
+        raise BloraError(f"{name or 'an unknown pipeline'} is not supported: {_SUPPORTED}", where)
     return getattr(diffusers, name)
 
 
@@ -231,6 +258,8 @@ def peek_arch(path: str | Path, config: str | Path | None = None) -> Arch | None
     if not (folder / "model_index.json").is_file():
         return None
     class_name = _class_in(folder)
+    if class_name in _DIT_PIPELINES:
+        return _DIT_PIPELINES[class_name]
     if class_name == "StableDiffusionXLPipeline":
         return Arch.SDXL
     if class_name != "StableDiffusionPipeline":
@@ -243,6 +272,8 @@ def peek_arch(path: str | Path, config: str | Path | None = None) -> Arch | None
 
 
 def _extra_kwargs(class_name: str) -> dict:
+    if class_name in _DIT_PIPELINES:
+        return {}
     if class_name == "StableDiffusionXLPipeline":
         return {"add_watermarker": False}
     return {"safety_checker": None, "requires_safety_checker": False}
@@ -327,14 +358,30 @@ def _layer_index(model: RenderModel) -> dict[str, nn.Module]:
 # --- adapters -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Target:
+    """A model layer a module reaches: rows `start:stop` of the module's ΔW (all rows when `stop` is None),
+    with the shift/scale halves swapped when `swap` (a BFL module on diffusers' swapped layers)."""
+
+    layer: nn.Module
+    start: int = 0
+    stop: int | None = None
+    swap: bool = False
+
+
 @dataclass
 class AttachedAdapter:
-    """An adapter checked against a loaded model: its modules' layers and tensors (on the model's device)."""
+    """An adapter checked against a loaded model: its modules' target layers and tensors (on the model's device)."""
 
     name: str
     adapter: Adapter
-    layers: dict[str, nn.Module] = field(default_factory=dict)
+    targets: dict[str, tuple[Target, ...]] = field(default_factory=dict)
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+Use = tuple[AttachedAdapter, Module, float, tuple]
+"""(adapter, module, weight, leaves): a module applied at a weight; `leaves` () for all its rows, else the
+row parts (`taxonomy.dit.Leaf`) a sub-selector chose."""
 
 
 def check_arch(adapter: Adapter, arch: Arch) -> None:
@@ -346,17 +393,35 @@ def check_arch(adapter: Adapter, arch: Arch) -> None:
         )
 
 
-def _layer_for(model: RenderModel, stem: str) -> nn.Module | None:
-    """The model's layer a module adapts, whichever naming the file uses (`layers.layer_id`)."""
-    layer = model.layers.get(stem)
-    return layer if layer is not None else model.layers.get(layer_id(stem, model.arch))
+def _targets(model: RenderModel, module: Module) -> tuple[Target, ...] | None:
+    """The model layers a module adapts, whichever naming the file uses (`layers.layer_id`); a DiT module in BFL
+    naming reaches the diffusers layers that split its fused weight. None when a layer is missing."""
+    layer = model.layers.get(module.stem) or model.layers.get(layer_id(module.stem, model.arch))
+    if layer is not None:
+        return (Target(layer),)
+    dit = module.placement.layer if module.placement is not None else None
+    if dit is None or dit.naming == DIFFUSERS:
+        return None
+    rows = module.weight_shape[0]
+    unit = rows // dit.units
+    swap = dit.swappable and len(module.weight_shape) == 2 and rows == 2 * module.weight_shape[1]
+    targets = []
+    for part in parts_of(model.arch)[(dit.fused, DIFFUSERS)]:
+        if not dit.offset <= part.offset < dit.offset + dit.units:
+            continue
+        layer = model.layers.get(part.stem)
+        if layer is None:
+            return None
+        start = (part.offset - dit.offset) * unit
+        targets.append(Target(layer, start, start + part.units * unit, swap))
+    return tuple(targets) or None
 
 
 def attach_adapter(model: RenderModel, name: str, adapter: Adapter, stems: Iterable[str]) -> AttachedAdapter:
     """Check an adapter against the model and load the tensors of the modules `stems` on the model's device.
 
     Raises AdapterFileError for an adapter of another architecture, a module with no layer in the model or a
-    ΔW whose size does not fit its layer, and a DoRA module (its ΔW depends on the base weight's norm).
+    ΔW whose size does not fit its layers, and a DoRA module (its ΔW depends on the base weight's norm).
     """
     path = adapter.path
     check_arch(adapter, model.arch)
@@ -366,18 +431,19 @@ def attach_adapter(model: RenderModel, name: str, adapter: Adapter, stems: Itera
         module = adapter.modules[stem]
         if module.dora:
             raise AdapterFileError(f"module {stem} is DoRA (dora_scale); render does not apply DoRA yet", path)
-        layer = _layer_for(model, stem)
-        if layer is None:
+        targets = _targets(model, module)
+        if targets is None:
             missing.append(stem)
             continue
-        want = layer._parameters["weight"].shape
-        if _numel(module.weight_shape) != want.numel():
+        want = sum(t.layer._parameters["weight"].numel() for t in targets)
+        if _numel(module.weight_shape) != want:
+            shapes = " + ".join(str(list(t.layer._parameters["weight"].shape)) for t in targets)
             raise AdapterFileError(
-                f"module {stem} changes a {list(module.weight_shape)} weight but the model's layer is {list(want)}: "
+                f"module {stem} changes a {list(module.weight_shape)} weight but the model's layer is {shapes}: "
                 f"the adapter was trained for a different {model.arch.value} model size",
                 path,
             )
-        attached.layers[stem] = layer
+        attached.targets[stem] = targets
         attached.tensors[stem] = {
             p: t.to(model.device) for p, t in adapter.tensors(module).items() if p not in ("alpha",)
         }
@@ -397,22 +463,37 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def merged_weights(
-    uses: Iterable[tuple[AttachedAdapter, Module, float]],
-) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+def merged_weights(uses: Iterable[Use]) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
     """Per touched layer, its new parameters: cast(float32(W) + Σ mᵢ·ΔWᵢ) in the layer's dtype (weight and, for
     full/norm kinds, bias). LoRA-family modules are added straight from their factors (one fused
     multiply-add, W + m·scale·up@down, no separate dense ΔW); other kinds through `delta_weight`."""
-    grouped: dict[int, list[tuple[AttachedAdapter, Module, float]]] = defaultdict(list)
+    grouped: dict[int, list[tuple[AttachedAdapter, Module, float, tuple, Target]]] = defaultdict(list)
     layers: dict[int, nn.Module] = {}
-    for attached, module, weight in uses:
-        layer = attached.layers[module.stem]
-        grouped[id(layer)].append((attached, module, weight))
-        layers[id(layer)] = layer
+    for attached, module, weight, leaves in uses:
+        for target in attached.targets[module.stem]:
+            grouped[id(target.layer)].append((attached, module, weight, leaves, target))
+            layers[id(target.layer)] = target.layer
     return [(layers[key], _merge_layer(layers[key], items)) for key, items in grouped.items()]
 
 
-def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, float]]) -> dict[str, torch.Tensor]:
+def _rows(matrix: torch.Tensor, module: Module, leaves: tuple, target: Target) -> torch.Tensor:
+    """The rows of a module's up factor (or dense ΔW) one target receives: outside the chosen leaves zeroed,
+    sliced to the target, halves swapped where diffusers swaps them. Unchanged for a whole, unsplit module."""
+    if leaves:
+        unit = matrix.shape[0] // module.placement.layer.units
+        mask = torch.zeros(matrix.shape[0], 1, dtype=matrix.dtype, device=matrix.device)
+        for leaf in leaves:
+            mask[leaf.start * unit : leaf.stop * unit] = 1
+        matrix = matrix * mask
+    if target.stop is not None:
+        matrix = matrix[target.start : target.stop]
+    if target.swap:
+        half = matrix.shape[0] // 2
+        matrix = torch.cat((matrix[half:], matrix[:half]))
+    return matrix
+
+
+def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, float, tuple, Target]]) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
 
     def base(name: str, module: Module, attached: AttachedAdapter) -> tuple[torch.Tensor, bool]:
@@ -424,10 +505,11 @@ def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, fl
         as_float = original.float()
         return as_float, as_float.data_ptr() != original.data_ptr()
 
-    for attached, module, weight in items:
+    for attached, module, weight, leaves, target in items:
         tensors = attached.tensors[module.stem]
         if module.kind.is_lora:
             up, down = lora_factors(module.kind, tensors)
+            up = _rows(up, module, leaves, target)
             alpha = weight * module.scale
             if "weight" in sums:
                 sums["weight"].addmm_(up, down, alpha=alpha)
@@ -435,10 +517,11 @@ def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, fl
                 start, owned = base("weight", module, attached)
                 sums["weight"] = start.addmm_(up, down, alpha=alpha) if owned else torch.addmm(start, up, down, alpha=alpha)
             continue
-        parts = {"weight": delta_weight(module.kind, tensors, module.scale, module.weight_shape)}
+        delta = delta_weight(module.kind, tensors, module.scale, module.weight_shape)
+        parts = {"weight": _rows(delta.reshape(delta.shape[0], -1), module, leaves, target)}
         bias_key = {Kind.FULL: "diff_b", Kind.NORM: "b_norm"}.get(module.kind)
         if bias_key and bias_key in tensors:
-            parts["bias"] = tensors[bias_key].float()
+            parts["bias"] = _rows(tensors[bias_key].float().reshape(-1, 1), module, leaves, target).reshape(-1)
         for name, delta in parts.items():
             if name in sums:
                 sums[name].add_(delta.reshape(sums[name].shape), alpha=weight)
@@ -468,7 +551,7 @@ class WeightPatcher:
         return bool(self._saved)
 
     @torch.no_grad()
-    def apply(self, uses: Iterable[tuple[AttachedAdapter, Module, float]]) -> int:
+    def apply(self, uses: Iterable[Use]) -> int:
         """Merge the adapters' ΔW; returns the number of layers touched. Restores first if still applied."""
         self.restore()
         touched = 0
@@ -534,13 +617,14 @@ def cell_uses(
     settings: CellSettings,
     adapters: Mapping[str, AttachedAdapter],
     selections: Mapping[tuple[str, str], Selection],
-) -> list[tuple[AttachedAdapter, Module, float]]:
-    """(adapter, module, weight) for every module a cell applies."""
+) -> list[Use]:
+    """(adapter, module, weight, leaves) for every module a cell applies."""
     uses = []
     for use in settings.adapter_state:
         attached = adapters[use.name]
-        for stem in selections[(use.name, use.selector)].stems:
-            uses.append((attached, attached.adapter.modules[stem], use.weight))
+        selection = selections[(use.name, use.selector)]
+        for stem in selection.stems:
+            uses.append((attached, attached.adapter.modules[stem], use.weight, selection.parts.get(stem, ())))
     return uses
 
 

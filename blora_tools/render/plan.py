@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from blora_tools.errors import BloraError, SelectorError
 from blora_tools.render.args import OFF, Axis, AxisKind
@@ -163,6 +164,8 @@ class Selection:
     blocks: frozenset[str]
     stems: tuple[str, ...]
     empty_groups: tuple[str, ...] = ()
+    parts: Mapping[str, tuple] = field(default_factory=dict)
+    """stem → the leaves (row parts) chosen, for modules of a DiT fused layer a sub-selector covers in part."""
 
     def to_json(self, arch) -> dict:
         from blora_tools.taxonomy.selectors import describe_blocks
@@ -187,7 +190,7 @@ def select_modules(name: str, adapter, selector: str, arch) -> Selection:
     are not are reported in `empty_groups` (a warning for the caller).
     """
     from blora_tools.taxonomy.blocks import table
-    from blora_tools.taxonomy.selectors import describe_blocks, resolve_selector
+    from blora_tools.taxonomy.selectors import coverage, describe_blocks, resolve_selector
 
     if selector == OFF:
         return Selection(name, selector, frozenset(), ())
@@ -195,7 +198,9 @@ def select_modules(name: str, adapter, selector: str, arch) -> Selection:
         blocks = resolve_selector(selector, arch)
     except SelectorError as err:
         raise SelectorError(f"adapter {name!r}, blocks {selector!r}: {err.message}") from None
-    stems = tuple(s for s, m in adapter.modules.items() if m.block in blocks)
+    covered = {s: coverage(m.placement, blocks) for s, m in adapter.modules.items()}
+    stems = tuple(s for s, c in covered.items() if not c.none)
+    parts = {s: c.leaves for s, c in covered.items() if c.leaves}
     present = {m.block for m in adapter.modules.values() if m.block is not None}
     if not stems:
         has = describe_blocks(frozenset(present), arch) if present else "no block"
@@ -213,7 +218,7 @@ def select_modules(name: str, adapter, selector: str, arch) -> Selection:
                 by_group.setdefault(group, set()).add(block)
         order = list(layout.groups)
         empty = [g for g in order if g in by_group and not (by_group[g] & present)]
-    return Selection(name, selector, blocks, stems, tuple(empty))
+    return Selection(name, selector, blocks, stems, tuple(empty), parts)
 
 
 def resolve_plan(plan: GridPlan, adapters: dict) -> tuple[dict[tuple[str, str], Selection], list[str]]:

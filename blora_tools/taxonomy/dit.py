@@ -217,6 +217,8 @@ class MMDiT:
 
     arch: Arch
     depth: int
+    width: int
+    """64·depth in every published model (sd-scripts `MMDiT.__init__`)."""
     latent_channels: int
     patch: int
     pooled_width: int
@@ -224,10 +226,6 @@ class MMDiT:
     context_width: int
     time_width: int
     text_encoders: tuple[Encoder, ...]
-
-    @property
-    def width(self) -> int:
-        return 64 * self.depth
 
     @property
     def blocks(self) -> tuple[str, ...]:
@@ -308,7 +306,7 @@ FLUX_RECORD = Flux(
 """Flux.1 dev/schnell (sd-scripts `flux_models.configs`: hidden 3072, 19 + 38 blocks, mlp_ratio 4)."""
 
 SD3_RECORD = MMDiT(
-    Arch.SD3, depth=38, latent_channels=16, patch=2, pooled_width=2048, context_width=4096, time_width=256,
+    Arch.SD3, depth=38, width=64 * 38, latent_channels=16, patch=2, pooled_width=2048, context_width=4096, time_width=256,
     text_encoders=(
         _CLIP_L,
         TextEncoder(Component.TE2, width=1280, depth=32, mlp_width=5120, projection=1280),
