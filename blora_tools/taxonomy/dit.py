@@ -129,8 +129,20 @@ class _Table:
             )
 
 
+class _Family:
+    """What every diffusion-transformer record does with its layer list (the record duties of `layouts`)."""
+
+    def layer_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(kohya stem, weight shape) of every layer in both namings, and of the text encoders."""
+        return dit_layer_shapes(self)
+
+    def placement(self, path: str) -> "Placement | None":
+        """Where an underscored transformer module path sits; None when it is no layer of this family."""
+        return place_dit(path, self)
+
+
 @dataclass(frozen=True)
-class Flux:
+class Flux(_Family):
     """Flux.1 (dev, schnell): double-stream blocks D00…, single-stream blocks S00…, and BASE."""
 
     arch: Arch
@@ -155,14 +167,6 @@ class Flux:
         doubles = tuple(f"D{i:02d}" for i in range(self.double))
         singles = tuple(f"S{i:02d}" for i in range(self.single))
         return _dit_table(self, {"double": doubles, "single": singles})
-
-    def layer_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """(kohya stem, weight shape) of every layer in both namings, and of the text encoders."""
-        return dit_layer_shapes(self)
-
-    def placement(self, path: str) -> "Placement | None":
-        """Where an underscored transformer module path sits; None when it is no layer of this family."""
-        return place_dit(path, self)
 
     def layers(self) -> Iterator[DiTLayer]:
         h, m = self.width, self.mlp_ratio * self.width
@@ -207,7 +211,7 @@ class Flux:
 
 
 @dataclass(frozen=True)
-class MMDiT:
+class MMDiT(_Family):
     """SD3 / SD3.5 (MMDiT): joint blocks J00… with an image (`x`) and a text (`ctx`) stream, and BASE.
 
     Width is 64·depth (sd-scripts `MMDiT.__init__`); the table is the largest family member (SD3.5 Large,
@@ -233,14 +237,6 @@ class MMDiT:
 
     def block_table(self) -> "ArchTable":
         return _dit_table(self, {"joint": self.blocks})
-
-    def layer_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """(kohya stem, weight shape) of every layer in both namings, and of the text encoders."""
-        return dit_layer_shapes(self)
-
-    def placement(self, path: str) -> "Placement | None":
-        """Where an underscored transformer module path sits; None when it is no layer of this family."""
-        return place_dit(path, self)
 
     def layers(self) -> Iterator[DiTLayer]:
         h, m = self.width, 4 * self.width

@@ -105,13 +105,7 @@ class WeightSpec:
         values = dict.fromkeys(layout.blocks, 1.0)
         parts: dict[str, float] = {}
         for term, weight in self.named:
-            for atom in resolve_atoms(term, layout):
-                block, _, leaf = atom.partition(":")
-                if leaf:
-                    parts[atom] = weight
-                else:
-                    values[block] = weight
-                    parts = {a: w for a, w in parts.items() if not a.startswith(block + ":")}
+            _assign(values, parts, resolve_atoms(term, layout), weight)
         _fold_whole_blocks(values, parts, layout)
         return BlockWeights(layout.arch, MappingProxyType(values), MappingProxyType(parts))
 
@@ -194,6 +188,18 @@ def _weight_value(raw: str, text: str) -> float:
     return value
 
 
+def _assign(values: dict[str, float], parts: dict[str, float], atoms: frozenset[str], weight: float) -> None:
+    """Give `weight` to resolved atoms: a whole block (its earlier part weights dropped) or one part of one."""
+    for atom in atoms:
+        block, _, leaf = atom.partition(":")
+        if leaf:
+            parts[atom] = weight
+        else:
+            values[block] = weight
+            for old in [a for a in parts if a.startswith(block + ":")]:
+                del parts[old]
+
+
 def _fold_whole_blocks(values: dict[str, float], parts: dict[str, float], layout: ArchTable) -> None:
     """A block whose every part has one weight holds it as its own value (no part entries)."""
     by_block: dict[str, dict[str, float]] = {}
@@ -242,12 +248,7 @@ def _from_dit_vector(vector: tuple[float, ...], layout: ArchTable, fill: float, 
     parts: dict[str, float] = {}
     for names, weight in zip(terms, vector):
         for name in names:
-            for atom in resolve_atoms(name, layout):
-                block, _, leaf = atom.partition(":")
-                if leaf:
-                    parts[atom] = weight
-                else:
-                    values[block] = weight
+            _assign(values, parts, resolve_atoms(name, layout), weight)
     return BlockWeights(layout.arch, MappingProxyType(values), MappingProxyType(parts))
 
 
