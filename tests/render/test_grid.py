@@ -1,6 +1,7 @@
 """The render plan without a model: --lora and axis syntax, cells, selections, the labelled image."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -106,6 +107,7 @@ def test_plan_refuses_unknown_adapter_and_same_axis_twice():
 class _FakeModule:
     def __init__(self, block):
         self.block = block
+        self.placement = SimpleNamespace(block=block, layer=None)
 
 
 class _FakeAdapter:
