@@ -53,6 +53,23 @@ def open_regular(path: str | Path, error: type[BloraError], what: str = "file") 
     return os.fdopen(fd, "rb")
 
 
+def read_exact(fd: int, offset: int, n: int, path: str | Path, what: str, error: type[BloraError]) -> bytes:
+    """`n` bytes of an open file at `offset` (short reads, as slow or network file systems give them, are
+    continued); `error` naming `what` ("tensor 'x'") when the file ends first or cannot be read."""
+    try:
+        data = os.pread(fd, n, offset) if n else b""
+        while 0 < len(data) < n:
+            more = os.pread(fd, n - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+    except OSError as err:
+        raise error(f"cannot read {what}: {err.strerror or err}", path) from None
+    if len(data) != n:
+        raise error(f"file ended inside {what}", path)
+    return data
+
+
 def refuse_special_file(path: str | Path, error: type[BloraError], what: str) -> None:
     """Refuse a path that exists and is neither a regular file nor a directory (a FIFO, a device, a socket),
     for inputs that may be either (a model: a diffusers folder or a single file)."""

@@ -3,24 +3,30 @@
 Every writing command calls `updated_metadata` once: it states the output's modules as `blora_spec`
 (`BlockSpec.from_modules`) and appends one `blora_history` entry (`_history_entry`) naming the inputs (file name
 and short sha256) and the arguments. The `sshs_*` hashes and the inputs' sha256 are filled in by the writer:
-inputs are hashed on worker threads while the output is written (`InputDigests`), the output as it is written.
+inputs are hashed while the output is written (`InputDigests`: from the very bytes copied into the output where
+the copies run in file order, so such an input is read once), the output as it is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from blora_tools.adapter.writer import Entry, Origin
     from blora_tools.spec import ModuleFacts
     from blora_tools.taxonomy.arch import Arch
 
+from blora_tools.errors import AdapterFileError
+from blora_tools.inputs import open_regular, read_exact
 from blora_tools.jsonio import dumps, json_value, loads_strict
 
 __all__ = [
@@ -59,33 +65,131 @@ def _input_placeholder(index: int) -> str:
 
 
 class InputDigests:
-    """The short sha256 of each input file, each hashed on its own worker thread from construction on, so the
-    hashing overlaps the write (hashlib releases the GIL); `values()` maps each placeholder to its digest."""
+    """The short sha256 of each input file for its history entry, hashed while the output is written.
 
-    def __init__(self, inputs: Sequence[str | Path]):
-        self._hashes = [hashlib.sha256() for _ in inputs]
-        self._errors: list[OSError] = []
-        self._threads = [
-            threading.Thread(target=self._run, args=(Path(p), h), daemon=True) for p, h in zip(inputs, self._hashes)
-        ]
-        for thread in self._threads:
-            thread.start()
+    An input whose copied tensors (entries with an `origin` in it) are written in file order, as prune,
+    reweight and convert write them when names keep their order, is read once: `through` gives those entries
+    their bytes from one forward pass over the file that hashes every byte it passes, the header and the
+    tensors between copied ones included, and `values()` hashes what is left after the last. Any other input
+    is read and hashed whole on its own thread from construction on. Hashing runs on worker threads
+    (hashlib releases the GIL). `close()` ends them and closes the files; `values()` does so too.
+    """
 
-    def _run(self, path: Path, digest) -> None:
+    def __init__(self, inputs: Sequence[str | Path], entries: Sequence["Entry"] = ()):
+        """`entries`: the entries in the order they are written (`writer.write_order`)."""
+        self._passes: list[_ForwardPass | _WholeFile] = []
+        self._forward: dict[Path, _ForwardPass] = {}
         try:
-            with path.open("rb", buffering=0) as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-        except OSError as err:
-            self._errors.append(err)
+            for path in map(Path, inputs):
+                spans = [(e.origin.offset, e.nbytes) for e in entries if e.origin is not None and e.origin.path == path]
+                if path not in self._forward and _in_file_order(spans):
+                    self._forward[path] = _ForwardPass(path)
+                    self._passes.append(self._forward[path])
+                else:
+                    self._passes.append(_WholeFile(path))
+        except BaseException:
+            self.close()
+            raise
+
+    def through(self, entry: "Entry") -> "Entry":
+        """`entry`, reading its bytes through its input's forward pass when it has one (else unchanged)."""
+        origin = entry.origin
+        reader = self._forward.get(origin.path) if origin is not None else None
+        if reader is None:
+            return entry
+        return replace(entry, produce=lambda: reader.read(origin, entry.nbytes))
 
     def values(self) -> dict[str, str]:
-        """placeholder → short sha256, once every thread is done; OSError when an input could not be read."""
-        for thread in self._threads:
-            thread.join()
-        if self._errors:
-            raise self._errors[0]
-        return {_input_placeholder(i): h.hexdigest()[:_SHORT_HASH] for i, h in enumerate(self._hashes)}
+        """placeholder → short sha256, once every input is hashed; OSError when an input could not be read."""
+        try:
+            digests = [p.hexdigest() for p in self._passes]
+        finally:
+            self.close()
+        return {_input_placeholder(i): d[:_SHORT_HASH] for i, d in enumerate(digests)}
+
+    def close(self) -> None:
+        """Stop hashing and close the inputs (after a failed write; idempotent)."""
+        for p in self._passes:
+            p.close()
+
+
+def _in_file_order(spans: Sequence[tuple[int, int]]) -> bool:
+    """Whether (offset, length) spans, as they will be asked for, move forward through the file."""
+    return bool(spans) and all(start >= before + n for (before, n), (start, _) in zip(spans, spans[1:]))
+
+
+_CHUNK = 1 << 23
+"""Bytes per read where the hash reads a file by itself (8 MiB: few system calls, bounded memory)."""
+
+
+class _ForwardPass:
+    """One input read front to back: tensors handed out as they are asked for (in file order), everything
+    passed on the way fed to a background sha256."""
+
+    def __init__(self, path: Path):
+        from blora_tools.adapter.writer import BackgroundHash
+
+        self.path = path
+        self._file = open_regular(path, AdapterFileError, "a .safetensors file")
+        self._hash = BackgroundHash()
+        self._position = 0
+        self._digest: str | None = None
+
+    def read(self, origin: "Origin", n: int) -> bytes:
+        """The `n` bytes at `origin`, hashing the file up to their end."""
+        what = f"tensor {origin.key!r}"
+        while self._position < origin.offset:
+            step = min(_CHUNK, origin.offset - self._position)
+            self._hash.update(read_exact(self._file.fileno(), self._position, step, self.path, what, AdapterFileError))
+            self._position += step
+        data = read_exact(self._file.fileno(), origin.offset, n, self.path, what, AdapterFileError)
+        self._hash.update(data)
+        self._position = origin.offset + n
+        return data
+
+    def hexdigest(self) -> str:
+        """The file's sha256: the rest of the file hashed, to its end."""
+        if self._digest is None:
+            while chunk := os.pread(self._file.fileno(), _CHUNK, self._position):
+                self._hash.update(chunk)
+                self._position += len(chunk)
+            self._digest = self._hash.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        if self._digest is None:
+            self._hash.hexdigest()  # ends the worker thread; the digest of a part of the file is no digest
+            self._digest = ""
+        self._file.close()
+
+
+class _WholeFile:
+    """One input read and hashed whole on its own thread."""
+
+    def __init__(self, path: Path):
+        self._hash = hashlib.sha256()
+        self._error: OSError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            with path.open("rb", buffering=0) as f:
+                while not self._stop.is_set() and (chunk := f.read(_CHUNK)):
+                    self._hash.update(chunk)
+        except OSError as err:
+            self._error = err
+
+    def hexdigest(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def filled_history(history: str, digests: Mapping[str, str]) -> str:

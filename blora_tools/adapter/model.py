@@ -21,6 +21,7 @@ from blora_tools.adapter.formats import DIFFUSERS_FAMILY, Dialect, Format, KeyNa
 from blora_tools.adapter.header import Header, TensorInfo, read_header
 from blora_tools.adapter.kinds import Kind, kind_of
 from blora_tools.errors import AdapterFileError, BloraError
+from blora_tools.inputs import read_exact
 from blora_tools.jsonio import loads_strict
 from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component, Placement, place, table
@@ -117,19 +118,13 @@ class Adapter:
     def raw(self, key: str) -> bytes:
         """A tensor's bytes exactly as stored (one unbuffered read at its offset: no read-ahead copy)."""
         info = self.header.tensors[key]
+        what = f"tensor {key!r}"
         try:
             with self.path.open("rb", buffering=0) as f:
-                data = os.pread(f.fileno(), info.nbytes, self.header.data_start + info.begin) if info.nbytes else b""
-                while 0 < len(data) < info.nbytes:  # a short read from a slow or network filesystem
-                    more = os.pread(f.fileno(), info.nbytes - len(data), self.header.data_start + info.begin + len(data))
-                    if not more:
-                        break
-                    data += more
+                return read_exact(f.fileno(), self.header.data_start + info.begin, info.nbytes, self.path, what,
+                                  AdapterFileError)
         except OSError as err:
-            raise AdapterFileError(f"cannot read tensor {key!r}: {err.strerror or err}", self.path) from None
-        if len(data) != info.nbytes:
-            raise AdapterFileError(f"file ended inside tensor {key!r}", self.path)
-        return data
+            raise AdapterFileError(f"cannot read {what}: {err.strerror or err}", self.path) from None
 
     def tensor(self, key: str) -> "torch.Tensor":
         """One tensor, read now (a fresh, writable CPU tensor)."""

@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BackgroundHash",
     "Entry",
+    "Origin",
+    "write_order",
     "check_output",
     "header_bytes",
     "write_entries",
@@ -51,13 +54,24 @@ _LEGACY_OFFSET, _LEGACY_LENGTH = 0x100000, 0x10000
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a copied tensor's bytes lie unchanged: the file, the offset of its first byte, its key there."""
+
+    path: Path
+    offset: int
+    key: str
+
+
+@dataclass(frozen=True)
 class Entry:
-    """One tensor to write: its name, dtype name, shape and a callable giving its bytes."""
+    """One tensor to write: its name, dtype name, shape and a callable giving its bytes; `origin` when the
+    bytes are an input's, unchanged (so the input's hash can be taken from the bytes copied)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     produce: Callable[[], bytes]
+    origin: Origin | None = None
 
     @property
     def nbytes(self) -> int:
@@ -100,8 +114,9 @@ def _same_file(path: Path, source: Path) -> bool:
         return False
 
 
-def _ordered(entries: Iterable[Entry]) -> list[Entry]:
-    """safetensors' data order: larger dtypes first (its dtype order, descending), then by name."""
+def write_order(entries: Iterable[Entry]) -> list[Entry]:
+    """The order the entries are written in, safetensors' data order: larger dtypes first (its dtype order,
+    descending), then by name."""
     return sorted(entries, key=lambda e: (-_DTYPE_ORDER[e.dtype], e.name))
 
 
@@ -134,7 +149,7 @@ def write_entries(
     meanwhile); each must encode to the length of the value it replaces, as the header is rewritten in place.
     """
     path = check_output(path, inputs, force)
-    items = _ordered(entries)
+    items = write_order(entries)
     names = [e.name for e in items]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names in output")
@@ -144,7 +159,7 @@ def write_entries(
     head = header_bytes(items, meta)
     with atomic_file(path, force=force, verify=check_readable) as f:
         f.write(struct.pack("<Q", len(head)) + head)
-        data_hash = _BackgroundHash()
+        data_hash = BackgroundHash()
         try:
             for e in items:
                 data = e.produce()
@@ -167,8 +182,10 @@ def write_entries(
     return path
 
 
-class _BackgroundHash:
-    """sha256 on a worker thread, so hashing overlaps reading and writing (hashlib releases the GIL)."""
+class BackgroundHash:
+    """sha256 on a worker thread, so hashing overlaps reading and writing (hashlib releases the GIL).
+
+    `hexdigest()` ends the thread; call it on every path, failures included."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()

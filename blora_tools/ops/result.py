@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blora_tools.adapter.writer import Entry, check_output, write_entries
+from blora_tools.adapter.writer import Entry, Origin, check_output, write_entries, write_order
 from blora_tools.errors import NonFiniteError
 
 if TYPE_CHECKING:
@@ -54,19 +54,25 @@ class Result:
         from blora_tools.adapter.metadata import HISTORY_KEY, InputDigests, filled_history
 
         entries = self.entries
-        if not allow_nonfinite:
-            entries = [_finite_checked(e, self.inputs, Path(path)) for e in entries]
-        if on_bytes is not None:
-            entries = [_reporting(e, on_bytes) for e in entries]
-        late = None
+        digests = late = None
         if HISTORY_KEY in self.metadata:
             check_output(path, self.inputs, force)  # before hashing inputs for nothing
-            digests = InputDigests(self.inputs)  # hashed on threads while the output is written
+            entries = write_order(entries)
+            digests = InputDigests(self.inputs, entries)  # hashed while the output is written, from its copies
+            entries = [digests.through(e) for e in entries]
 
             def late() -> dict[str, str]:
                 return {HISTORY_KEY: filled_history(self.metadata[HISTORY_KEY], digests.values())}
 
-        return write_entries(path, entries, self.metadata, inputs=self.inputs, force=force, late=late)
+        if not allow_nonfinite:
+            entries = [_finite_checked(e, self.inputs, Path(path)) for e in entries]
+        if on_bytes is not None:
+            entries = [_reporting(e, on_bytes) for e in entries]
+        try:
+            return write_entries(path, entries, self.metadata, inputs=self.inputs, force=force, late=late)
+        finally:
+            if digests is not None:
+                digests.close()
 
 
 def _reporting(entry: Entry, on_bytes: Progress) -> Entry:
@@ -75,7 +81,7 @@ def _reporting(entry: Entry, on_bytes: Progress) -> Entry:
         on_bytes(len(data))
         return data
 
-    return Entry(entry.name, entry.dtype, entry.shape, produce)
+    return replace(entry, produce=produce)
 
 
 _EXPONENT_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
@@ -102,7 +108,7 @@ def _finite_checked(entry: Entry, inputs: tuple[Path, ...], output: Path) -> Ent
             raise _nonfinite_error(entry.name, inputs, output)
         return data
 
-    return Entry(entry.name, entry.dtype, entry.shape, produce)
+    return replace(entry, produce=produce)
 
 
 def _nonfinite_error(name: str, inputs: tuple[Path, ...], output: Path) -> NonFiniteError:
@@ -126,7 +132,8 @@ def _nonfinite_error(name: str, inputs: tuple[Path, ...], output: Path) -> NonFi
 def copied(adapter: "Adapter", key: str, name: str | None = None) -> Entry:
     """An entry whose bytes are the input tensor's, unchanged."""
     info = adapter.info(key)
-    return Entry(name or key, info.dtype, info.shape, lambda: adapter.raw(key))
+    origin = Origin(adapter.path, adapter.header.data_start + info.begin, key)
+    return Entry(name or key, info.dtype, info.shape, lambda: adapter.raw(key), origin)
 
 
 def computed(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], "torch.Tensor"]) -> Entry:

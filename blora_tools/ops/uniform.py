@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from blora_tools.adapter.alpha import alpha_storage
 from blora_tools.adapter.formats import Format
@@ -139,4 +139,4 @@ def _kohya_dora_scale(adapter: Adapter, module: Module, key: str, name: str) -> 
             f"row ({shape[0]})",
             adapter.path,
         )
-    return Entry(name, info.dtype, shape, lambda: adapter.raw(key))
+    return replace(copied(adapter, key, name), shape=shape)
