@@ -3,6 +3,7 @@
 import hashlib
 import io
 import os
+import sys
 
 import pytest
 import torch
@@ -112,3 +113,50 @@ def test_late_metadata_is_filled_in_after_the_data_and_hashes_still_match(tmp_pa
     assert got["blora_history"] == '[{"sha256": "0123456789"}]' and calls == [1]
     assert (got["sshs_model_hash"], got["sshs_legacy_hash"]) == _sd_scripts_hashes(tensors, {"ss_network_dim": "4"})
     assert all(torch.equal(load_file(path)[k], v) for k, v in tensors.items())
+
+
+def _writeback_entries() -> tuple[dict, list[Entry]]:
+    from blora_tools.adapter.tensors import encode
+
+    tensors = {f"t{i}": torch.randn(50 + i) for i in range(6)}
+    return tensors, [Entry(k, "F32", tuple(t.shape), lambda t=t: encode(t)) for k, t in tensors.items()]
+
+
+@pytest.mark.parametrize("answer", [0, -1, None], ids=["started", "refused", "unavailable"])
+def test_writeback_starts_in_order_and_never_changes_the_file(tmp_path, monkeypatch, answer):
+    """Disk writes are started behind the writer (Linux sync_file_range) over contiguous ranges from the start; a
+    refusal stops the requests, and without the call (other systems) nothing is asked; the file is the same."""
+    from blora_tools.adapter import writer
+
+    calls: list[tuple[int, int, int]] = []
+
+    def record(fd, offset, length, flags):
+        calls.append((offset, length, flags))
+        return answer
+
+    monkeypatch.setattr(writer, "_WRITEBACK_STEP", 400)
+    monkeypatch.setattr(writer, "_sync_file_range", lambda: None if answer is None else record)
+    tensors, entries = _writeback_entries()
+    path = write_entries(tmp_path / "o.safetensors", entries, {}, hashes=False)
+    assert path.read_bytes() == save(tensors)
+    if answer is None:
+        assert calls == []
+    elif answer == -1:
+        assert calls == [(0, calls[0][1], writer._SYNC_FILE_RANGE_WRITE)] and calls[0][1] >= 400
+    else:
+        assert len(calls) >= 2 and all(flags == writer._SYNC_FILE_RANGE_WRITE and n >= 400 for _, n, flags in calls)
+        assert [offset for offset, _, _ in calls] == [0] + [o + n for o, n, _ in calls[:-1]]
+        assert calls[-1][0] + calls[-1][1] <= path.stat().st_size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_the_real_writeback_call_is_accepted(tmp_path, monkeypatch):
+    from blora_tools.adapter import writer
+
+    real = writer._sync_file_range()
+    answers: list[int] = []
+    monkeypatch.setattr(writer, "_sync_file_range", lambda: lambda *args: answers.append(real(*args)) or answers[-1])
+    monkeypatch.setattr(writer, "_WRITEBACK_STEP", 400)
+    tensors, entries = _writeback_entries()
+    assert write_entries(tmp_path / "o.safetensors", entries, {}, hashes=False).read_bytes() == save(tensors)
+    assert len(answers) >= 2 and set(answers) == {0}
