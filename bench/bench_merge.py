@@ -1,6 +1,6 @@
-"""Benchmark (run by hand): `merge --method svd` against a dense-ΔW + full-SVD reference, and `prune` against `cp`.
+"""Benchmark (run by hand): `merge --method svd` against a dense-ΔW + full-SVD reference.
 
-Part 1. Two SDXL-shaped rank-64 adapters (module names and shapes from the golden kohya manifest
+Two SDXL-shaped rank-64 adapters (module names and shapes from the golden kohya manifest
 `sdxl_lora.json`, read now; random fp16 factors, alphas 32 and 64) are merged at ratios 1 and 0.8 to rank 64:
 
 * ours: `blora_tools.ops.merge` (QR of the stacked factors + SVD of the small core, streamed to disk);
@@ -12,11 +12,10 @@ Each runs in its own process; we report wall time, peak RSS (and the part above 
 imports) and the relative reconstruction error ‖ΣΔW − output‖/‖ΣΔW‖ of each output, computed from factors with
 Gram identities, plus the largest per-module difference between the two outputs.
 
-Part 2. `blora-tools prune --drop te1` of a ~1 GB SDXL-shaped file against `cp` of the same file (page cache warm).
+`prune`, `reweight` and `convert` against `cp` are measured by `bench/bench_copy.py`.
 
     python bench/bench_merge.py                 # full size (the reference takes a long time on few cores)
     python bench/bench_merge.py --every 8       # every 8th module: a representative eighth
-    python bench/bench_merge.py --skip-prune
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -157,71 +155,6 @@ def accuracy(a: Path, b: Path, ours: Path, reference: Path) -> dict:
     return {name: math.sqrt(max(e, 0.0) / total) for name, e in error.items()} | {"max_module_difference": worst}
 
 
-# --- part 2: prune throughput ----------------------------------------------------------------------------
-
-
-def _best(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def _sha256(path: Path) -> str:
-    """What the writer must do on top of a copy: sd-scripts' `sshs_model_hash` is the sha256 of the data."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def bench_prune(folder: Path, target_gb: float) -> dict:
-    import torch
-    from safetensors.torch import save_file
-
-    modules = _manifest()
-    per_rank = sum(2 * (m["org_shape"][0] + math.prod(m["org_shape"][1:])) for m in modules)
-    rank = max(1, round(target_gb * 1e9 / per_rank))
-    big = folder / "big.safetensors"
-    if not big.exists() or big.stat().st_size < 0.9 * target_gb * 1e9:
-        g = torch.Generator().manual_seed(7)
-        tensors = {}
-        for m in modules:
-            out, fan_in = m["org_shape"][0], math.prod(m["org_shape"][1:])
-            tensors[f"{m['name']}.lora_down.weight"] = torch.randn(rank, fan_in, generator=g, dtype=torch.float16)
-            tensors[f"{m['name']}.lora_up.weight"] = torch.randn(out, rank, generator=g, dtype=torch.float16)
-            tensors[f"{m['name']}.alpha"] = torch.tensor(float(rank)).half()
-        save_file(tensors, str(big), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
-        del tensors
-    size = big.stat().st_size
-    subprocess.run(["cat", str(big)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
-    copy, pruned = folder / "copy.safetensors", folder / "pruned.safetensors"
-    cp_seconds = _best(lambda: subprocess.run(["cp", str(big), str(copy)], check=True))
-    cp_sync_seconds = _best(lambda: subprocess.run(["sh", "-c", f"cp '{big}' '{copy}' && sync '{copy}'"], check=True))
-    hash_seconds = _best(lambda: _sha256(big))
-    cli = shutil.which("blora-tools") or "blora-tools"
-    prune_cmd = [cli, "-q", "prune", str(big), "--drop", "te1", "-o", str(pruned), "--force"]
-    prune_seconds = _best(lambda: subprocess.run(prune_cmd, check=True, capture_output=True))
-    written = pruned.stat().st_size
-    copy.unlink(missing_ok=True)
-    return {
-        "file_gb": size / 1e9,
-        "rank": rank,
-        "cp_s": cp_seconds,
-        "cp_gb_s": size / 1e9 / cp_seconds,
-        "cp_sync_s": cp_sync_seconds,
-        "sha256_s": hash_seconds,
-        "prune_s": prune_seconds,
-        "prune_written_gb": written / 1e9,
-        "prune_gb_s": written / 1e9 / prune_seconds,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", nargs=4, metavar=("WHICH", "A", "B", "OUT"), help=argparse.SUPPRESS)
@@ -229,18 +162,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1, help="use every Nth module of the manifest (1 = full SDXL)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each contender (same for both)")
     parser.add_argument("--out", type=Path, default=HERE / "out")
-    parser.add_argument("--skip-prune", action="store_true")
-    parser.add_argument("--skip-merge", action="store_true")
-    parser.add_argument("--prune-gb", type=float, default=1.0)
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.rank, args.threads)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.skip_merge:
-        bench_merge(args)
-    if not args.skip_prune:
-        report_prune(args)
+    bench_merge(args)
 
 
 def bench_merge(args) -> None:
@@ -258,17 +185,6 @@ def bench_merge(args) -> None:
           f"{ours['above_imports_mb'] / max(ref['above_imports_mb'], 1e-9):>18.3f}"
           f"{abs(acc['ours'] - acc['reference']):>14.1e}")
     print(f"largest per-module relative difference ours vs reference: {acc['max_module_difference']:.1e}")
-
-
-def report_prune(args) -> None:
-    p = bench_prune(args.out, args.prune_gb)
-    print(f"\nprune --drop te1 of a {p['file_gb']:.2f} GB SDXL-shaped file (rank {p['rank']}, fp16), page cache warm, best of 3")
-    print(f"{'':12}{'time s':>10}{'GB/s':>10}")
-    print(f"{'cp':12}{p['cp_s']:>10.2f}{p['cp_gb_s']:>10.2f}")
-    print(f"{'cp + sync':12}{p['cp_sync_s']:>10.2f}{p['file_gb'] / p['cp_sync_s']:>10.2f}   (prune fsyncs before its rename)")
-    print(f"{'sha256':12}{p['sha256_s']:>10.2f}{p['file_gb'] / p['sha256_s']:>10.2f}   (the sshs_model_hash every write computes)")
-    print(f"{'prune':12}{p['prune_s']:>10.2f}{p['prune_gb_s']:>10.2f}   ({p['prune_written_gb']:.2f} GB written, CLI start-up included)")
-    print(f"prune throughput / cp throughput: {p['prune_gb_s'] / p['cp_gb_s']:.0%}")
 
 
 if __name__ == "__main__":
