@@ -16,6 +16,7 @@ __all__ = [
     "Kind",
     "kind_of",
     "scaled_params",
+    "row_params",
     "lora_factors",
     "rank_exceeds_layer",
     "delta_weight",
@@ -102,6 +103,23 @@ def scaled_params(kind: Kind, params: frozenset[str]) -> tuple[str, ...]:
     if kind is Kind.FULL:
         return tuple(p for p in ("diff", "diff_b") if p in params)
     return tuple(p for p in ("w_norm", "b_norm") if p in params)
+
+
+def row_params(kind: Kind, params: frozenset[str]) -> tuple[tuple[str, int], ...]:
+    """(parameter, axis) pairs whose entries along `axis` are ΔW's output rows, for scaling some rows of ΔW by
+    multiplying one factor (docs/architecture.md §3): LoRA kinds the up factor's rows; LoHa `hada_w1_a`, since
+    ΔW = (W1a·W1b) ⊙ (W2a·W2b) row by row (rows of W1a; its columns with a Tucker core, as LyCORIS's
+    `rebuild_tucker` contracts `hada_w1_a` [rank, out]); full/norm the difference and its bias. Empty for LoKr,
+    whose Kronecker rows no single factor holds."""
+    if kind.is_lora:
+        return (("lora_up.weight", 0),)
+    if kind is Kind.LOHA:
+        return (("hada_w1_a", 1 if "hada_t1" in params else 0),)
+    if kind is Kind.LOKR:
+        return ()
+    if kind is Kind.FULL:
+        return tuple((p, 0) for p in ("diff", "diff_b") if p in params)
+    return tuple((p, 0) for p in ("w_norm", "b_norm") if p in params)
 
 
 def _as_matrix(tensor: "torch.Tensor") -> "torch.Tensor":

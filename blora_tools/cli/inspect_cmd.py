@@ -40,12 +40,16 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
     Norms are Frobenius norms of each block's scaled ΔW, computed from the factors (no dense
     matrices); share is the block's part of the file's total squared norm.
 
+    Flux.1 and SD3 files also get every block (D00..S37, J00..) as a grid, ten blocks a row, the layer
+    parts each group trains, and a chart (--plot) with one bar per block.
+
     \b
     Examples:
       blora-tools inspect style.safetensors
       blora-tools inspect --fine --json style.safetensors
       blora-tools inspect --no-stats ~/loras/          # one row per file, headers only
       blora-tools inspect a.safetensors b.safetensors --plot norms.png
+      blora-tools inspect flux-lora.safetensors --fine          # BASE, D00..D18, S00..S37 (empty runs collapsed)
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.ops.stats import inspect_adapter
@@ -69,7 +73,7 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
     if plot is not None:
         from blora_tools.cli.plot import plot_blocks
 
-        series = {Path(r["path"]).name: {b: v["norm"] for b, v in r["blocks"].items()} for r in reports}
+        series = {Path(r["path"]).name: {b: v["norm"] for b, v in r.get("per_block", r["blocks"]).items()} for r in reports}
         plot_blocks(plot, series, "per-block ΔW norm", inputs=files, force=force)
         output.note(app, f"chart written to {plot}")
     if as_json:
@@ -89,7 +93,7 @@ def _show_one(app, report: dict, fine: bool) -> None:
     app.out.print(Text(report["path"], style="bold"))
     app.out.print(
         Text(
-            f"{report['arch']} · {_keys(report)} · {report['modules']} modules ({kinds}) · {dtypes} · "
+            f"{report['arch']} · {_keys(report)}{_naming(report)} · {report['modules']} modules ({kinds}) · {dtypes} · "
             f"{output.human_bytes(report['size'])}"
         )
     )
@@ -110,7 +114,11 @@ def _show_one(app, report: dict, fine: bool) -> None:
     columns = ["LBW" if fine else "block", "modules", "rank", "α/rank", "params", "bytes"]
     if has_norm:
         columns += ["norm", "share", ""]
+    if fine and "per_block" in report:
+        rows = _collapse_empty(rows)
     app.out.print(output.table(None, columns, rows, right=range(1, 8)))
+    if "per_block" in report:
+        _show_dit(app, report, has_norm, fine)
     training = report["training"]
     if training:
         lines = [f"{k}: {v}" for k, v in training.items() if k != "top_tags"]
@@ -118,6 +126,61 @@ def _show_one(app, report: dict, fine: bool) -> None:
             lines.append("top tags: " + ", ".join(f"{t} ({n})" for t, n in training["top_tags"]))
         app.out.print(Text("training: " + " · ".join(lines), style="dim"))
     output.warn_all(app, report["warnings"])
+
+
+_NAMINGS = {"bfl": "fused BFL layers", "diffusers": "split diffusers layers", "part": "XLabs linear1 q/k/v parts"}
+
+
+def _naming(report: dict) -> str:
+    """How a Flux.1/SD3 file names its layers (fused BFL/SAI or split diffusers), after its key format."""
+    namings = report.get("naming")
+    return f" ({', '.join(_NAMINGS[n] for n in namings)})" if namings else ""
+
+
+def _collapse_empty(rows: list[list]) -> list[list]:
+    """Runs of consecutive blocks without modules as one row (`D02–D18`), so 57 blocks stay readable."""
+    merged: list[list] = []
+    for row in rows:
+        if row[1] == "·" and merged and merged[-1][1] == "·" and merged[-1][0][:1] == row[0][:1]:
+            merged[-1][0] = f"{merged[-1][0].split('–')[0]}–{row[0]}"
+        else:
+            merged.append(list(row))
+    return merged
+
+
+GRID_COLUMNS = 10
+"""Blocks per row of the DiT block grid (10 cells of 6 characters fit 100 columns with the row label)."""
+
+
+def _show_dit(app, report: dict, has_norm: bool, fine: bool) -> None:
+    """Flux.1/SD3: every block in a grid (a row per ten blocks of a group), then what the file trains."""
+    if not fine:
+        from blora_tools.taxonomy.blocks import table as arch_table
+
+        layout = arch_table(report["arch"])
+        per_block = report["per_block"]
+        what = "share of ‖ΔW‖² (%)" if has_norm else "rank"
+        rows = []
+        for members in layout.group_members.values():
+            for start in range(0, len(members), GRID_COLUMNS):
+                chunk = members[start : start + GRID_COLUMNS]
+                rows.append([f"{chunk[0]}–{chunk[-1]}"] + [_cell(per_block[b], has_norm) for b in chunk])
+        columns = ["blocks"] + [f"+{i}" for i in range(GRID_COLUMNS)]
+        app.out.print(output.table(f"{what} per block", columns, rows, right=range(1, GRID_COLUMNS + 1)))
+    trained = report["trained"]
+    parts = " · ".join(f"{g}: {', '.join(p)}" for g, p in trained["parts"].items())
+    app.out.print(Text(f"trains {trained['blocks'] or '(nothing)'} ({parts})", style="dim"))
+    if trained["untrained"]:
+        app.out.print(Text(f"no modules in {trained['untrained']}", style="dim"))
+
+
+def _cell(figures: dict, has_norm: bool) -> str:
+    if not figures["modules"]:
+        return "·"
+    if has_norm:
+        return "" if figures["share"] is None else f"{100 * figures['share']:.1f}"
+    low, high = figures["rank_min"], figures["rank_max"]
+    return "" if low is None else f"r{low}" if low == high else f"r{low}–{high}"
 
 
 def _keys(report: dict) -> str:

@@ -69,10 +69,11 @@ def _arch(ctx, param, value):
 
 arch_option = click.option(
     "--arch",
-    type=click.Choice(["sd1", "sd2", "sdxl"]),
+    type=click.Choice(["sd1", "sd2", "sdxl", "flux", "sd3"]),
     callback=_arch,
-    help="The architecture, where a file's modules leave it open (e.g. SD1 or SD2 with no width to tell "
-    "them apart; the default rule is SD1). Refused where the file's modules contradict it.",
+    help="The architecture, where a file's modules leave it open (SD1 or SD2 with no width to tell them apart: "
+    "the default rule is SD1; diffusers `transformer_blocks` below 19 alone: Flux by rule, sd3 for SD3). "
+    "Refused where the file's modules contradict it.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
 input_file = click.argument("file", type=click.Path(path_type=Path))

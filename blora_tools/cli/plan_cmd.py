@@ -29,8 +29,11 @@ def plan_cmd(app, arch_name: str, network_args: str, network_dim: int | None, ne
       blora-tools plan --arch sdxl --network-args "preset=style conv_dim=8 conv_alpha=4"
       blora-tools plan --arch sd1 --network-dim 16 --network-args "block_ranks=in0=32,out3=32 te_dim=0" --json
     """
+    from blora_tools.taxonomy.arch import is_dit
     from kohya_plugin.plan import plan_network
 
+    if is_dit(arch_name):
+        raise click.UsageError(f"plan does not build {arch_name} models yet; use sd1, sd2 or sdxl", ctx=click.get_current_context())
     plan = plan_network(arch_name, network_args, network_dim, network_alpha)
     doc = plan.to_dict()
     if as_json:

@@ -12,6 +12,8 @@ from pathlib import Path
 from blora_tools.errors import BloraError
 
 CHART_SUFFIXES = (".png", ".svg", ".pdf")
+MANY_BLOCKS = 26
+"""Above this many bars (SD1's 26 LBW blocks) the chart narrows its bars and turns its labels upright."""
 
 
 def check_chart(path: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
@@ -54,7 +56,8 @@ def plot_blocks(
     blocks: list[str] = []
     for values in series.values():
         blocks += [b for b in values if b not in blocks]
-    figure = Figure(figsize=(max(5.0, 0.6 * len(blocks) * max(1, len(series)) ** 0.5 + 2), 3.2), layout="constrained")
+    per_bar = 0.6 if len(blocks) <= MANY_BLOCKS else 0.22  # Flux's 58 blocks in about 15 inches, not 37
+    figure = Figure(figsize=(max(5.0, per_bar * len(blocks) * max(1, len(series)) ** 0.5 + 2), 3.2), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(series))
@@ -62,7 +65,9 @@ def plot_blocks(
         xs = [j + (i - (len(series) - 1) / 2) * width for j, b in enumerate(blocks) if _finite(values.get(b))]
         ys = [float(values[b]) for b in blocks if _finite(values.get(b))]
         axes.bar(xs, ys, width=width, label=name)
-    axes.set_xticks(range(len(blocks)), blocks, rotation=45 if len(blocks) > 12 else 0)
+    many = len(blocks) > MANY_BLOCKS
+    axes.set_xticks(range(len(blocks)), blocks, rotation=90 if many else 45 if len(blocks) > 12 else 0,
+                    fontsize="x-small" if many else None)
     axes.set_title(title)
     axes.axhline(0.0, color="black", linewidth=0.5)
     if len(series) > 1:

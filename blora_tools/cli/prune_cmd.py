@@ -36,11 +36,17 @@ def prune_cmd(
     tensor is copied byte for byte (with --uniform-alpha, every module gets one alpha instead, ΔW unchanged:
     diffusers mis-scales files whose alphas differ). Text encoders are blocks like any other (te, te1, te2, BASE).
 
+    On Flux.1 and SD3, blocks are D00..D18, S00..S37 (J00.. on SD3), double, single, joint, BASE and research
+    presets; a sub-selector (D05.img.q, S10.linear1.mlp, J03.ctx) choosing part of a fused layer keeps that
+    module at its rank and zeroes the rows of the parts that go (LoKr and DoRA modules refuse this).
+
     \b
     Examples:
       blora-tools prune style.safetensors --keep in0,out3 -o style-outer.safetensors
       blora-tools prune char.safetensors --drop te -o char-unet.safetensors
       blora-tools prune char.safetensors --drop "IN04-IN08" --dry-run
+      blora-tools prune flux.safetensors --keep S10-S37 -o flux-style.safetensors
+      blora-tools prune flux.safetensors --drop "D00-D18.txt" -o flux-no-txt.safetensors
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.adapter.writer import check_output
@@ -65,8 +71,10 @@ def prune_cmd(
         _show_dry_run(app, result)
     else:
         groups = sorted(set(summary["kept"]) | set(summary["dropped"]), key=ui.group_key(summary["arch"]))
-        rows = [[g, summary["kept"].get(g, 0) + summary["dropped"].get(g, 0), summary["kept"].get(g, "·"), summary["dropped"].get(g, "·")] for g in groups]
-        app.out.print(ui.table(None, ["block", "modules", "kept", "dropped"], rows, right=(1, 2, 3)))
+        partial = summary["partial"]
+        rows = [[g, summary["kept"].get(g, 0) + summary["dropped"].get(g, 0), summary["kept"].get(g, "·"), summary["dropped"].get(g, "·")] + ([partial.get(g, "·")] if partial else []) for g in groups]
+        columns = ["block", "modules", "kept", "dropped"] + (["rows zeroed"] if partial else [])
+        app.out.print(ui.table(None, columns, rows, right=(1, 2, 3, 4)))
         ui.done(app, written, f"{summary['modules_after']} of {summary['modules_before']} modules kept")
     ui.warn_all(app, result.warnings)
 
@@ -77,4 +85,9 @@ def _show_dry_run(app, result) -> None:
     app.out.print(f"{s['mode']} {s['selector']} = {s['blocks']}: {len(dropped)} of {s['modules_before']} modules would go")
     for stem in dropped:
         app.out.print(f"  {stem}", markup=False)
+    zeroed = s["zeroed_rows"]
+    if zeroed:
+        app.out.print(f"{len(zeroed)} module(s) would stay with some rows zeroed (same rank):")
+        for stem, parts in zeroed.items():
+            app.out.print(f"  {stem}: {', '.join(parts)}", markup=False)
     ui.note(app, "dry run: nothing written")

@@ -1,5 +1,9 @@
 """Prune: remove whole modules by block; every kept tensor is copied byte for byte.
 
+On Flux.1 and SD3 a sub-selector may choose part of a fused layer (`D05.img.q`: the q rows of
+`img_attn.qkv`): such a module stays, same rank, with the rows of the parts that go zeroed in the factor holding
+ΔW's rows (`ops.rows`); its other rows are copied bit for bit. LoKr and DoRA modules refuse part-pruning.
+
 A module goes with all its keys (`alpha`, `dora_scale`, `lora_mid`, `hada_t*`, …), so no orphan is left
 (an orphan key makes A1111 reject the file) and no alpha is dropped alone. Modules that fit no block of the
 architecture are kept, and pass-through keys (e.g. textual-inversion bundles) are kept; both with a warning.
@@ -20,10 +24,11 @@ from blora_tools.ops.result import (
     loader_notes,
     group_counts,
 )
+from blora_tools.ops.rows import RowWeights, check_row_scalable, unit_rows
 from blora_tools.ops.uniform import module_entries, uniform_alphas
 from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.blocks import table
-from blora_tools.taxonomy.selectors import describe_blocks
+from blora_tools.taxonomy.selectors import coverage, describe_blocks
 
 __all__ = ["prune"]
 
@@ -33,23 +38,34 @@ def prune(
 ) -> Result:
     """Keep (`keep=True`) or drop (`keep=False`) the modules whose block is in `blocks`.
 
+    `blocks` is a resolved selection (blocks, and atoms `D05:img.attn.q` for parts of DiT blocks).
     `selector` is the user's text, recorded in the history. `uniform_alpha` gives the kept modules one alpha
-    (`ops.uniform`; ΔW unchanged). Raises BloraError when nothing would be left.
+    (`ops.uniform`; ΔW unchanged). Raises BloraError when nothing would be left, or when part of a LoKr or
+    DoRA module is chosen.
     """
     arch = adapter.arch
     layout = table(arch)
     warnings: list[str] = list(adapter.warnings)  # unplaced modules and pass-through keys are named there
     kept: list[Module] = []
     dropped: list[Module] = []
+    rows: dict[str, RowWeights] = {}
+    zeroed: dict[str, list[str]] = {}
+    request = f"--{'keep' if keep else 'drop'} {selector or describe_blocks(blocks, arch)}"
     for module in adapter.modules.values():
-        if module.block is None:
+        cover = coverage(module.placement, blocks)
+        if module.block is None or (cover.whole if keep else cover.none):
             kept.append(module)
-        elif (module.block in blocks) == keep:
-            kept.append(module)
-        else:
+        elif cover.whole or cover.none:
             dropped.append(module)
+        else:
+            check_row_scalable(module, request, adapter.path)
+            chosen = set(cover.leaves)
+            parts = [(leaf, (leaf in chosen) == keep) for leaf in module.placement.layer.leaves]
+            rows[module.stem] = unit_rows(module, [(l.start, l.stop, float(stays)) for l, stays in parts], adapter.path)
+            zeroed[module.stem] = [leaf.name for leaf, stays in parts if not stays]
+            kept.append(module)
     present = {m.block for m in adapter.modules.values()}
-    named_empty = [b for b in layout.blocks if b in blocks and b not in present]
+    named_empty = [b for b in layout.blocks if b in {a.partition(":")[0] for a in blocks} and b not in present]
     if named_empty:
         warnings.append(
             f"{describe_blocks(frozenset(named_empty), arch)} hold(s) no modules in this file "
@@ -63,13 +79,13 @@ def prune(
             f"(the file has modules in {have}); nothing written",
             adapter.path,
         )
-    if not dropped:
+    if not dropped and not zeroed:
         warnings.append("no module matched: the output has the same tensors as the input")
     alphas = uniform_alphas(adapter, kept) if uniform_alpha else {}
     warnings += loader_notes(kept, arch, one_alpha=uniform_alpha, passthrough=adapter.passthrough)
     warnings += [w for w in (zero_alpha_warning(kept),) if w]
 
-    entries = [e for m in kept for e in module_entries(adapter, m, None, alphas.get(m.stem))]
+    entries = [e for m in kept for e in module_entries(adapter, m, None, alphas.get(m.stem), rows=rows.get(m.stem))]
     entries += [copied(adapter, key) for key in adapter.passthrough]
     arguments = {"keep" if keep else "drop": selector or describe_blocks(blocks, arch), "blocks": sorted(blocks)}
     if alphas:
@@ -95,5 +111,7 @@ def prune(
         "kept": group_counts(kept),
         "dropped": group_counts(dropped),
         "dropped_modules": sorted(m.stem for m in dropped),
+        "partial": group_counts(m for m in kept if m.stem in zeroed),
+        "zeroed_rows": dict(sorted(zeroed.items())),
     }
     return Result("prune", entries, metadata, (Path(adapter.path),), warnings, summary)

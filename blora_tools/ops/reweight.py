@@ -4,6 +4,10 @@ Linear in the weight: exactly one factor per module is scaled (`kinds.scaled_par
 `hada_w1_a`, `lokr_w1`/`lokr_w1_a`, `diff`+`diff_b`, `w_norm`+`b_norm`), in float32, and written back in the
 tensor's own dtype. Scaling both factors would square the effect. Weight 0 removes the module (as prune does),
 weight 1 copies it byte for byte. Alphas stay as they are. DoRA modules accept only 0 and 1.
+
+On Flux.1 and SD3 a weight may address part of a fused layer (`D05.img.q=0.5`, `BlockWeights.rows`): those
+rows of the one factor holding ΔW's rows are multiplied (`ops.rows`), the others copied bit for bit. Vectors
+resolve by absolute block index whatever blocks the file holds (`taxonomy.weights.dit_vectors`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from blora_tools.ops.result import (
     copied,
     loader_notes,
 )
+from blora_tools.ops.rows import check_row_scalable, unit_rows
 from blora_tools.ops.uniform import module_entries, uniform_alphas
 from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.blocks import table
@@ -40,34 +45,44 @@ def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "", uniform
     if weights.arch is not arch:
         raise BloraError(f"weights were resolved for {weights.arch.value} but the file is {arch.value}", adapter.path)
     warnings = list(adapter.warnings)
-    def weight_of(module: Module) -> float:
-        return 1.0 if module.block is None else float(weights[module.block])
 
-    kept_modules = [m for m in adapter.modules.values() if weight_of(m) != 0.0]
+    def rows_of(module: Module) -> tuple[tuple[int, int, float], ...]:
+        ranges = weights.rows(module.placement) if module.block is not None else ((0, 1, 1.0),)
+        return tuple((start, stop, float(w)) for start, stop, w in ranges)
+
+    def removed_by(ranges: tuple[tuple[int, int, float], ...]) -> bool:
+        return all(w == 0.0 for _, _, w in ranges)
+
+    kept_modules = [m for m in adapter.modules.values() if not removed_by(rows_of(m))]
     alphas = uniform_alphas(adapter, kept_modules) if uniform_alpha and kept_modules else {}
     entries: list[Entry] = []
     kept: list[Module] = []
     per_group: dict[str, dict[str, object]] = {}
     removed = scaled = 0
     for module in adapter.modules.values():
-        weight = weight_of(module)
+        ranges = rows_of(module)
         row = per_group.setdefault(module.group, {"modules": 0, "weights": set(), "removed": 0})
         row["modules"] += 1
-        row["weights"].add(weight)
-        if module.dora and weight not in (0.0, 1.0):
+        row["weights"] |= {w for _, _, w in ranges}
+        if removed_by(ranges):
+            removed += 1
+            row["removed"] += 1
+            continue
+        if len(ranges) > 1:
+            check_row_scalable(module, f"weights {text or '(given)'}", adapter.path)
+            weight, rows = 1.0, unit_rows(module, ranges, adapter.path)
+        else:
+            weight, rows = ranges[0][2], None
+        if module.dora and weight != 1.0:
             raise BloraError(
                 f"module {module.stem} (block {module.block}) is DoRA and gets weight {weight:g}; DoRA renormalises "
                 "the weight by its magnitude vector, so scaling a factor does not scale its effect: "
                 "only 0 (drop) and 1 (keep) are exact for DoRA modules",
                 adapter.path,
             )
-        if weight == 0.0:
-            removed += 1
-            row["removed"] += 1
-            continue
         kept.append(module)
-        scaled += weight != 1.0
-        entries += module_entries(adapter, module, None, alphas.get(module.stem), weight=weight)
+        scaled += weight != 1.0 or rows is not None
+        entries += module_entries(adapter, module, None, alphas.get(module.stem), weight=weight, rows=rows)
     if not any(m.block is not None for m in kept):
         raise BloraError(
             f"weights {text or '(given)'} are 0 for every block this file has modules in; nothing written",
@@ -109,8 +124,9 @@ def reweight(adapter: Adapter, weights: BlockWeights, *, text: str = "", uniform
 
 
 def _nontrivial(weights: BlockWeights) -> dict[str, float]:
-    """Blocks whose weight is not 1 (what the history records)."""
-    return {b: w for b, w in weights.values.items() if w != 1.0}
+    """Blocks, and parts of DiT blocks (`D05.img.attn.q`), whose weight is not 1 (what the history records)."""
+    parts = {atom.replace(":", "."): w for atom, w in weights.parts.items() if w != 1.0}
+    return {b: w for b, w in weights.values.items() if w != 1.0} | parts
 
 
 def _group_order(arch) -> tuple[str, ...]:

@@ -2,6 +2,10 @@
 
 Norms never build a dense ΔW for LoRA kinds (Gram identity in `kinds.frobenius_norm`); without
 statistics nothing but the header (and the few bytes of each alpha) is read.
+
+On Flux.1 and SD3 the report also has every block's figures (`per_block`: BASE, D00…, S00… / J00…), the
+namings of the file's layers (`naming`: bfl, diffusers, part) and what it trains (`trained`: blocks as ranges,
+and per group the layer parts it adapts); the U-Net advice (attention-only files) does not apply there.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from blora_tools.adapter.metadata import SPEC_KEY, training_summary
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import SpecError
 from blora_tools.spec import BlockSpec
-from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import table
+from blora_tools.taxonomy.selectors import block_runs
 
 __all__ = ["SCHEMA", "row_order", "inspect_adapter"]
 
@@ -34,6 +39,15 @@ class _BlockFigures:
     params: int = 0
     bytes: int = 0
     norm_sq: float | None = None
+
+    def add(self, module: Module, nbytes: int) -> None:
+        """Count one module (its norm is added by the caller, once computed)."""
+        self.modules += 1
+        if module.rank is not None:
+            self.ranks.append(module.rank)
+            self.scales.add(round(module.scale, 6))
+        self.params += module.params
+        self.bytes += nbytes
 
     def to_json(self, total_sq: float | None) -> dict:
         finite = self.norm_sq is not None and math.isfinite(self.norm_sq)  # NaN/Inf modules: no norm (and valid JSON)
@@ -64,7 +78,7 @@ def _row_key(module: Module, fine: bool) -> str:
 def row_order(arch: Arch, fine: bool) -> list[str]:
     layout = table(arch)
     if fine:
-        return list(layout.lbw_full) + ["OTHER"]
+        return list(layout.lbw_full) + ([] if is_dit(arch) else ["OTHER"])  # a DiT's OTHER layers count in BASE
     return list(layout.groups)
 
 
@@ -76,17 +90,17 @@ def inspect_adapter(
     on_module: Callable[[], None] | None = None,
 ) -> dict:
     """The `inspect --json` object for one adapter (schema `blora-inspect/1`, documented in the README)."""
+    dit = is_dit(adapter.arch)
     rows: dict[str, _BlockFigures] = {k: _BlockFigures() for k in row_order(adapter.arch, fine)}
+    per_block = {k: _BlockFigures() for k in row_order(adapter.arch, True)} if dit else {}
     warnings = list(adapter.warnings)
     nonfinite: list[str] = []
     for module in adapter.modules.values():
-        figures = rows.setdefault(_row_key(module, fine), _BlockFigures())
-        figures.modules += 1
-        if module.rank is not None:
-            figures.ranks.append(module.rank)
-            figures.scales.add(round(module.scale, 6))
-        figures.params += module.params
-        figures.bytes += sum(adapter.info(k).nbytes for k in module.keys.values())
+        counted = [rows.setdefault(_row_key(module, fine), _BlockFigures())]
+        if dit and module.placement is not None:
+            counted.append(per_block[_row_key(module, True)])
+        for figures in counted:
+            figures.add(module, sum(adapter.info(k).nbytes for k in module.keys.values()))
         if with_stats:
             from blora_tools.adapter.kinds import frobenius_norm
 
@@ -100,7 +114,8 @@ def inspect_adapter(
                     norm = 0.0
                 else:
                     nonfinite.append(module.stem)
-            figures.norm_sq = (figures.norm_sq or 0.0) + norm * norm
+            for figures in counted:
+                figures.norm_sq = (figures.norm_sq or 0.0) + norm * norm
         if on_module:
             on_module()
     if nonfinite:
@@ -110,6 +125,13 @@ def inspect_adapter(
     finite = [f.norm_sq for f in rows.values() if f.norm_sq is not None and math.isfinite(f.norm_sq)]
     total_sq = sum(finite) if with_stats else None
     dtypes = adapter.dtypes()
+    extra = {}
+    if dit:
+        extra = {
+            "per_block": {k: f.to_json(total_sq) for k, f in per_block.items()},
+            "naming": _namings(adapter),
+            "trained": _dit_trained(adapter),
+        }
     return {
         "schema": SCHEMA,
         "path": str(adapter.path),
@@ -126,6 +148,7 @@ def inspect_adapter(
         "warnings": warnings,
         "training": training_summary(adapter.metadata),
         "metadata": dict(adapter.metadata),
+        **extra,
     }
 
 
@@ -153,6 +176,8 @@ def _empty_block_warnings(adapter: Adapter, rows: dict[str, _BlockFigures], fine
     empty = [g for g in rows if g in wanted and rows[g].modules == 0]
     if empty:
         warnings.append(f"blocks {', '.join(empty)} are in this file's blora_spec but hold no modules")
+    if is_dit(adapter.arch):
+        return warnings  # every DiT block has attention: the U-Net advice below does not apply
     unet_groups = [g for g in layout.unet_groups if rows.get(g) and rows[g].modules]
     no_attention = sorted(set(layout.unet_groups) - layout.attention_groups)
     # A LoCon file pruned to attention blocks still holds their resnet convolutions: not attention-only.
@@ -163,6 +188,47 @@ def _empty_block_warnings(adapter: Adapter, rows: dict[str, _BlockFigures], fine
             "can touch them (train with conv_dim / LoCon to reach them)"
         )
     return warnings
+
+
+_PART_FAMILY = {"q": "qkv", "k": "qkv", "v": "qkv", "0": "", "2": "", "fc1": "", "fc2": ""}
+"""Leaf-name endings folded into their layer family for the `trained` parts (q/k/v rows → qkv, MLP layers → mlp)."""
+
+
+def _namings(adapter: Adapter) -> list[str]:
+    """The namings (`taxonomy.dit`: bfl, diffusers, part) of a DiT file's layers, judged by its block layers
+    where it has any (SD3's embedders have one path in both namings)."""
+    layers = [m.placement.layer for m in adapter.modules.values() if m.placement and m.placement.layer]
+    telling = [layer for layer in layers if layer.block is not None] or layers
+    return sorted({layer.naming for layer in telling})
+
+
+def _dit_trained(adapter: Adapter) -> dict:
+    """What a Flux.1/SD3 file trains: blocks as ranges (`D00-D18`; `base`: the embedders and final layer), the blocks it leaves out, and per
+    group the layer parts its modules adapt (`img.attn.qkv`, `txt.mlp`, `linear1.mlp`, `in.img`)."""
+    layout = table(adapter.arch)
+    blocks = {m.block for m in adapter.modules.values() if m.block is not None}
+    parts: dict[str, set[str]] = {}
+    for m in adapter.modules.values():
+        if m.placement is None:
+            continue
+        group = m.placement.group
+        layer = m.placement.layer
+        if layer is None:
+            parts.setdefault(group, set()).add("(all)")
+            continue
+        for leaf in layer.leaves:
+            head, _, last = leaf.name.rpartition(".")
+            family = _PART_FAMILY.get(last)
+            parts.setdefault(group, set()).add(leaf.name if family is None or not head else f"{head}.{family}".rstrip("."))
+    base = {c.value for c in layout.text_encoders} | {"OTHER"}
+    def outside(chosen: set[str]) -> list[str]:
+        return ["base" if b == "OTHER" else b for b in layout.blocks if b in chosen & base]
+
+    return {
+        "blocks": ",".join(block_runs(blocks, layout) + outside(blocks)),
+        "untrained": ",".join(block_runs(set(layout.unet_lbw) - blocks, layout) + outside(base - blocks)),
+        "parts": {g: sorted(p) for g, p in parts.items()},
+    }
 
 
 def _alpha_warnings(adapter: Adapter) -> list[str]:

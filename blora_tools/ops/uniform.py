@@ -15,11 +15,12 @@ from dataclasses import dataclass, replace
 
 from blora_tools.adapter.alpha import alpha_storage
 from blora_tools.adapter.formats import Format
-from blora_tools.adapter.kinds import scaled_params
+from blora_tools.adapter.kinds import row_params, scaled_params
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError
 from blora_tools.ops.result import computed, copied
+from blora_tools.ops.rows import RowWeights, scale_rows
 
 __all__ = ["Alpha", "uniform_alphas", "rank_alphas", "folded", "module_entries"]
 
@@ -84,11 +85,15 @@ def module_entries(
     alpha: Alpha | None,
     *,
     weight: float = 1.0,
+    rows: RowWeights | None = None,
     complete_alpha: bool = False,
 ) -> list[Entry]:
     """A module's tensors: its scaled parameter multiplied by `weight` × the alpha fold ratio, the alpha
     replaced by `alpha` (None: kept), everything else copied byte for byte. Named `<stem>.<kohya param>`, or
     with `stem` None under the keys the file has (`alpha` is then only given for kohya files).
+
+    `rows` (`ops.rows`: ranges of ΔW's output rows and their weights) also multiplies those rows of the factor
+    holding them (`kinds.row_params`); the caller has checked the module allows it (`rows.check_row_scalable`).
 
     `complete_alpha` writes an alpha tensor for a module that has none (alpha = rank), so every loader reads
     the same scale (a PEFT source keeps its alphas in metadata).
@@ -96,12 +101,15 @@ def module_entries(
     ratio = weight * (alpha.ratio if alpha is not None else 1.0)
     replaced = alpha is not None and (alpha.ratio != 1.0 or "alpha" not in module.keys)
     scaled = set(scaled_params(module.kind, frozenset(module.keys))) if ratio != 1.0 else set()
+    row_axes = dict(row_params(module.kind, frozenset(module.keys))) if rows else {}
     entries = []
     for param, key in module.keys.items():
         name = key if stem is None else f"{stem}.{param}"
         if param == "alpha" and replaced:
             continue
-        if param in scaled:
+        if param in row_axes:
+            entries.append(_rows_entry(adapter, key, name, row_axes[param], rows, ratio))
+        elif param in scaled:
             entries.append(folded(adapter, module, param, name, ratio))
         elif param == "dora_scale" and stem is not None and adapter.format is Format.PEFT:
             entries.append(_kohya_dora_scale(adapter, module, key, name))
@@ -120,6 +128,11 @@ def module_entries(
         value, dtype = alpha_storage(module.effective_alpha, "F32", f"module {module.stem}: alpha", adapter.path)
         entries.append(_alpha_entry(f"{prefix}.alpha", Alpha(value, dtype, 1.0)))
     return entries
+
+
+def _rows_entry(adapter: Adapter, key: str, name: str, axis: int, rows: RowWeights, ratio: float) -> Entry:
+    info = adapter.info(key)
+    return computed(name, info.dtype, info.shape, lambda: scale_rows(adapter.tensor(key), axis, rows, ratio))
 
 
 def _own_prefix(module: Module) -> str:

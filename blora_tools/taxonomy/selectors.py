@@ -368,9 +368,39 @@ def describe_blocks(blocks: frozenset[str] | set[str], arch: Arch | str) -> str:
         if set(members) <= remaining:
             parts.append(group)
             remaining -= set(members)
-    parts.extend(b for b in layout.blocks if b in remaining)
+    if is_dit(layout.arch):
+        parts.extend(block_runs(remaining & set(layout.unet_lbw), layout))
+        parts.extend("BASE" if b == OTHER else b for b in layout.blocks if b in remaining - set(layout.unet_lbw))
+    else:
+        parts.extend(b for b in layout.blocks if b in remaining)
     parts.extend(sorted(a.replace(":", ".") for a in remaining if ":" in a))
     return ",".join(parts) if parts else "(nothing)"
+
+
+def block_runs(blocks: frozenset[str] | set[str], layout: ArchTable) -> list[str]:
+    """DiT block IDs in table order with runs of consecutive blocks of one group written as ranges
+    (`D00-D05`, `S10-S37`): how a selector would name them."""
+    runs: list[list[str]] = []
+    previous = None
+    for block in layout.unet_lbw:
+        if block in blocks:
+            if previous is not None and runs and runs[-1][-1] == previous and previous[0] == block[0]:
+                runs[-1].append(block)
+            else:
+                runs.append([block])
+        previous = block
+    return [run[0] if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs]
+
+
+def index_ranges(indices: list[int] | tuple[int, ...]) -> str:
+    """Sorted 0-based indices as kohya's `train_*_block_indices` write them: `0-1,4-5,7`."""
+    runs: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 @dataclass(frozen=True)

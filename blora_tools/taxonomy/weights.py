@@ -274,10 +274,12 @@ def _from_lbw_vector(vector: tuple[float, ...], layout: ArchTable, fill: float, 
 
 
 def uniform_weights(arch: Arch | str, blocks: frozenset[str], inside: float = 1.0, outside: float = 0.0) -> BlockWeights:
-    """`inside` for the given blocks, `outside` for every other block."""
+    """`inside` for the given blocks (and the parts of DiT blocks a selection's atoms name), `outside` for every
+    other block."""
     layout = table(arch)
     values = {b: (inside if b in blocks else outside) for b in layout.blocks}
-    return BlockWeights(layout.arch, MappingProxyType(values))
+    parts = {atom: inside for atom in blocks if ":" in atom}
+    return BlockWeights(layout.arch, MappingProxyType(values), MappingProxyType(parts))
 
 
 # --- exports ---------------------------------------------------------------------------------------
