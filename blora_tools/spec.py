@@ -38,8 +38,8 @@ from types import MappingProxyType
 
 from blora_tools.errors import SpecError
 from blora_tools.jsonio import dumps, loads_strict
-from blora_tools.taxonomy.arch import Arch
-from blora_tools.taxonomy.blocks import Component, Placement, table
+from blora_tools.taxonomy.arch import Arch, is_dit
+from blora_tools.taxonomy.blocks import OTHER, Component, Placement, table
 
 FORMAT = "blora-spec/1"
 """The value of the `format` field of the `blora_spec` JSON."""
@@ -257,11 +257,14 @@ class BlockSpec:
     def group_summary(self) -> dict[str, dict]:
         """Paper group → {"rank", "alpha", "conv_rank", "conv_alpha", "lr_weight"} (+ "mixed" where members differ).
 
-        Text encoders first, then U-Net groups; blocks outside every group (IN00, OTHER) are left out.
+        Text encoders first, then U-Net groups; blocks outside every group (IN00, OTHER) are left out, except
+        on Flux.1/SD3, where `base` is OTHER (the embedders and final layer).
         """
         layout = table(self.arch)
         groups: dict[str, tuple[str, ...]] = {c.value: (c.value,) for c in layout.text_encoders}
         groups.update(layout.group_members)
+        if is_dit(self.arch):
+            groups["base"] = (OTHER,)
         summary: dict[str, dict] = {}
         for group, members in groups.items():
             settings = [s for b in members for s in self.settings_of(b)]

@@ -20,9 +20,10 @@ def _format_number(v: float) -> str:
 @click.option("--as", "as_format", type=click.Choice(["table", "kohya", "lbw", "lbw-short", "diffusers"]), default="table", show_default=True, help="Output convention for SPEC.")
 @click.option("--rank", type=click.IntRange(1, MAX_RANK), default=None, help="With a selector: the value for selected blocks (others 0), e.g. block_dims.")
 @click.option("--lbw-fill", type=FINITE_FLOAT, default=0.0, show_default=True, help="Value for blocks a short LBW vector does not name (1 = kohya --lbws).")
+@click.option("--length", type=click.IntRange(1, 1000), default=None, help="Flux/SD3 with --as lbw: the vector length (Flux 58, 57, 20, 19, 61; SD3 1+depth or 25; default the full one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table or the conversion as JSON.")
 @click.pass_obj
-def blocks_cmd(app, arch_name: str, spec: str | None, as_format: str, rank: int | None, lbw_fill: float, as_json: bool) -> None:
+def blocks_cmd(app, arch_name: str, spec: str | None, as_format: str, rank: int | None, lbw_fill: float, length: int | None, as_json: bool) -> None:
     """Show an architecture's blocks, or convert a SPEC between block conventions.
 
     SPEC is a selector (`in0,out3`, `style`, `NOT te`) or block weights (`in0=1,out3=0.5`, an LBW
@@ -34,14 +35,38 @@ def blocks_cmd(app, arch_name: str, spec: str | None, as_format: str, rank: int 
       blora-tools blocks --arch sd1 in0,out3 --as kohya --rank 16     # 25 block_dims values
       blora-tools blocks --arch sd1 lbw=MIDD --as diffusers           # set_adapters dict
       blora-tools blocks --arch sd1 "in0=1,out3=0.5" --as lbw
+      blora-tools blocks --arch flux                                  # D00..D18, S00..S37, presets, vectors
+      blora-tools blocks --arch flux splitflux-style --as kohya       # train_single_block_indices=10-37
+      blora-tools blocks --arch flux "S10-S37=1,D=0.5" --as lbw --length 57
+
+    On Flux.1 and SD3, --as kohya gives kohya's train_double_block_indices / train_single_block_indices
+    (SD3: train_block_indices), --as lbw a weight vector (58/57/20/19/61 values on Flux, 1+depth or 25 on SD3;
+    refused where that length cannot hold the weights) and --as diffusers the diffusers module names.
     """
+    from blora_tools.taxonomy.arch import is_dit
     from blora_tools.taxonomy.weights import to_diffusers, to_kohya, to_lbw
 
     arch = Arch(arch_name)
+    if length is not None and (as_format != "lbw" or not is_dit(arch)):
+        raise click.UsageError("--length goes with --as lbw on flux or sd3")
     if spec is None:
-        _show_table(app, arch, as_json)
+        if is_dit(arch):
+            from blora_tools.cli.blocks_dit import show_dit_table
+
+            show_dit_table(app, arch, as_json)
+        else:
+            _show_table(app, arch, as_json)
         return
     weights, blocks = _resolve(spec, arch, rank, lbw_fill)
+    if is_dit(arch):
+        from blora_tools.cli.blocks_dit import export_dit
+
+        export_dit(app, weights, as_format, length, as_json)
+        if blocks is not None and not app.quiet:
+            from blora_tools.taxonomy.selectors import describe_blocks
+
+            output.note(app, f"{spec} = {describe_blocks(blocks, arch)}")
+        return
     if as_format == "table":
         _show_table(app, arch, as_json, weights.values)
         return

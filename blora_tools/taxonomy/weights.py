@@ -24,7 +24,7 @@ from blora_tools.errors import SelectorError
 from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import OTHER, ArchTable, Placement, table
 from blora_tools.taxonomy.dit import block_leaves
-from blora_tools.taxonomy.selectors import check_term, resolve_atoms, resolve_term
+from blora_tools.taxonomy.selectors import check_term, describe_blocks, index_ranges, resolve_atoms, resolve_term
 
 
 def _vector(text: str) -> tuple[float, ...]:
@@ -315,4 +315,100 @@ def to_diffusers(weights: BlockWeights) -> dict:
     names = ("text_encoder", "text_encoder_2")
     for name, te in zip(names, layout.text_encoders):
         result[name] = weights[te.value]
+    return result
+
+
+# --- Flux.1 / SD3 exports ---------------------------------------------------------------------------
+
+
+def _dit_atoms(names: frozenset[str], layout: ArchTable) -> set[str]:
+    """Blocks and atoms as atoms: a block with parts becomes one atom per leaf (`D05:img.attn.q`)."""
+    te_names = {c.value for c in layout.text_encoders}
+    atoms: set[str] = set()
+    for name in names:
+        leaves = () if ":" in name or name in te_names else block_leaves(layout.arch, None if name == OTHER else name)
+        atoms |= {f"{name}:{leaf.name}" for leaf in leaves} if leaves else {name}
+    return atoms
+
+
+def _atom_weight(weights: BlockWeights, atom: str) -> float:
+    return weights.parts.get(atom, weights.values[atom.partition(":")[0]])
+
+
+def dit_vector_length(arch: Arch | str) -> int:
+    """The full weight vector of a DiT family: BASE and every block (58 on Flux.1, 1 + depth on SD3)."""
+    return 1 + len(table(arch).unet_lbw)
+
+
+def to_dit_vector(weights: BlockWeights, length: int | None = None) -> list[float]:
+    """The `length`-value vector (`dit_vectors`; default the full one) giving exactly these weights; SelectorError
+    when it cannot: one value would have to set blocks of different weights, a block it leaves unnamed is not at
+    the value the convention keeps there, or a weight is on part of a block."""
+    layout = table(weights.arch)
+    conventions = dit_vectors(layout)
+    length = dit_vector_length(weights.arch) if length is None else length
+    if length not in conventions:
+        raise SelectorError(f"{layout.arch.value} has no {length}-value vector; it takes {', '.join(map(str, sorted(conventions)))}")
+    terms, keep, source = conventions[length]
+    every = _dit_atoms(frozenset(layout.blocks), layout)
+    covered: set[str] = set()
+    values = []
+    for i, names in enumerate(terms):
+        atoms = _dit_atoms(frozenset(a for name in names for a in resolve_atoms(name, layout)), layout)
+        found = {_atom_weight(weights, a) for a in atoms}
+        if len(found) > 1:
+            raise SelectorError(
+                f"value {i + 1} of the {length}-value vector ({source}) sets {'+'.join(names)} with one weight, "
+                f"but these weights give them {', '.join(f'{w:g}' for w in sorted(found))}"
+            )
+        values.append(found.pop())
+        covered |= atoms
+    off = {a.partition(":")[0] for a in every - covered if keep is not None and _atom_weight(weights, a) != keep}
+    if off:
+        raise SelectorError(
+            f"the {length}-value vector ({source}) keeps {describe_blocks(off, layout.arch)} at {keep:g}, "
+            "but these weights do not"
+        )
+    return values
+
+
+def to_kohya_dit_indices(weights: BlockWeights) -> dict[str, str]:
+    """kohya's `lora_flux` / `lora_sd3` block arguments (`train_double_block_indices`, `train_single_block_indices`;
+    SD3 `train_block_indices`: 0-based, `all`, `none` or `0,1,4-5`) training the blocks whose weight is not 0.
+    SelectorError when a weight is on part of a block: kohya chooses whole blocks."""
+    layout = table(weights.arch)
+    partly = sorted({a.partition(":")[0] for a, w in weights.parts.items() if w != weights.values[a.partition(":")[0]]})
+    partly = [b for b in partly if b in layout.unet_lbw]
+    if partly:
+        raise SelectorError(f"kohya's block indices choose whole blocks; {', '.join(partly)} are chosen in part")
+    names = {"double": "train_double_block_indices", "single": "train_single_block_indices", "joint": "train_block_indices"}
+    arguments = {}
+    for group, members in layout.group_members.items():
+        chosen = [i for i, b in enumerate(members) if weights.values[b] != 0.0]
+        text = "all" if len(chosen) == len(members) else "none" if not chosen else index_ranges(chosen)
+        arguments[names[group]] = text
+    return arguments
+
+
+def to_dit_diffusers(weights: BlockWeights) -> dict[str, float]:
+    """diffusers module names → weight: a whole block by its prefix (`transformer.transformer_blocks.5`,
+    `transformer.single_transformer_blocks.10`), a block whose parts differ by its layers
+    (`transformer.transformer_blocks.5.attn.to_q`), the layers outside the blocks one by one, the text
+    encoders by their pipeline names (`text_encoder`, `text_encoder_2`, …, in the family's order)."""
+    from blora_tools.taxonomy.dit import DIFFUSERS, layer_index
+
+    layout = table(weights.arch)
+    result: dict[str, float] = {}
+    for i, te in enumerate(layout.text_encoders):
+        result["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = weights.values[te.value]
+    layers = [layer for layer in layer_index(weights.arch).values() if layer.naming == DIFFUSERS]
+    for block in (*layout.unet_lbw, OTHER):
+        mine = [layer for layer in layers if (layer.block or OTHER) == block]
+        found = {_atom_weight(weights, a) for a in _dit_atoms(frozenset({block}), layout)}
+        if block != OTHER and len(found) == 1:
+            result["transformer." + ".".join(mine[0].path.split(".")[:2])] = found.pop()
+            continue
+        for layer in mine:
+            for leaf in layer.leaves:
+                result[f"transformer.{layer.path}"] = _atom_weight(weights, f"{block}:{leaf.name}")
     return result
