@@ -161,6 +161,8 @@ def main(ctx: click.Context, quiet: bool, no_color: bool) -> None:
       paper groups  in0..in3, mid, out0..out3, te   (SDXL: in0..in2, out0..out2, te1, te2)
       LBW IDs       BASE, IN00..IN11, M00, OUT00..OUT11, ranges IN04-OUT05
       presets       style/upper, middle, bottom, character/all;  NOT or !term excludes
+      Flux.1        BASE, D00..D18, S00..S37, double, single, parts like D05.img.q
+      SD3 / SD3.5   BASE, J00..J37, joint, parts like J03.ctx   (blocks --arch flux|sd3)
 
     \b
     Start with:  blora-tools demo        (trains and cuts tiny adapters, no files needed)

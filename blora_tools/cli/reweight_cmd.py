@@ -13,7 +13,7 @@ from blora_tools.cli.params import FINITE_FLOAT, WEIGHTS, allow_nonfinite_option
 @click.command("reweight")
 @input_file
 @click.option("--weights", "weights", type=WEIGHTS, help="Named weights 'in0=1,out3=0.5,te=0' (unnamed blocks keep 1), or any form --lbw takes.")
-@click.option("--lbw", "lbw", type=WEIGHTS, help="An LBW vector (17/26 values SD1/SD2, 12/20 SDXL), a preset name, or 'lbw=…' pasted from a prompt.")
+@click.option("--lbw", "lbw", type=WEIGHTS, help="An LBW vector (17/26 values SD1/SD2, 12/20 SDXL; Flux 58/57/20/19/61, SD3 1+depth or 25, by absolute block index), a preset name, or 'lbw=…' pasted from a prompt.")
 @click.option("--preset", help="An LBW preset name: built in (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5, NONE) or from --preset-file.")
 @click.option("--preset-file", type=click.Path(dir_okay=False, path_type=Path), help="A preset file of 'NAME:v1,v2,…' lines (# lines are comments).")
 @click.option("--lbw-fill", type=FINITE_FLOAT, default=0.0, show_default=True, help="Weight of blocks an LBW vector does not name (LBW: 0; kohya --lbws: 1).")
@@ -38,6 +38,12 @@ def reweight_cmd(app, file: Path, weights, lbw, preset, preset_file, lbw_fill: f
       blora-tools reweight char.safetensors --lbw "lbw=1,0,0,0,1,1,1,0,0,0,0,0,1,1,1,1,1" -o out.safetensors
       blora-tools reweight char.safetensors --preset MIDD -o out.safetensors
       blora-tools reweight char.safetensors --preset MINE --preset-file presets.txt -o out.safetensors
+      blora-tools reweight flux.safetensors --weights "S00-S09=0,double=0.5,D05.img.q=0" -o out.safetensors
+
+    On Flux.1 and SD3 a weight may name part of a block (D05.img.q, S10.linear1.mlp, J03.ctx): only those
+    rows of the up factor are scaled (exact, same rank). BASE is the text encoders plus the embedders and
+    final layer. A pasted vector is read by absolute block index whatever blocks the file holds, and a
+    short one never repeats its last value (20 values: BASE and D00..D18; the single blocks keep 1).
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.adapter.writer import check_output

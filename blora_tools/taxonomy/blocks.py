@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Mapping
 
-from blora_tools.taxonomy.arch import KNOWN_ARCHS, Arch
+from blora_tools.taxonomy.arch import KNOWN_ARCHS, Arch, is_dit
 from blora_tools.taxonomy.layouts import Component, record
 
 if TYPE_CHECKING:
@@ -88,13 +88,14 @@ class ArchTable:
         return frozenset(g for g, m in self.group_members.items() if self.attention_lbw & set(m))
 
     def group_of(self, block: str) -> str:
-        """The paper group of a block (`none` for IN00 and OTHER)."""
+        """The paper group of a block (`none` for IN00 and the U-Net's OTHER; `base` for a diffusion
+        transformer's OTHER, as its placements say)."""
         if block in {c.value for c in self.text_encoders}:
             return block
         for group, members in self.group_members.items():
             if block in members:
                 return group
-        return "none"
+        return "base" if block == OTHER and is_dit(self.arch) else "none"
 
     @property
     def mid_slots(self) -> tuple[int, ...]:

@@ -315,3 +315,54 @@ def test_unsplittable_rows_are_an_error(runner, tmp_path):
                f"{stem}.lora_up.weight": torch.randn(100, 2, generator=g)}, str(src))
     result = _run(runner, "prune", src, "--keep", "D00.img.q", "-o", tmp_path / "out.safetensors")
     _one_error_line(result, "100 output rows", "3 parts")
+
+
+def test_dry_run_names_the_rows_it_would_zero(runner, tmp_path):
+    src = make_dit_adapter(tmp_path / "in.safetensors", "flux", "kohya", blocks={"D00", "S00"})
+    result = _run(runner, "prune", src, "--drop", "D00.img.q,S00.linear1.mlp", "--dry-run", "--json")
+    doc = json.loads(result.stdout)
+    assert doc["output"] is None and doc["dropped_modules"] == []
+    assert doc["zeroed_rows"] == {"lora_unet_double_blocks_0_img_attn_qkv": ["img.attn.q"],
+                                  "lora_unet_single_blocks_0_linear1": ["linear1.mlp"]}
+    assert doc["partial"] == {"double": 1, "single": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_uniform_alpha_with_rows_keeps_the_part_deltas(runner, tmp_path):
+    """--uniform-alpha folds each module's scale into the same factor whose rows the weights scale."""
+    src = tmp_path / "in.safetensors"
+    make_dit_adapter(src, "flux", "kohya", blocks={"D00"}, seed=13)
+    tensors = read(src)
+    tensors["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(0.5)  # alphas differ
+    save_file(tensors, str(src))
+    out = tmp_path / "out.safetensors"
+    assert _run(runner, "reweight", src, "--weights", "D00.img.v=3", "--uniform-alpha", "-o", out).exit_code == 0
+    after = read(out)
+    assert {float(after[k]) for k in after if k.endswith(".alpha")} == {1.0}
+    w = WIDTH["flux"]
+    _assert_deltas(out, _expected(deltas(src), {r"img_attn_qkv$": (2 * w, 3 * w, 3, 1), r".": (0, -1, 1, 1)}))
+
+
+def test_part_of_dora_is_refused(runner, tmp_path):
+    src = tmp_path / "in.safetensors"
+    make_dit_adapter(src, "flux", "kohya", blocks={"D00"})
+    tensors = read(src)
+    tensors["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"] = torch.ones(1, 64)
+    save_file(tensors, str(src))
+    result = _run(runner, "prune", src, "--keep", "D00.img.k", "-o", tmp_path / "out.safetensors")
+    _one_error_line(result, "DoRA", "lora_unet_double_blocks_0_img_attn_qkv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_dit_spec_reads_back_with_its_base_group(tmp_path, runner):
+    from safetensors import safe_open
+
+    from blora_tools.spec import BlockSpec
+
+    src = make_dit_adapter(tmp_path / "in.safetensors", "flux", "kohya", blocks={None, "S01"}, rank=3)
+    out = tmp_path / "out.safetensors"
+    assert _run(runner, "prune", src, "--drop", "te", "-o", out).exit_code == 0
+    raw = safe_open(str(out), "pt").metadata()["blora_spec"]
+    spec = BlockSpec.from_json(raw)
+    assert spec.trained_blocks == {"OTHER", "S01"} and spec.blocks["S01"].rank == 3
+    assert json.loads(raw)["blocks"]["base"]["rank"] == 3 and json.loads(raw)["blocks"]["double"]["rank"] == 0
