@@ -10,10 +10,6 @@ from blora_tools.cli.params import FINITE_FLOAT, MAX_RANK
 from blora_tools.taxonomy.arch import KNOWN_ARCHS, Arch
 
 
-def _format_number(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
-
-
 @click.command("blocks")
 @click.option("--arch", "arch_name", type=click.Choice([a.value for a in KNOWN_ARCHS]), required=True, help="Architecture.")
 @click.argument("spec", required=False)
@@ -78,7 +74,7 @@ def blocks_cmd(app, arch_name: str, spec: str | None, as_format: str, rank: int 
     if as_json:
         output.print_json(app, values)
     else:
-        click.echo(",".join(_format_number(v) for v in values))
+        click.echo(",".join(output.number(v) for v in values))
     if blocks is not None and not app.quiet:
         from blora_tools.taxonomy.selectors import describe_blocks
 
@@ -131,7 +127,7 @@ def _show_table(app, arch: Arch, as_json: bool, values=None) -> None:
     for row in rows:
         cell = [row["group"], row["lbw"] or "(time emb / out)", ",".join(map(str, row["kohya"])), "yes" if row["attention"] else "—"]
         if values is not None:
-            cell.append(_format_number(row["weight"]))
+            cell.append(output.number(row["weight"]))
         cells.append(cell)
     app.out.print(output.table(f"{arch.value} blocks", columns, cells))
     app.out.print(

@@ -27,8 +27,6 @@ from blora_tools.taxonomy.weights import (
 
 _KOHYA_ARGUMENT = {"double": "train_double_block_indices", "single": "train_single_block_indices",
                    "joint": "train_block_indices"}
-GRID_COLUMNS = 10
-"""Blocks per row of a weight grid (fits 100 columns)."""
 
 
 def _words(arch: Arch, block: str | None) -> list[str]:
@@ -106,7 +104,7 @@ def export_dit(app, weights: BlockWeights, as_format: str, length: int | None, a
         if as_json:
             output.print_json(app, values)
         else:
-            click.echo(",".join(_number(v) for v in values))
+            click.echo(",".join(output.number(v) for v in values))
         return
     if as_format == "diffusers":
         output.print_json(app, to_dit_diffusers(weights))
@@ -120,18 +118,9 @@ def _show_weights(app, weights: BlockWeights, as_json: bool) -> None:
         parts = {a.replace(":", "."): w for a, w in weights.parts.items()}
         output.print_json(app, {"arch": weights.arch.value, "weights": dict(weights.values), "parts": parts})
         return
-    outside = [[b if b != OTHER else "base layers", _number(weights.values[b])] for b in layout.blocks if b not in layout.unet_lbw]
+    outside = [[b if b != OTHER else "base layers", output.number(weights.values[b])] for b in layout.blocks if b not in layout.unet_lbw]
     app.out.print(output.table(f"{weights.arch.value} weights", ["block", "weight"], outside, right=(1,)))
-    rows = []
-    for members in layout.group_members.values():
-        for start in range(0, len(members), GRID_COLUMNS):
-            chunk = members[start : start + GRID_COLUMNS]
-            rows.append([f"{chunk[0]}–{chunk[-1]}"] + [_number(weights.values[b]) for b in chunk])
-    columns = ["blocks"] + [f"+{i}" for i in range(GRID_COLUMNS)]
-    app.out.print(output.table(None, columns, rows, right=range(1, GRID_COLUMNS + 1)))
+    app.out.print(output.block_grid(None, layout.group_members.values(), lambda b: output.number(weights.values[b])))
     for atom, w in sorted(weights.parts.items()):
-        app.out.print(Text(f"{atom.replace(':', '.')} = {_number(w)}"))
+        app.out.print(Text(f"{atom.replace(':', '.')} = {output.number(w)}"))
 
-
-def _number(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"

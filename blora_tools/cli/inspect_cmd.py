@@ -148,25 +148,15 @@ def _collapse_empty(rows: list[list]) -> list[list]:
     return merged
 
 
-GRID_COLUMNS = 10
-"""Blocks per row of the DiT block grid (10 cells of 6 characters fit 100 columns with the row label)."""
-
-
 def _show_dit(app, report: dict, has_norm: bool, fine: bool) -> None:
     """Flux.1/SD3: every block in a grid (a row per ten blocks of a group), then what the file trains."""
     if not fine:
         from blora_tools.taxonomy.blocks import table as arch_table
 
-        layout = arch_table(report["arch"])
         per_block = report["per_block"]
         what = "share of ‖ΔW‖² (%)" if has_norm else "rank"
-        rows = []
-        for members in layout.group_members.values():
-            for start in range(0, len(members), GRID_COLUMNS):
-                chunk = members[start : start + GRID_COLUMNS]
-                rows.append([f"{chunk[0]}–{chunk[-1]}"] + [_cell(per_block[b], has_norm) for b in chunk])
-        columns = ["blocks"] + [f"+{i}" for i in range(GRID_COLUMNS)]
-        app.out.print(output.table(f"{what} per block", columns, rows, right=range(1, GRID_COLUMNS + 1)))
+        groups = arch_table(report["arch"]).group_members.values()
+        app.out.print(output.block_grid(f"{what} per block", groups, lambda b: _cell(per_block[b], has_norm)))
     trained = report["trained"]
     parts = " · ".join(f"{g}: {', '.join(p)}" for g, p in trained["parts"].items())
     app.out.print(Text(f"trains {trained['blocks'] or '(nothing)'} ({parts})", style="dim"))

@@ -45,6 +45,26 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[obj
     return t
 
 
+GRID_COLUMNS = 10
+"""Blocks per row of a block grid: ten cells of up to six characters and the row label fit 100 columns."""
+
+
+def block_grid(title: str | None, groups: Iterable[Sequence[str]], cell: Callable[[str], str]) -> Table:
+    """Many blocks (Flux.1's 57, SD3's 38) as a grid: a row per ten blocks of a group, `cell(block)` in each."""
+    rows = []
+    for members in groups:
+        for start in range(0, len(members), GRID_COLUMNS):
+            chunk = members[start : start + GRID_COLUMNS]
+            rows.append([f"{chunk[0]}–{chunk[-1]}"] + [cell(b) for b in chunk])
+    columns = ["blocks"] + [f"+{i}" for i in range(GRID_COLUMNS)]
+    return table(title, columns, rows, right=range(1, GRID_COLUMNS + 1))
+
+
+def number(v: float) -> str:
+    """A weight or rank as people write it: `1`, `0.5`."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def bar(fraction: float, width: int = 12, style: str = "cyan") -> Text:
     """A horizontal bar for a value in [0, 1]."""
     fraction = min(max(fraction, 0.0), 1.0)

@@ -191,3 +191,19 @@ def test_blocks_usage_errors(runner, args):
 def test_plan_refuses_dit_cleanly(runner):
     result = _run(runner, "plan", "--arch", "flux")
     assert result.exit_code == 2 and "flux" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_inspect_no_stats_and_blocks_never_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    src = make_dit_adapter(tmp_path / "in.safetensors", "flux", "diffusers")
+    code = (
+        "import sys; from blora_tools.cli import main\n"
+        f"for args in (['inspect', '--no-stats', {str(src)!r}], ['blocks', '--arch', 'flux', 'S10-S37', '--as', 'kohya']):\n"
+        "    try: main(args)\n"
+        "    except SystemExit as e: assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
