@@ -80,9 +80,9 @@ class Selector:
         SelectorError listing valid names."""
         layout = table(arch)
         starts_excluding = self.terms[0].exclude
-        chosen: set[str] = _atoms(frozenset(layout.blocks), layout) if starts_excluding else set()
+        chosen: set[str] = atoms_of(frozenset(layout.blocks), layout) if starts_excluding else set()
         for term in self.terms:
-            atoms = _atoms(resolve_atoms(term.text, layout), layout)
+            atoms = atoms_of(resolve_atoms(term.text, layout), layout)
             if term.exclude:
                 chosen -= atoms
             else:
@@ -249,7 +249,7 @@ def _dit_id(name: str, layout: ArchTable) -> str | None:
     return block
 
 
-def _atoms(blocks: frozenset[str], layout: ArchTable) -> set[str]:
+def atoms_of(blocks: frozenset[str], layout: ArchTable) -> set[str]:
     """Blocks as atoms: a DiT block with parts becomes one atom per leaf, anything else stays itself."""
     if not is_dit(layout.arch):
         return set(blocks)

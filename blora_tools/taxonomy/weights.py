@@ -24,7 +24,7 @@ from blora_tools.errors import SelectorError
 from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import OTHER, ArchTable, Placement, table
 from blora_tools.taxonomy.dit import block_leaves
-from blora_tools.taxonomy.selectors import check_term, describe_blocks, index_ranges, resolve_atoms, resolve_term
+from blora_tools.taxonomy.selectors import atoms_of, check_term, describe_blocks, index_ranges, resolve_atoms, resolve_term
 
 
 def _vector(text: str) -> tuple[float, ...]:
@@ -321,16 +321,6 @@ def to_diffusers(weights: BlockWeights) -> dict:
 # --- Flux.1 / SD3 exports ---------------------------------------------------------------------------
 
 
-def _dit_atoms(names: frozenset[str], layout: ArchTable) -> set[str]:
-    """Blocks and atoms as atoms: a block with parts becomes one atom per leaf (`D05:img.attn.q`)."""
-    te_names = {c.value for c in layout.text_encoders}
-    atoms: set[str] = set()
-    for name in names:
-        leaves = () if ":" in name or name in te_names else block_leaves(layout.arch, None if name == OTHER else name)
-        atoms |= {f"{name}:{leaf.name}" for leaf in leaves} if leaves else {name}
-    return atoms
-
-
 def _atom_weight(weights: BlockWeights, atom: str) -> float:
     return weights.parts.get(atom, weights.values[atom.partition(":")[0]])
 
@@ -350,11 +340,11 @@ def to_dit_vector(weights: BlockWeights, length: int | None = None) -> list[floa
     if length not in conventions:
         raise SelectorError(f"{layout.arch.value} has no {length}-value vector; it takes {', '.join(map(str, sorted(conventions)))}")
     terms, keep, source = conventions[length]
-    every = _dit_atoms(frozenset(layout.blocks), layout)
+    every = atoms_of(frozenset(layout.blocks), layout)
     covered: set[str] = set()
     values = []
     for i, names in enumerate(terms):
-        atoms = _dit_atoms(frozenset(a for name in names for a in resolve_atoms(name, layout)), layout)
+        atoms = atoms_of(frozenset(a for name in names for a in resolve_atoms(name, layout)), layout)
         found = {_atom_weight(weights, a) for a in atoms}
         if len(found) > 1:
             raise SelectorError(
@@ -404,7 +394,7 @@ def to_dit_diffusers(weights: BlockWeights) -> dict[str, float]:
     layers = [layer for layer in layer_index(weights.arch).values() if layer.naming == DIFFUSERS]
     for block in (*layout.unet_lbw, OTHER):
         mine = [layer for layer in layers if (layer.block or OTHER) == block]
-        found = {_atom_weight(weights, a) for a in _dit_atoms(frozenset({block}), layout)}
+        found = {_atom_weight(weights, a) for a in atoms_of(frozenset({block}), layout)}
         if block != OTHER and len(found) == 1:
             result["transformer." + ".".join(mine[0].path.split(".")[:2])] = found.pop()
             continue
