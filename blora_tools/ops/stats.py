@@ -21,7 +21,7 @@ from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import SpecError
 from blora_tools.spec import BlockSpec
 from blora_tools.taxonomy.arch import Arch, is_dit
-from blora_tools.taxonomy.blocks import table
+from blora_tools.taxonomy.blocks import OTHER, table
 from blora_tools.taxonomy.selectors import block_runs
 
 __all__ = ["SCHEMA", "row_order", "inspect_adapter"]
@@ -203,8 +203,8 @@ def _namings(adapter: Adapter) -> list[str]:
 
 
 def _dit_trained(adapter: Adapter) -> dict:
-    """What a Flux.1/SD3 file trains: blocks as ranges (`D00-D18`; `base`: the embedders and final layer), the blocks it leaves out, and per
-    group the layer parts its modules adapt (`img.attn.qkv`, `txt.mlp`, `linear1.mlp`, `in.img`)."""
+    """What a Flux.1/SD3 file trains: blocks as ranges (`D00-D18`; `base`: the embedders and final layer), the
+    blocks it leaves out, and per group the layer parts its modules adapt (`img.attn.qkv`, `txt.mlp`, `in.img`)."""
     layout = table(adapter.arch)
     blocks = {m.block for m in adapter.modules.values() if m.block is not None}
     parts: dict[str, set[str]] = {}
@@ -220,9 +220,10 @@ def _dit_trained(adapter: Adapter) -> dict:
             head, _, last = leaf.name.rpartition(".")
             family = _PART_FAMILY.get(last)
             parts.setdefault(group, set()).add(leaf.name if family is None or not head else f"{head}.{family}".rstrip("."))
-    base = {c.value for c in layout.text_encoders} | {"OTHER"}
+    base = {c.value for c in layout.text_encoders} | {OTHER}
+
     def outside(chosen: set[str]) -> list[str]:
-        return ["base" if b == "OTHER" else b for b in layout.blocks if b in chosen & base]
+        return ["base" if b == OTHER else b for b in layout.blocks if b in chosen & base]
 
     return {
         "blocks": ",".join(block_runs(blocks, layout) + outside(blocks)),

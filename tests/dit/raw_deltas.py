@@ -3,7 +3,8 @@
 Independent of the library: keys are grouped by their own text (kohya `.lora_down/.lora_up/.alpha`, PEFT
 `.lora_A/.lora_B`, XLabs `.down/.up`, LyCORIS `hada_*`/`diff`), the scale is alpha / rank with a missing alpha
 meaning rank (kohya's rule, `networks/lora.py`), and ΔW is the factors' product. Blocks and row parts of the tiny
-models (`dit_adapters.TINY`: Flux width 64, SD3 width 192) are read from the key text by regular expressions.
+models (`dit_adapters.TINY`, whose widths say how many rows one q/k/v part has) are read from the key text by regular expressions.
+`CASES` lists the (family, dialect) pairs every command is tested on.
 """
 
 from __future__ import annotations
@@ -11,10 +12,21 @@ from __future__ import annotations
 import re
 
 import torch
+from dit_adapters import TINY
 from safetensors import safe_open
 
-WIDTH = {"flux": 64, "sd3": 192}
+WIDTH = {arch: record.width for arch, record in TINY.items()}
 """The tiny models' widths (rows of one q/k/v part)."""
+
+CASES = [("flux", d) for d in ("kohya", "diffusers", "comfyui", "onetrainer", "xlabs")] + [
+    ("sd3", d) for d in ("kohya", "diffusers", "comfyui", "onetrainer")
+]
+"""(family, dialect) of every tiny file the command tests run on (XLabs wrote Flux LoRAs only)."""
+
+
+def arch_args(arch: str, dialect: str) -> list[str]:
+    """diffusers-named SD3 files with few blocks read as Flux by rule (`transformer_blocks` below 19): say sd3."""
+    return ["--arch", "sd3"] if arch == "sd3" and dialect in ("diffusers", "onetrainer") else []
 
 _FACTORS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"), (".down.weight", ".up.weight"))
 

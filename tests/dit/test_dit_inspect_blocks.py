@@ -9,27 +9,19 @@ import math
 
 import pytest
 from dit_adapters import make_dit_adapter
-from raw_deltas import block_of, deltas
+from raw_deltas import CASES, arch_args, block_of, deltas
 
 from blora_tools.cli import main
-
-CASES = [("flux", d) for d in ("kohya", "diffusers", "comfyui", "onetrainer", "xlabs")] + [
-    ("sd3", d) for d in ("kohya", "diffusers", "comfyui", "onetrainer")
-]
 
 
 def _run(runner, *args):
     return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _arch_args(arch: str, dialect: str) -> list[str]:
-    return ["--arch", "sd3"] if arch == "sd3" and dialect in ("diffusers", "onetrainer") else []
-
-
 @pytest.mark.parametrize("arch,dialect", CASES)
 def test_inspect_json_per_block_norms(runner, tmp_path, arch, dialect):
     src = make_dit_adapter(tmp_path / "in.safetensors", arch, dialect, seed=11)
-    result = _run(runner, "inspect", "--json", src, *_arch_args(arch, dialect))
+    result = _run(runner, "inspect", "--json", src, *arch_args(arch, dialect))
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)[0]
     assert report["arch"] == arch and report["dialect"] == dialect

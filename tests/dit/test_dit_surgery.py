@@ -9,20 +9,10 @@ import json
 import pytest
 import torch
 from dit_adapters import make_dit_adapter
-from raw_deltas import WIDTH, block_of, deltas, read, rows_mask
+from raw_deltas import CASES, WIDTH, arch_args, block_of, deltas, read, rows_mask
 from safetensors.torch import save_file
 
 from blora_tools.cli import main
-
-CASES = [("flux", d) for d in ("kohya", "diffusers", "comfyui", "onetrainer", "xlabs")] + [
-    ("sd3", d) for d in ("kohya", "diffusers", "comfyui", "onetrainer")
-]
-"""Every dialect the tiny files come in (XLabs wrote Flux LoRAs only)."""
-
-
-def _arch_args(arch: str, dialect: str) -> list[str]:
-    """diffusers-named SD3 files with few blocks read as Flux by rule (`transformer_blocks` below 19): say sd3."""
-    return ["--arch", "sd3"] if arch == "sd3" and dialect in ("diffusers", "onetrainer") else []
 
 
 def _run(runner, *args):
@@ -81,7 +71,7 @@ def test_prune_keep_part_of_fused_layers(runner, tmp_path, arch, dialect):
     src = make_dit_adapter(tmp_path / "in.safetensors", arch, dialect, seed=1)
     out = tmp_path / "out.safetensors"
     selector, parts = _keep_parts(arch)
-    result = _run(runner, "prune", src, "--keep", selector, "-o", out, "--json", *_arch_args(arch, dialect))
+    result = _run(runner, "prune", src, "--keep", selector, "-o", out, "--json", *arch_args(arch, dialect))
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["arch"] == arch and doc["mode"] == "keep"
@@ -109,7 +99,7 @@ def test_prune_drop_part_zeroes_only_those_rows(runner, tmp_path, arch, dialect)
     fused = r"double_blocks[._]1[._]img_attn[._]qkv$|double_blocks\.1\.processor\.qkv_lora1$" if arch == "flux" else r"joint_blocks[._]1[._]x_block[._]attn2?[._]qkv$"
     split = r"(?<!single_)transformer_blocks[._]1[._]attn[._]to_k$" if arch == "flux" else r"transformer_blocks[._]1[._]attn2?[._]to_v$"
     parts = {fused: (row[0], row[1], 0, 1), split: (0, -1, 0, 0), r".": (0, -1, 1, 1)}
-    result = _run(runner, "prune", src, "--drop", selector, "-o", out, *_arch_args(arch, dialect))
+    result = _run(runner, "prune", src, "--drop", selector, "-o", out, *arch_args(arch, dialect))
     assert result.exit_code == 0, result.stderr
     _assert_deltas(out, _expected(deltas(src), parts))
 
@@ -139,7 +129,7 @@ def test_reweight_parts_and_blocks(runner, tmp_path, arch, dialect):
             r"(joint|transformer)_blocks[._]2[._]": (0, -1, 0.25, 0.25),
             r".": (0, -1, 1, 1),
         }
-    result = _run(runner, "reweight", src, "--weights", weights, "-o", out, "--json", *_arch_args(arch, dialect))
+    result = _run(runner, "reweight", src, "--weights", weights, "-o", out, "--json", *arch_args(arch, dialect))
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     split = dialect in ("diffusers", "onetrainer")  # weight 0 on a whole split layer removes it (proj_mlp)
@@ -155,7 +145,7 @@ def test_reweight_parts_and_blocks(runner, tmp_path, arch, dialect):
 def test_resize_keeps_every_delta_at_full_rank(runner, tmp_path, arch, dialect):
     src = make_dit_adapter(tmp_path / "in.safetensors", arch, dialect, seed=4)
     out = tmp_path / "out.safetensors"
-    result = _run(runner, "resize", src, "--rank", 2, "-o", out, *_arch_args(arch, dialect))
+    result = _run(runner, "resize", src, "--rank", 2, "-o", out, *arch_args(arch, dialect))
     assert result.exit_code == 0, result.stderr
     before, after = deltas(src), list(deltas(out).values())
     assert len(after) == len(before)
