@@ -50,10 +50,13 @@ class Leaf:
     @property
     def tags(self) -> frozenset[str]:
         """The words a sub-selector may use for this leaf: its name's parts, plus `qkv` for q/k/v rows and
-        `attn` for the attention rows of Flux's fused single-block `linear1`."""
+        `attn` for the attention rows of Flux's fused single-block `linear1` (not for SD3's `attn2`: `J00.x.attn`
+        is the first image attention only)."""
         parts = set(self.name.split("."))
         if parts & {"q", "k", "v"}:
-            parts |= {"qkv", "attn"}
+            parts.add("qkv")
+            if "linear1" in parts:
+                parts.add("attn")
         return frozenset(parts)
 
 

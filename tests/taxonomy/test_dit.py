@@ -171,6 +171,8 @@ def test_sub_selectors_choose_row_parts():
     assert resolve_selector("S10.linear1.mlp", "flux") == {"S10:linear1.mlp"}
     assert resolve_selector("S10.attn", "flux") == {"S10:linear1.q", "S10:linear1.k", "S10:linear1.v"}
     assert resolve_selector("J02.x.attn2", "sd3") == {f"J02:x.attn2.{p}" for p in ("q", "k", "v", "proj")}
+    assert resolve_selector("J02.x.attn", "sd3") == {f"J02:x.attn.{p}" for p in ("q", "k", "v", "proj")}
+    assert resolve_selector("J02.x.q", "sd3") == {"J02:x.attn.q", "J02:x.attn2.q"}
     assert resolve_selector("base.out", "flux") == {"OTHER:out.final"}
     whole = resolve_selector("D05.img,D05.txt", "flux")
     assert whole == {"D05"}  # every part chosen: the block itself
