@@ -36,11 +36,12 @@ from typing import NamedTuple
 
 from blora_tools.errors import SpecError
 from blora_tools.spec import Algo, BlockSetting, BlockSpec
-from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import ArchTable, table
 from blora_tools.taxonomy.selectors import resolve_selector
 from kohya_plugin import values as readers
-from kohya_plugin.values import PRESETS, SlotValues, Terms, text_of
+from kohya_plugin.layer_rules import TYPE_DIMS, LayerRules
+from kohya_plugin.values import SlotValues, Terms, preset_selector, text_of
 
 _FIELDS = ("rank", "alpha", "conv_rank", "conv_alpha", "lr_weight")
 _EXCLUSIVE = (("preset", "blocks"), ("block_dims", "block_ranks"), ("conv_block_dims", "conv_block_ranks"))
@@ -51,6 +52,9 @@ _KOHYA_LR = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 
 BLOCKWISE = "blockwise"
 KOHYA_LORA = "networks.lora"
+KOHYA_FLUX = "networks.lora_flux"
+KOHYA_SD3 = "networks.lora_sd3"
+KOHYA_DIT = "networks.lora_flux, networks.lora_sd3"
 BOTH = "blockwise (named), networks.lora (positional)"
 
 RANKS, LRS, OPTIONS = "ranks", "learning rates", "options"
@@ -71,18 +75,27 @@ class ArgKey:
     """`blockwise` (ours) or the kohya module whose meaning the key keeps."""
     sets: str
     """RANKS, LRS or OPTIONS."""
+    archs: str = "all"
+    """Where the key exists: `all`, `unet` (SD1/SD2/SDXL), `dit` (Flux.1 and SD3), `flux` or `sd3`."""
 
 
 NETWORK_ARGS: tuple[ArgKey, ...] = (
     ArgKey("preset", readers.preset,
-           "`all`/`character`, `style`/`upper`, `middle`, `bottom`", "all blocks",
-           "The paper's settings: train all blocks, or one resolution level (`style` = outermost).", BLOCKWISE, RANKS),
+           "`all`/`character`, `style`/`upper`, `middle`, `bottom`; Flux.1/SD3: `all` or a research preset",
+           "all blocks",
+           "The paper's settings: train all blocks, or one resolution level (`style` = outermost). On Flux.1/SD3 "
+           "the research presets of `blora-tools blocks --arch flux`, each with its source (`splitflux-style` = "
+           "S10-S37, `splitflux-content`, `stableflow-vital`, Inspire's `dbl-*`/`sgl-*`; SD3 `slg-layers`).",
+           BLOCKWISE, RANKS),
     ArgKey("blocks", readers.selector,
-           "selector, e.g. `in0,out3` or `IN04-OUT05`", "all blocks",
-           "The blocks to train; the rest get rank 0. Excludes `preset`.", BLOCKWISE, RANKS),
+           "selector, e.g. `in0,out3`, `IN04-OUT05`; Flux.1/SD3 `double`, `S10-S37`, `D05.img`", "all blocks",
+           "The blocks to train; the rest get rank 0. On Flux.1/SD3 a sub-selector trains only the layers holding "
+           "the named parts. Excludes `preset`.", BLOCKWISE, RANKS),
     ArgKey("block_ranks", readers.named_ranks,
-           "named ranks, e.g. `in0=16,out3=8`", "`--network_dim`",
-           "Rank per block (selector terms; later terms win; 0 = not trained).", BLOCKWISE, RANKS),
+           "named ranks, e.g. `in0=16,out3=8`; Flux.1/SD3 `double=8,S10-S37=32,D05.img=16`", "`--network_dim`",
+           "Rank per block (selector terms; later terms win; 0 = not trained). A sub-selector gives the layers "
+           "holding the part that rank; a fused layer (`qkv`, single `linear1`) is one module, so `D05.img.q` "
+           "or `S10.linear1.mlp` trains the whole fused layer with the part's rank.", BLOCKWISE, RANKS),
     ArgKey("block_alphas", readers.alphas,
            "named alphas, or kohya's 25/23 positional values", "`--network_alpha`",
            "Alpha per block (0 = the rank).", BOTH, RANKS),
@@ -104,27 +117,74 @@ NETWORK_ARGS: tuple[ArgKey, ...] = (
     ArgKey("te_alpha", readers.number,
            "number ≥ 0", "`--network_alpha`",
            "Text-encoder alpha.", BLOCKWISE, RANKS),
+    ArgKey("t5_dim", readers.rank,
+           "whole number ≥ 0", "`te_dim`",
+           "T5-XXL rank (Flux.1/SD3, needs `train_t5xxl`); its alpha is `te_alpha`.", BLOCKWISE, RANKS, "dit"),
+    ArgKey("train_t5xxl", readers.boolean,
+           "`true`/`false`", "false",
+           "Train T5-XXL too (`lora_te3_`); the trainer then refuses `--cache_text_encoder_outputs`.",
+           KOHYA_DIT, RANKS, "dit"),
+    ArgKey("train_blocks", readers.train_blocks,
+           "`all`, `single`, `double`", "`all`",
+           "kohya: train only these Flux.1 blocks (with `preset`/`blocks`: both must allow a block).",
+           KOHYA_FLUX, RANKS, "flux"),
+    ArgKey("train_double_block_indices", readers.block_indices,
+           "`all`, `none`, or 0-based indices and ranges, e.g. `0,2,10-18`", "all",
+           "kohya: the double blocks to train (D00 = 0).", KOHYA_FLUX, RANKS, "flux"),
+    ArgKey("train_single_block_indices", readers.block_indices,
+           "like `train_double_block_indices`", "all",
+           "kohya: the single blocks to train (S00 = 0).", KOHYA_FLUX, RANKS, "flux"),
+    ArgKey("train_block_indices", readers.block_indices,
+           "like `train_double_block_indices`", "all",
+           "kohya: the joint blocks to train (J00 = 0).", KOHYA_SD3, RANKS, "sd3"),
+    *(ArgKey(key, readers.rank, "whole number ≥ 0", "the block's rank",
+             f"kohya: rank of the layers whose name contains {' and '.join(f'`{i}`' for i in ids)} (0 = skip); "
+             "replaces the block's rank.", KOHYA_FLUX if arch is Arch.FLUX else KOHYA_SD3, RANKS, arch.value)
+      for arch, table_ in TYPE_DIMS.items() for key, ids in table_),
+    ArgKey("in_dims", readers.in_dims,
+           "5 ranks `[img,time,vector,guidance,txt]`", "none",
+           "kohya: ranks of Flux.1's embedders (`img_in`, `time_in`, `vector_in`, `guidance_in`, `txt_in`); "
+           "0 = skip.", KOHYA_FLUX, RANKS, "flux"),
+    ArgKey("emb_dims", readers.emb_dims,
+           "6 ranks `[context,t,x,y,final_mod,final_linear]`", "none",
+           "kohya: ranks of SD3's embedders and final layer (`x_embedder` is a conv); 0 = skip.",
+           KOHYA_SD3, RANKS, "sd3"),
+    ArgKey("network_reg_dims", readers.regex_ranks,
+           "`regex=rank,…`", "none",
+           "kohya: rank of the modules whose name matches the regex (first match; alpha `--network_alpha`); "
+           "wins over the per-type dims and block indices.", KOHYA_FLUX, RANKS, "dit"),
+    ArgKey("split_qkv", readers.boolean,
+           "`true`/`false`", "false",
+           "Train q, k, v (and single `linear1`'s mlp rows) as separate LoRAs; saved fused, with the right alpha "
+           "(kohya #2204 saves them 3–4× too weak).", KOHYA_DIT, OPTIONS, "dit"),
     ArgKey("algo", readers.algo,
            "`lora`, `locon`", "`locon` when a conv rank is given, else `lora`",
            "Attention layers only, or convolutions too.", BLOCKWISE, RANKS),
     ArgKey("block_dims", readers.positional_ranks,
            "25 (SD1/SD2) or 23 (SDXL) comma-separated ranks", "`--network_dim`",
-           "kohya's positional rank per block index. Excludes `block_ranks`.", KOHYA_LORA, RANKS),
+           "kohya's positional rank per block index. Excludes `block_ranks`.", KOHYA_LORA, RANKS, "unet"),
     ArgKey("conv_block_dims", readers.positional_ranks,
            "25 or 23 comma-separated ranks", "`conv_dim`",
-           "kohya's positional convolution rank per block index. Excludes `conv_block_ranks`.", KOHYA_LORA, RANKS),
+           "kohya's positional convolution rank per block index. Excludes `conv_block_ranks`.", KOHYA_LORA, RANKS,
+           "unet"),
     ArgKey("block_lr", readers.named_weights,
-           "named weights, e.g. `in0=1,mid=0.5`, or an LBW vector", "1",
+           "named weights, e.g. `in0=1,mid=0.5`, `double=1,S10-S37=0.5`, or an LBW vector (Flux 58/57/20/19)",
+           "1",
            "Learning-rate weight per block (× the U-Net or text-encoder rate; 0 = not trained).", BLOCKWISE, LRS),
+    ArgKey("network_reg_lrs", readers.regex_lrs,
+           "`regex=lr,…`", "none",
+           "kohya: absolute learning rate of the modules whose name matches the regex (first match).",
+           KOHYA_FLUX, LRS, "dit"),
     ArgKey("down_lr_weight", readers.side_lr,
            "12 (SDXL 9) weights, or `cosine`/`sine`/`linear`/`reverse_linear`/`zeros`[+number]", "1",
-           "kohya's learning-rate weights of the input blocks (short lists are padded with 1).", KOHYA_LORA, LRS),
+           "kohya's learning-rate weights of the input blocks (short lists are padded with 1).", KOHYA_LORA, LRS,
+           "unet"),
     ArgKey("mid_lr_weight", readers.mid_lr,
            "1 (SDXL 3) weights", "1",
-           "kohya's learning-rate weight of the middle block.", KOHYA_LORA, LRS),
+           "kohya's learning-rate weight of the middle block.", KOHYA_LORA, LRS, "unet"),
     ArgKey("up_lr_weight", readers.side_lr,
            "like `down_lr_weight`", "1",
-           "kohya's learning-rate weights of the output blocks.", KOHYA_LORA, LRS),
+           "kohya's learning-rate weights of the output blocks.", KOHYA_LORA, LRS, "unet"),
     ArgKey("block_lr_zero_threshold", readers.number,
            "number ≥ 0", "0",
            "Learning-rate weights at or below it become 0 (the block is not trained).", KOHYA_LORA, LRS),
@@ -159,11 +219,27 @@ RANK_KEYS: tuple[str, ...] = tuple(a.name for a in NETWORK_ARGS if a.sets == RAN
 LR_KEYS: tuple[str, ...] = tuple(a.name for a in NETWORK_ARGS if a.sets == LRS)
 
 
+KEY_MODELS: Mapping[str, str] = MappingProxyType({"all": "all", "unet": "SD1/SD2/SDXL", "dit": "Flux.1, SD3", "flux": "Flux.1",
+                                                 "sd3": "SD3"})
+"""`ArgKey.archs` → the models column of the README table."""
+
+
 def network_args_markdown() -> str:
     """The README table of `--network_args` keys, one row per key of `NETWORK_ARGS`."""
-    rows = ["| key | value | default | meaning | from |", "|---|---|---|---|---|"]
-    rows += [f"| `{a.name}` | {a.value} | {a.default} | {a.help} | {a.origin} |" for a in NETWORK_ARGS]
+    rows = ["| key | value | default | meaning | from | models |", "|---|---|---|---|---|---|"]
+    rows += [f"| `{a.name}` | {a.value} | {a.default} | {a.help} | {a.origin} | {KEY_MODELS[a.archs]} |"
+             for a in NETWORK_ARGS]
     return "\n".join(rows)
+
+
+def _key_fits(key: ArgKey, arch: Arch) -> bool:
+    if key.archs == "all":
+        return True
+    if key.archs == "unet":
+        return not is_dit(arch)
+    if key.archs == "dit":
+        return is_dit(arch)
+    return key.archs == arch.value
 
 
 # --- the parsed result -----------------------------------------------------------------------------------------
@@ -180,6 +256,8 @@ class TrainOptions:
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     verbose: bool = False
+    split_qkv: bool = False
+    """Flux.1/SD3: fused q|k|v (and single linear1's mlp) layers trained as one LoRA per part."""
 
     @property
     def unet_plus_ratio(self) -> float | None:
@@ -204,6 +282,8 @@ class NetworkArgs:
     """Warnings to show (kohya lists padded, arguments ignored)."""
     chooser: str = "network_args"
     """How the blocks were chosen, for messages (`preset=style`, `blocks=in0,out3`)."""
+    rules: LayerRules | None = None
+    """Per-layer rules on Flux.1/SD3 (sub-selectors, kohya's lora_flux/lora_sd3 arguments); None on U-Nets."""
 
 
 class WeightsArgs(NamedTuple):
@@ -216,6 +296,8 @@ class WeightsArgs(NamedTuple):
     options: TrainOptions
     lr_given: bool
     notes: tuple[str, ...]
+    rules: LayerRules | None = None
+    """Flux.1/SD3: sub-selector learning-rate weights and `network_reg_lrs`."""
 
 
 def split_network_args(text: str) -> dict[str, str]:
@@ -249,14 +331,23 @@ def read_multiplier(value: object) -> float:
 # --- stage 1 and 2: strings, then values ----------------------------------------------------------------------
 
 
-def read_strings(args: Mapping[str, object]) -> dict[str, object]:
-    """The given keys (None values dropped), after refusing unknown keys and keys that exclude each other."""
+def read_strings(args: Mapping[str, object], arch: Arch) -> dict[str, object]:
+    """The given keys (None values dropped), after refusing unknown keys, keys of other architectures and keys
+    that exclude each other."""
     kw = {k: v for k, v in args.items() if v is not None}
     unknown = sorted(set(kw) - set(ARGS_BY_NAME))
     if unknown:
+        known = [k for k in KNOWN_KEYS if _key_fits(ARGS_BY_NAME[k], arch)]
         raise SpecError(
             f"network_args: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-            f"known keys: {', '.join(KNOWN_KEYS)}"
+            f"known keys on {arch.value}: {', '.join(known)}"
+        )
+    foreign = [k for k in kw if not _key_fits(ARGS_BY_NAME[k], arch)]
+    if foreign:
+        key = ARGS_BY_NAME[foreign[0]]
+        raise SpecError(
+            f"network_args: {key.name} is a {KEY_MODELS[key.archs]} argument ({key.origin}) and means nothing on "
+            f"{arch.value}; see `python -m kohya_plugin.args --markdown`"
         )
     for a, b in _EXCLUSIVE:
         if a in kw and b in kw:
@@ -289,7 +380,13 @@ class _Grid:
             else:
                 self.units.append((block, None))
         te_names = {c.value for c in layout.text_encoders}
-        self.values = {u: dict(defaults["te" if u[0] in te_names else "unet"]) for u in self.units}
+
+        def kind(block: str) -> str:
+            if block == "te3" and "t5" in defaults:
+                return "t5"
+            return "te" if block in te_names else "unet"
+
+        self.values = {u: dict(defaults[kind(u[0])]) for u in self.units}
 
     def units_of(self, blocks: Iterable[str]) -> list[_Unit]:
         blocks = set(blocks)
@@ -346,10 +443,16 @@ def _defaults(values: Mapping[str, object], dim: int, alpha: float) -> dict[str,
     conv_alpha = values.get("conv_alpha", 1.0)
     te_dim = values.get("te_dim", dim)
     te_alpha = values.get("te_alpha", alpha)
-    return {
+    result = {
         "unet": {"rank": dim, "alpha": alpha, "conv_rank": conv_dim, "conv_alpha": conv_alpha, "lr_weight": 1.0},
         "te": {"rank": te_dim, "alpha": te_alpha, "conv_rank": 0, "conv_alpha": conv_alpha, "lr_weight": 1.0},
     }
+    if "t5_dim" in values and not values.get("train_t5xxl", False):
+        raise SpecError("network_args: t5_dim needs train_t5xxl=true (T5-XXL is trained only then, as in kohya)")
+    if "train_t5xxl" in values or "t5_dim" in values:
+        t5_dim = values.get("t5_dim", te_dim) if values.get("train_t5xxl") else 0
+        result["t5"] = {**result["te"], "rank": t5_dim}
+    return result
 
 
 def _apply_ranks(values: Mapping[str, object], grid: _Grid) -> None:
@@ -373,7 +476,7 @@ def _selection(values: Mapping[str, object], kw: Mapping[str, object],
     """Stage 3c: the blocks `preset` or `blocks` selects (None: no selection) and how to name the choice."""
     if "preset" in values:
         preset = values["preset"]
-        return resolve_selector(PRESETS[preset], layout.arch), f"preset={preset}"
+        return resolve_selector(preset_selector(preset, layout), layout.arch), f"preset={preset}"
     if "blocks" in values:
         return values["blocks"], f"blocks={text_of(kw['blocks'])}"
     return None, "network_args"
@@ -384,12 +487,14 @@ def _restrict(values: Mapping[str, object], grid: _Grid, selected: frozenset[str
     layout = grid.layout
     te_names = {c.value for c in layout.text_encoders}
     te_dim = values.get("te_dim", 0)
+    selected = _blocks_of(selected)
     if te_dim > 0 and not (te_names & selected):
         raise SpecError(
             f"network_args: te_dim={te_dim} but {chooser} trains no text encoder; add te to blocks= or drop te_dim"
         )
     for key in ("block_ranks", "conv_block_ranks"):
-        for blocks, value in values.get(key, ()):
+        for chosen, value in values.get(key, ()):
+            blocks = _blocks_of(chosen)
             outside = sorted(blocks - selected)
             if value > 0 and outside and not (blocks & selected):
                 raise SpecError(
@@ -399,6 +504,11 @@ def _restrict(values: Mapping[str, object], grid: _Grid, selected: frozenset[str
     unselected = [b for b in layout.blocks if b not in selected]
     grid.set("rank", unselected, 0)
     grid.set("conv_rank", unselected, 0)
+
+
+def _blocks_of(chosen: frozenset[str]) -> frozenset[str]:
+    """The blocks of a selection that may hold atoms `D05:img.attn.q` (the block of a chosen part)."""
+    return frozenset(item.partition(":")[0] for item in chosen)
 
 
 def _apply_lr_weights(values: Mapping[str, object], grid: _Grid, notes: list[str]) -> bool:
@@ -477,6 +587,7 @@ def _options(values: Mapping[str, object], neuron_dropout: float | None) -> Trai
         loraplus_unet_lr_ratio=values.get("loraplus_unet_lr_ratio"),
         loraplus_text_encoder_lr_ratio=values.get("loraplus_text_encoder_lr_ratio"),
         verbose=values.get("verbose", False),
+        split_qkv=values.get("split_qkv", False),
     )
 
 
@@ -498,8 +609,8 @@ def parse_network_args(
     `network_dim` (None → 4) and `network_alpha` (None → 1.0) are the trainer's `--network_dim` and
     `--network_alpha`; `neuron_dropout` its `--network_dropout` (a `dropout` key wins over it).
     """
-    kw = read_strings(args)
     layout = table(arch)
+    kw = read_strings(args, layout.arch)
     dim, alpha = _base_numbers(network_dim, network_alpha)
     values = parse_values(kw, layout)
     options = _options(values, neuron_dropout)
@@ -508,14 +619,52 @@ def parse_network_args(
     spec = _build_spec(values, kw, grid, dim, alpha)
     explicit = any(k in kw for k in ("preset", "blocks", "block_ranks", "block_dims", "conv_block_ranks",
                                      "conv_block_dims"))
-    return NetworkArgs(spec, options, explicit, lr_given, tuple(notes), chooser)
+    rules = _layer_rules(values, layout, _selection(values, kw, layout)[0], alpha) if is_dit(layout.arch) else None
+    return NetworkArgs(spec, options, explicit, lr_given, tuple(notes), chooser, rules)
+
+
+def _lr_terms(values: Mapping[str, object]) -> tuple[tuple[frozenset[str], float], ...]:
+    """`block_lr` terms with weights at or below `block_lr_zero_threshold` made 0 (as the grid does)."""
+    threshold = values.get("block_lr_zero_threshold", 0.0)
+    return tuple((chosen, 0.0 if value <= threshold else value) for chosen, value in values.get("block_lr", ()))
+
+
+def _layer_rules(values: Mapping[str, object], layout: ArchTable, selection: frozenset[str] | None,
+                 alpha: float) -> LayerRules:
+    """Stage 6 (Flux.1/SD3): the per-layer rules (`kohya_plugin.layer_rules`)."""
+    alphas = values.get("block_alphas", ())
+    terms = {"rank": tuple(values.get("block_ranks", ())),
+             "alpha": tuple(alphas) if not isinstance(alphas, SlotValues) else (),
+             "lr_weight": _lr_terms(values)}
+    allowed: frozenset[str] | None = None
+    train_blocks = values.get("train_blocks", "all")
+    if train_blocks != "all":
+        allowed = frozenset(layout.group_members[train_blocks])
+    for key in ("train_double_block_indices", "train_single_block_indices", "train_block_indices"):
+        if key in values:
+            letter = readers.block_indices(key, "all", layout)
+            others = frozenset(layout.unet_lbw) - letter
+            chosen = values[key] | others
+            allowed = chosen if allowed is None else allowed & chosen
+    type_dims = tuple((ids, values[key]) for key, ids in TYPE_DIMS.get(layout.arch, ()) if key in values)
+    return LayerRules(
+        terms=terms,
+        selection=selection,
+        kohya_blocks=allowed,
+        type_dims=type_dims,
+        embedder_dims=values.get("in_dims") or values.get("emb_dims") or (),
+        reg_dims=values.get("network_reg_dims", ()),
+        reg_lrs=values.get("network_reg_lrs", ()),
+        t5=values.get("train_t5xxl", False),
+        network_alpha=alpha,
+    )
 
 
 def parse_weights_args(args: Mapping[str, object], arch: Arch | str,
                        neuron_dropout: float | None = None) -> WeightsArgs:
     """For a network built from a file: learning-rate weights and options only; rank keys are noted as ignored."""
-    kw = read_strings(args)
     layout = table(arch)
+    kw = read_strings(args, layout.arch)
     notes: list[str] = []
     ignored = sorted(k for k in kw if k in RANK_KEYS)
     if ignored:
@@ -536,7 +685,10 @@ def parse_weights_args(args: Mapping[str, object], arch: Arch | str,
         per_slot = {}
     else:
         per_block["M00"] = max(per_slot.values())
-    return WeightsArgs(per_block, per_slot, _options(values, neuron_dropout), lr_given, tuple(notes))
+    rules = None
+    if is_dit(layout.arch):
+        rules = LayerRules(terms={"lr_weight": _lr_terms(values)}, reg_lrs=values.get("network_reg_lrs", ()))
+    return WeightsArgs(per_block, per_slot, _options(values, neuron_dropout), lr_given, tuple(notes), rules)
 
 
 def _describe(kw: Mapping[str, object]) -> str:

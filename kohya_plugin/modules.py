@@ -8,6 +8,13 @@ is unchanged and the module's holds only `lora_down.weight`, `lora_up.weight` an
 
 LoCon: for a k×k conv, `down` is a conv with the layer's kernel, stride, padding and dilation and `up` a 1×1
 conv, so ΔW = scale · (U[:, :, 0, 0] @ D.flatten(1)).view(out, in, k, k) (docs/architecture.md §3).
+
+Split parts (`split_qkv` on Flux.1/SD3): a fused layer whose rows are parts (q | k | v, and Flux's single
+`linear1` q | k | v | mlp) gets one rank-r LoRA per part, held in the fused form a file stores: `down` stacks the
+parts' downs (n·r rows) and `up` is block-diagonal — part i's up in its rows and its own r columns — kept so by
+a fixed mask in the forward (the zeros get no gradient and stay exactly 0). With alpha n·α the scale n·α / n·r
+is each part's α/r, so ΔW, the saved factors and their alpha are those of a fused LoRA that any loader reads
+exactly (kohya's `split_qkv` keeps α and so saves these layers n times too weak, kohya-ss/sd-scripts#2204).
 """
 
 from __future__ import annotations
@@ -100,6 +107,7 @@ class LoRAModule(nn.Module):
         dropout: float | None = None,
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
+        row_parts: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self.lora_name = lora_name
@@ -121,6 +129,29 @@ class LoRAModule(nn.Module):
         # kohya's (and the original LoRA's) initialisation: ΔW starts at exactly 0.
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+        self.row_parts = tuple(row_parts) if row_parts else None
+        self.register_buffer("up_mask", self._block_mask(), persistent=False)
+
+    def _block_mask(self) -> torch.Tensor | None:
+        """The block-diagonal mask of a split module's up factor (None for a plain module)."""
+        if self.row_parts is None:
+            return None
+        parts = len(self.row_parts)
+        if self._is_conv or sum(self.row_parts) != self.lora_up.weight.shape[0] or self.lora_dim % parts:
+            raise SpecError(f"{self.lora_name}: cannot split rows {self.row_parts} of a rank-{self.lora_dim} module")
+        width = self.lora_dim // parts
+        mask = torch.zeros(tuple(self.lora_up.weight.shape), device=self.lora_up.weight.device)
+        if mask.device.type != "meta":
+            start = 0
+            for i, rows in enumerate(self.row_parts):
+                mask[start : start + rows, i * width : (i + 1) * width] = 1
+                start += rows
+        return mask
+
+    def fits_parts(self, up: torch.Tensor) -> bool:
+        """Whether an up factor is zero outside this module's part blocks (always, for a plain module)."""
+        return self.up_mask is None or not bool((up.reshape(self.up_mask.shape) * (1 - self.up_mask.to(up.dtype)))
+                                                .ne(0).any())
 
     @classmethod
     def for_layer(cls, lora_name: str, layer: nn.Module, rank: int, alpha: float, **options) -> "LoRAModule":
@@ -205,6 +236,8 @@ class LoRAModule(nn.Module):
             mask = (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
             h = h * mask
             scale = scale / (1.0 - self.rank_dropout)
+        if self.up_mask is not None:
+            return base + F.linear(h, self.lora_up.weight * self.up_mask) * scale
         return base + self.lora_up(h) * scale
 
     # --- algebra ---------------------------------------------------------------------------------
@@ -234,4 +267,5 @@ class LoRAModule(nn.Module):
         merge_into(self._layer, down, up, alpha, self.multiplier, device)
 
     def extra_repr(self) -> str:
-        return f"{self.lora_name}, rank={self.lora_dim}, alpha={self._alpha:g}"
+        parts = f", parts={list(self.row_parts)}" if self.row_parts else ""
+        return f"{self.lora_name}, rank={self.lora_dim}, alpha={self._alpha:g}{parts}"

@@ -27,7 +27,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from blora_tools.errors import AdapterFileError, OutputError, SpecError
 from blora_tools.spec import BlockSetting, BlockSpec
-from blora_tools.taxonomy.blocks import Placement, table
+from blora_tools.taxonomy.blocks import Component, Placement, table
 from kohya_plugin.args import NetworkArgs, TrainOptions, parse_weights_args, read_multiplier
 from kohya_plugin.modules import LoRAModule
 from kohya_plugin.planning import ModulePlan, PlannedModule, TextEncoders, plan_from_file, plan_modules
@@ -80,6 +80,7 @@ class BlockwiseNetwork(nn.Module):
                 p.name, p.target.layer, p.rank, p.alpha,
                 multiplier=self.multiplier, dropout=options.dropout,
                 rank_dropout=options.rank_dropout, module_dropout=options.module_dropout,
+                row_parts=p.row_parts,
             )
             self.add_module(p.name, module)
             (self.text_encoder_loras if p.is_text_encoder else self.unet_loras).append(module)
@@ -101,7 +102,8 @@ class BlockwiseNetwork(nn.Module):
         multiplier: float = 1.0,
     ) -> "BlockwiseNetwork":
         """A fresh network for parsed `--network_args`."""
-        plan = plan_modules(text_encoder, unet, parsed.spec, explicit=parsed.explicit_blocks, chooser=parsed.chooser)
+        plan = plan_modules(text_encoder, unet, parsed.spec, explicit=parsed.explicit_blocks, chooser=parsed.chooser,
+                            rules=parsed.rules, split_qkv=parsed.options.split_qkv)
         return cls(parsed.spec, parsed.options, plan, multiplier=multiplier, notes=parsed.notes)
 
     @classmethod
@@ -240,6 +242,11 @@ class BlockwiseNetwork(nn.Module):
                     f"network {list(module.lora_down.weight.shape)}"
                 )
                 continue
+            if not module.fits_parts(up):
+                raise AdapterFileError(
+                    f"{module.lora_name} is a fused LoRA whose up factor is not block-diagonal over its parts, "
+                    "so it cannot be trained as split parts; resume it without split_qkv", source
+                )
             plan.append((module, down, up, module_alpha(module.lora_name, tensors, source)))
         if mismatched:
             raise AdapterFileError(
@@ -275,6 +282,12 @@ class BlockwiseNetwork(nn.Module):
         ]
         return _IncompatibleKeys(missing, unexpected)
 
+    @property
+    def train_t5xxl(self) -> bool:
+        """Whether T5-XXL has modules: sd-scripts' Flux/SD3 trainers read it to train T5 and to refuse
+        `--cache_text_encoder_outputs` with it."""
+        return any(self.block_of(m.lora_name).component is Component.TE3 for m in self.text_encoder_loras)
+
     def enable_gradient_checkpointing(self, *args, **kwargs) -> None:
         """Nothing to do: the modules run inside the base model's (checkpointed) forward."""
 
@@ -303,7 +316,7 @@ class BlockwiseNetwork(nn.Module):
                 raise SpecError(
                     "block learning-rate weights need a learning rate: set --learning_rate or --unet_lr"
                 )
-            lr = None if base is None else base * weight
+            lr = planned.lr if planned.lr is not None else (None if base is None else base * weight)
             buckets.setdefault(("textencoder" if is_te else "unet", lr), []).append(module)
 
         families = Counter(part for part, _ in buckets)
@@ -332,6 +345,12 @@ class BlockwiseNetwork(nn.Module):
                 "(check --unet_lr, --text_encoder_lr and --network_train_*_only)"
             )
         return groups, descriptions
+
+    def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr=None, unet_lr=None, default_lr=None,
+                                                      *args, **kwargs):
+        """sd-scripts' form with one text-encoder rate per encoder (Flux `[clip_l, t5xxl]`, SD3 `[clip_l, clip_g,
+        t5xxl]`; one rate, or a list of one, serves them all): the same as `prepare_optimizer_params`."""
+        return self.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)
 
     def prepare_grad_etc(self, text_encoder=None, unet=None, *args, **kwargs) -> None:
         """Make every adapter factor trainable (the base models stay frozen by the trainer)."""

@@ -27,6 +27,7 @@ from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import Component, place, table
 from blora_tools.taxonomy.selectors import describe_blocks
 from kohya_plugin.args import WeightsArgs
+from kohya_plugin.layer_rules import LayerRules
 from kohya_plugin.spec_io import FileSpec, Unit, layer_kinds, training_alpha
 from kohya_plugin.targets import Target, find_targets, layer_kind
 from kohya_plugin.weights_io import Modules, module_alpha, shapes_fit
@@ -42,6 +43,10 @@ class PlannedModule:
     rank: int
     alpha: float
     lr_weight: float
+    lr: float | None = None
+    """An absolute learning rate (kohya's `network_reg_lrs`); None: the trainer's rate × `lr_weight`."""
+    row_parts: tuple[int, ...] | None = None
+    """`split_qkv`: the rows of each part of a fused layer, trained as one LoRA each (`LoRAModule`)."""
 
     @property
     def name(self) -> str:
@@ -53,9 +58,11 @@ class PlannedModule:
 
     @property
     def params(self) -> int:
-        """Trainable parameters: rank · (fan-in · k·k + fan-out)."""
+        """Trainable parameters: rank · (fan-in · k·k + fan-out); split parts: n·r · fan-in + r · fan-out (each
+        part's up covers its own rows only)."""
         fan_out, fan_in = _fans(self.target.layer)
-        return self.rank * (fan_in + fan_out)
+        up_rank = self.rank // len(self.row_parts) if self.row_parts else self.rank
+        return self.rank * fan_in + up_rank * fan_out
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,16 @@ def _fans(layer: nn.Module) -> tuple[int, int]:
     for d in shape[1:]:
         fan_in *= d
     return shape[0], fan_in
+
+
+def row_parts(target: Target) -> tuple[int, ...] | None:
+    """The rows of each part of a fused DiT layer (q | k | v, single `linear1`'s q | k | v | mlp), from the
+    taxonomy's leaves in units of the layer's width; None for a layer of one part."""
+    layer = target.placement.layer
+    if layer is None or len(layer.leaves) < 2:
+        return None
+    per_unit = _fans(target.layer)[0] // layer.units
+    return tuple((leaf.stop - leaf.start) * per_unit for leaf in layer.leaves)
 
 
 def widest_rank(targets: Sequence[Target]) -> int:
@@ -100,13 +117,17 @@ def plan_modules(
     *,
     explicit: bool = True,
     chooser: str = "network_args",
+    rules: LayerRules | None = None,
+    split_qkv: bool = False,
 ) -> ModulePlan:
     """Decide every module from the spec (models are only read).
 
     A module exists where its block's rank (k×k convs: conv rank) is > 0. Layers that only a LoCon network
     wraps (inside ResNet, down- and upsampling blocks: their linear and 1×1 layers too) exist only where the
     block's conv rank is > 0. With `explicit`, trained U-Net groups that get no module are warned about;
-    a spec that would train nothing, or a rank above the widest layer, raises SpecError.
+    a spec that would train nothing, or a rank above the widest layer, raises SpecError. On Flux.1/SD3 `rules`
+    (`kohya_plugin.layer_rules`) decide each layer's numbers, and `split_qkv` gives each fused layer one LoRA
+    of the layer's rank r and alpha α per part: a module of rank n·r and alpha n·α (`row_parts`).
     """
     arch, attention = find_targets(text_encoder, unet, include_conv=False)
     if arch is not spec.arch:
@@ -115,6 +136,14 @@ def plan_modules(
     attention_names = {t.name for t in attention}
     planned: list[PlannedModule] = []
     for target in every:
+        if rules is not None:
+            numbers = rules.numbers(spec, target)
+            if numbers.rank > 0:
+                parts = row_parts(target) if split_qkv else None
+                n = len(parts) if parts else 1
+                planned.append(PlannedModule(target, numbers.rank * n, numbers.alpha * n, numbers.lr_weight,
+                                             numbers.lr, parts))
+            continue
         setting = spec.setting(target.placement)
         if target.name not in attention_names and setting.conv_rank == 0:
             continue
@@ -127,7 +156,7 @@ def plan_modules(
     has_conv = {t.placement.group for t in every if t.name not in attention_names}
     empty = [
         g for g, members in layout.group_members.items()
-        if g not in covered and any(s.trained for b in members for s in spec.settings_of(b))
+        if rules is None and g not in covered and any(s.trained for b in members for s in spec.settings_of(b))
     ]
     if not planned:
         chosen = describe_blocks(spec.trained_blocks, arch)
@@ -191,7 +220,7 @@ def plan_from_file(
         rank = int(down.shape[0])
         alpha = training_alpha(stem, target.placement, target.kind, rank, module_alpha(stem, tensors, source),
                                file_spec)
-        planned.append(PlannedModule(target, rank, alpha, _lr_of(target, lr)))
+        planned.append(PlannedModule(target, rank, alpha, *_lr_of(target, lr)))
     if unmatched:
         shown = ", ".join(sorted(unmatched)[:3])
         raise AdapterFileError(
@@ -208,11 +237,13 @@ def plan_from_file(
     return ModulePlan(tuple(planned), tuple(notes), layers)
 
 
-def _lr_of(target: Target, lr: WeightsArgs) -> float:
+def _lr_of(target: Target, lr: WeightsArgs) -> tuple[float, float | None]:
+    """(learning-rate weight, absolute rate or None) of a module of a network built from a file."""
     placement = target.placement
-    if placement.component is Component.UNET and placement.kohya_index in lr.lr_slot:
-        return lr.lr_slot[placement.kohya_index]
-    return lr.lr_block[placement.block]
+    if placement.component is Component.UNET and placement.kohya_index in lr.lr_slot and lr.rules is None:
+        return lr.lr_slot[placement.kohya_index], None
+    weight = lr.lr_block[placement.block]
+    return lr.rules.learning_rate(target, weight) if lr.rules is not None else (weight, None)
 
 
 def _other_layers(text_encoder: TextEncoders, unet: nn.Module, arch: Arch,

@@ -9,20 +9,28 @@ The rules are kohya `networks.lora`'s (docs/architecture.md §2, §4), restated 
   Text-encoder names always use transformers 4's path (`text_model.encoder.layers.…`), which every file in the
   wild uses, even under transformers 5 where `CLIPTextModel` lost its `text_model` level.
 
+Flux.1 and SD3 (sd-scripts 48d368f `networks/lora_flux.py`, `networks/lora_sd3.py`): every `Linear` inside a
+`DoubleStreamBlock` / `SingleStreamBlock` (Flux) or `SingleDiTBlock` (SD3, both streams of a joint block), named
+by its attribute path (`lora_unet_double_blocks_0_img_attn_qkv`); the embedders and final layers only where
+kohya's `in_dims` / `emb_dims` name them (`EMBEDDER_FILTERS`: a layer belongs to the first filter its name
+contains); text encoders `[clip_l, t5xxl]` / `[clip_l, clip_g, t5xxl]` with the CLIP classes plus `T5Attention`
+and `T5DenseGatedActDense`, T5 under `lora_te3_` with its own paths (`encoder.block.0.layer.0.SelfAttention.q`).
+
 Unlike kohya, the class lists are immutable tuples and every call builds its own lists, so one network built in
 a process never changes what a later one wraps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from torch import nn
 
 from blora_tools.errors import SpecError
-from blora_tools.taxonomy.arch import Arch
-from blora_tools.taxonomy.blocks import Component, Placement, place, table
+from blora_tools.taxonomy.arch import Arch, is_dit
+from blora_tools.taxonomy.blocks import OTHER, Component, Placement, place, table
 from blora_tools.taxonomy.detect import arch_from_widths
 
 __all__ = [
@@ -30,6 +38,10 @@ __all__ = [
     "UNET_ATTENTION_CLASSES",
     "UNET_CONV_CLASSES",
     "TE_CLASSES",
+    "T5_CLASSES",
+    "DIT_BLOCK_CLASSES",
+    "EMBEDDER_FILTERS",
+    "embedder_slot",
     "detect_unet_arch",
     "find_targets",
     "layer_kind",
@@ -44,6 +56,23 @@ UNET_CONV_CLASSES: tuple[str, ...] = ("ResnetBlock2D", "Downsample2D", "Upsample
 TE_CLASSES: tuple[str, ...] = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 """Text-encoder modules whose Linear layers are wrapped. transformers 5 has only `CLIPAttention` and `CLIPMLP`;
 transformers 4 also picks `CLIPSdpaAttention` / `CLIPFlashAttention2` by attention implementation."""
+
+T5_CLASSES: tuple[str, ...] = ("T5Attention", "T5DenseGatedActDense")
+"""T5-XXL modules whose Linear layers are wrapped (Flux/SD3 with `train_t5xxl`)."""
+
+DIT_BLOCK_CLASSES: Mapping[Arch, tuple[str, ...]] = MappingProxyType({
+    Arch.FLUX: ("DoubleStreamBlock", "SingleStreamBlock"),
+    Arch.SD3: ("SingleDiTBlock",),
+})
+"""The transformer blocks whose Linear layers kohya's lora_flux / lora_sd3 wrap."""
+
+EMBEDDER_FILTERS: Mapping[Arch, tuple[str, ...]] = MappingProxyType({
+    Arch.FLUX: ("_img_in", "_time_in", "_vector_in", "_guidance_in", "_txt_in"),
+    Arch.SD3: ("context_embedder", "_t_embedder", "x_embedder", "y_embedder", "final_layer_adaLN_modulation",
+               "final_layer_linear"),
+})
+"""kohya's `in_dims` (Flux, 5 values) / `emb_dims` (SD3, 6 values) slots: a layer outside the blocks whose kohya
+name contains the filter takes that slot's rank (sd-scripts matches substrings of the name, in this order)."""
 
 _TE_ROOT = "text_model."
 
@@ -68,18 +97,24 @@ def layer_kind(layer: nn.Module) -> str | None:
 
 
 def detect_unet_arch(unet: nn.Module) -> Arch:
-    """SD1, SD2 or SDXL, from the U-Net's module names and layer widths only.
+    """SD1, SD2, SDXL, Flux.1 or SD3, from the denoiser's module names and layer widths only.
 
-    An `input_blocks` child means SDXL (kohya's LDM-named SDXL U-Net). Otherwise SD1 or SD2 from the
+    `double_blocks` and `single_blocks` children mean Flux.1 and `joint_blocks` SD3 (sd-scripts' own model
+    classes); an `input_blocks` child means SDXL (kohya's LDM-named SDXL U-Net). Otherwise SD1 or SD2 from the
     cross-attention width (`attn2.to_k` input features) and whether `proj_in` is Linear
     (`taxonomy.detect.arch_from_widths`).
     """
     children = dict(unet.named_children())
+    if "double_blocks" in children and "single_blocks" in children:
+        return Arch.FLUX
+    if "joint_blocks" in children:
+        return Arch.SD3
     if "input_blocks" in children:
         return Arch.SDXL
     if "down_blocks" not in children:
         raise SpecError(
-            f"{type(unet).__name__} is not a Stable Diffusion U-Net (no down_blocks or input_blocks child)"
+            f"{type(unet).__name__} is not a Stable Diffusion U-Net or a Flux.1/SD3 transformer "
+            "(no down_blocks, input_blocks, double_blocks or joint_blocks child)"
         )
     modules = dict(unet.named_modules())
     context = next((m.in_features for n, m in modules.items() if n.endswith(".attn2.to_k") and isinstance(m, nn.Linear)), None)
@@ -100,6 +135,11 @@ def _te_path(path: str) -> str:
     return path if path.startswith(_TE_ROOT) else _TE_ROOT + path
 
 
+def embedder_slot(arch: Arch, name: str) -> int | None:
+    """The `in_dims` / `emb_dims` slot of a kohya module name outside the blocks (first filter it contains)."""
+    return next((i for i, f in enumerate(EMBEDDER_FILTERS.get(arch, ())) if f in name), None)
+
+
 def _collect(
     root: nn.Module,
     classes: Iterable[str],
@@ -107,6 +147,7 @@ def _collect(
     arch: Arch,
     with_3x3: bool,
     text_encoder: bool,
+    clip: bool = True,
 ) -> list[Target]:
     classes = frozenset(classes)
     found: list[Target] = []
@@ -119,7 +160,7 @@ def _collect(
             if kind is None or (kind == "conv3x3" and not with_3x3) or (text_encoder and kind != "linear"):
                 continue
             full = f"{path}.{child_path}" if path else child_path
-            if text_encoder:
+            if text_encoder and clip:
                 full = _te_path(full)
             name = prefix + full.replace(".", "_")
             if name in seen:  # a target class nested in another: wrap once
@@ -145,6 +186,8 @@ def find_targets(
     U-Net targets, each in `named_modules` order. Every call returns new lists.
     """
     arch = detect_unet_arch(unet)
+    if is_dit(arch):
+        return arch, _dit_targets(arch, _as_list(text_encoders), unet)
     components: tuple[Component, ...] = table(arch).text_encoders
     encoders = _as_list(text_encoders)
     if len(encoders) > len(components):
@@ -162,3 +205,33 @@ def find_targets(
     unet_classes = UNET_ATTENTION_CLASSES + (UNET_CONV_CLASSES if include_conv else ())
     targets += _collect(unet, unet_classes, "lora_unet_", arch, include_conv, False)
     return arch, targets
+
+
+def _dit_targets(arch: Arch, encoders: list[nn.Module | None], transformer: nn.Module) -> list[Target]:
+    """Flux.1 / SD3: text encoders (T5 included: planning decides whether it is trained), the blocks' layers,
+    then the layers outside the blocks that an `in_dims` / `emb_dims` slot names."""
+    components: tuple[Component, ...] = table(arch).text_encoders
+    if len(encoders) > len(components):
+        raise SpecError(
+            f"{arch.value} has {len(components)} text encoders ({', '.join(c.value for c in components)}) "
+            f"but {len(encoders)} were given"
+        )
+    targets: list[Target] = []
+    for component, encoder in zip(components, encoders):
+        if encoder is None:
+            continue
+        t5 = component is Component.TE3
+        targets += _collect(encoder, T5_CLASSES if t5 else TE_CLASSES, f"lora_{component.value}_", arch, False,
+                            True, clip=not t5)
+    targets += _collect(transformer, DIT_BLOCK_CLASSES[arch], "lora_unet_", arch, False, False)
+    seen = {t.name for t in targets}
+    for path, layer in transformer.named_modules():
+        kind = layer_kind(layer)
+        name = "lora_unet_" + path.replace(".", "_")
+        if kind is None or name in seen or embedder_slot(arch, name) is None:
+            continue
+        placement = place(name, arch)
+        if placement is None or placement.block != OTHER:
+            continue
+        targets.append(Target(name, layer, kind, placement))
+    return targets

@@ -8,15 +8,16 @@ Numbers must be finite; ranks whole and ≥ 0 (their upper bound needs the model
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from blora_tools.errors import SelectorError, SpecError
 from blora_tools.spec import Algo
-from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import ArchTable
-from blora_tools.taxonomy.selectors import resolve_selector, resolve_term
+from blora_tools.taxonomy.selectors import RESEARCH_PRESETS, resolve_atoms, resolve_selector
 from blora_tools.taxonomy.weights import parse_weights
 
 PRESETS: Mapping[str, str] = MappingProxyType(
@@ -29,7 +30,11 @@ PRESETS: Mapping[str, str] = MappingProxyType(
         "bottom": "bottom",
     }
 )
-"""`preset` values and the selector each stands for (the paper's settings; `style` = `upper`)."""
+"""`preset` values on SD1/SD2/SDXL and the selector each stands for (the paper's settings; `style` = `upper`)."""
+
+DIT_PRESETS: tuple[str, ...] = ("all", "character")
+"""`preset` values on Flux.1/SD3 besides the research presets of `taxonomy.selectors.RESEARCH_PRESETS`
+(each is its own selector term)."""
 
 LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 """kohya's named `down_lr_weight`/`up_lr_weight` curves (optionally `+number`)."""
@@ -105,7 +110,100 @@ def choice(key: str, raw: object, choices: Iterable[str]) -> str:
 
 
 def preset(key: str, raw: object, layout: ArchTable) -> str:
+    """A preset name; on Flux.1/SD3 `all`/`character` or a research preset of the family."""
+    if is_dit(layout.arch):
+        return choice(key, raw, DIT_PRESETS + tuple(RESEARCH_PRESETS.get(layout.arch.value, {})))
     return choice(key, raw, PRESETS)
+
+
+def preset_selector(name: str, layout: ArchTable) -> str:
+    """The selector a preset stands for."""
+    return name if is_dit(layout.arch) else PRESETS[name]
+
+
+def train_blocks(key: str, raw: object, layout: ArchTable) -> str:
+    """kohya lora_flux's `train_blocks`: `all`, `single` or `double` (a selector of those blocks)."""
+    return choice(key, raw, ("all", "single", "double"))
+
+
+_INDEX_PREFIX = MappingProxyType({
+    "train_double_block_indices": "D",
+    "train_single_block_indices": "S",
+    "train_block_indices": "J",
+})
+
+
+def block_indices(key: str, raw: object, layout: ArchTable) -> frozenset[str]:
+    """kohya's `train_*_block_indices`: `all`, `none` (or empty), or 0-based indices and `a-b` ranges, e.g.
+    `0,2,10-18` → the block IDs (`D00`, `D02`, `D10`…`D18`). Indices are checked against the family's blocks
+    (Flux 19 double / 38 single, as kohya; SD3 the deepest member's 38)."""
+    letter = _INDEX_PREFIX[key]
+    blocks = [b for b in layout.unet_lbw if b.startswith(letter)]
+    text = text_of(raw)
+    if text == "all":
+        return frozenset(blocks)
+    if text in ("none", ""):
+        return frozenset()
+    chosen: set[str] = set()
+    for part in text.split(","):
+        start, dash, stop = (p.strip() for p in part.partition("-"))
+        try:
+            first, last = int(start), int(stop) if dash else int(start)
+        except ValueError:
+            raise fail(key, raw, f"{part.strip()!r} is not an index or a range a-b; e.g. {key}=0,2,10-18") from None
+        if not 0 <= first <= last < len(blocks):
+            raise fail(key, raw, f"{part.strip()!r} is outside 0..{len(blocks) - 1} or runs backwards")
+        chosen |= set(blocks[first : last + 1])
+    return frozenset(chosen)
+
+
+def rank_list(key: str, raw: object, layout: ArchTable, length: int) -> tuple[int, ...]:
+    """kohya's `in_dims` / `emb_dims`: exactly `length` whole numbers, with or without brackets."""
+    text = text_of(raw)
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    parts = text.split(",")
+    if len(parts) != length:
+        raise fail(key, raw, f"takes {length} comma-separated ranks, not {len(parts)}")
+    return tuple(rank(key, p) for p in parts)
+
+
+def in_dims(key: str, raw: object, layout: ArchTable) -> tuple[int, ...]:
+    """Flux `in_dims`: ranks of img_in, time_in, vector_in, guidance_in, txt_in."""
+    return rank_list(key, raw, layout, 5)
+
+
+def emb_dims(key: str, raw: object, layout: ArchTable) -> tuple[int, ...]:
+    """SD3 `emb_dims`: ranks of context_embedder, t_embedder, x_embedder, y_embedder, the final modulation and
+    the final linear."""
+    return rank_list(key, raw, layout, 6)
+
+
+def _regex_values(key: str, raw: object, whole: bool) -> tuple[tuple[re.Pattern, float], ...]:
+    """kohya's `network_reg_dims` / `network_reg_lrs`: `regex=value,…` (regex matched with re.search on the
+    module name; the first match wins)."""
+    pairs = []
+    for pair in text_of(raw).split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        pattern, sep, value = pair.partition("=")
+        if not sep or not pattern.strip():
+            raise fail(key, raw, f"{pair!r} is not regex=value, e.g. {key}=double_blocks_[0-9]_=8")
+        try:
+            compiled = re.compile(pattern.strip())
+        except re.error as err:
+            raise fail(key, raw, f"{pattern.strip()!r} is not a regular expression ({err})") from None
+        pairs.append((compiled, rank(key, value) if whole else number(key, value)))
+    return tuple(pairs)
+
+
+def regex_ranks(key: str, raw: object, layout: ArchTable) -> tuple[tuple[re.Pattern, float], ...]:
+    return _regex_values(key, raw, True)
+
+
+def regex_lrs(key: str, raw: object, layout: ArchTable) -> tuple[tuple[re.Pattern, float], ...]:
+    return _regex_values(key, raw, False)
 
 
 def algo(key: str, raw: object, layout: ArchTable) -> Algo:
@@ -139,7 +237,8 @@ def positional_ranks(key: str, raw: object, layout: ArchTable) -> list[float]:
 
 
 Terms = list[tuple[frozenset[str], float]]
-"""Named weights resolved: (blocks, value) in the order given."""
+"""Named weights resolved: (blocks, value) in the order given. On Flux.1/SD3 a sub-selector's set holds atoms
+`D05:img.attn.q` for the blocks it names only parts of (`taxonomy.selectors.resolve_atoms`)."""
 
 
 def named(key: str, raw: object, layout: ArchTable, *, whole: bool) -> Terms:
@@ -154,7 +253,7 @@ def named(key: str, raw: object, layout: ArchTable, *, whole: bool) -> Terms:
             weights = parsed.resolve(layout.arch)
             terms = [(frozenset({b}), v) for b, v in weights.values.items()]
         else:
-            terms = [(resolve_term(term, layout), v) for term, v in parsed.named]
+            terms = [(resolve_atoms(term, layout), v) for term, v in parsed.named]
     except SelectorError as err:
         raise fail(key, raw, err.message) from None
     for _, value in terms:

@@ -14,9 +14,12 @@ from blora_tools.taxonomy.arch import KNOWN_ARCHS
 @click.option("--network-args", default="", help='The --network_args you would give sd-scripts, e.g. "preset=style conv_dim=8".')
 @click.option("--network-dim", type=click.IntRange(1, MAX_RANK), default=None, help="The trainer's --network_dim (default 4).")
 @click.option("--network-alpha", type=FINITE_FLOAT, default=None, help="The trainer's --network_alpha (default 1).")
+@click.option("--variant", type=click.Choice(["sd3-medium", "sd3.5-medium", "sd3.5-large"]), default=None,
+              help="SD3 family member (default sd3.5-large): depth and SD3.5 Medium's attn2 blocks.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"arch", "blocks": {group: {"modules", "params", …}}, "total", "warnings"}.')
 @click.pass_obj
-def plan_cmd(app, arch_name: str, network_args: str, network_dim: int | None, network_alpha: float | None, as_json: bool) -> None:
+def plan_cmd(app, arch_name: str, network_args: str, network_dim: int | None, network_alpha: float | None,
+             variant: str | None, as_json: bool) -> None:
     """Show the modules and trainable parameters training would create, per block.
 
     Builds the full-size U-Net and text encoders on PyTorch's meta device (no weights, no memory) and
@@ -28,13 +31,16 @@ def plan_cmd(app, arch_name: str, network_args: str, network_dim: int | None, ne
       blora-tools plan --arch sd1 --network-args "preset=style"
       blora-tools plan --arch sdxl --network-args "preset=style conv_dim=8 conv_alpha=4"
       blora-tools plan --arch sd1 --network-dim 16 --network-args "block_ranks=in0=32,out3=32 te_dim=0" --json
+      blora-tools plan --arch flux --network-dim 16 --network-args "block_ranks=double=8,S10-S37=32"
+      blora-tools plan --arch sd3 --variant sd3.5-medium --network-args "blocks=J00-J12 split_qkv=true"
+
+    On Flux.1 and SD3 the table has one row per block (D00…S37, J00…, BASE = embedders and final layers).
     """
-    from blora_tools.taxonomy.arch import is_dit
     from kohya_plugin.plan import plan_network
 
-    if is_dit(arch_name):
-        raise click.UsageError(f"plan does not build {arch_name} models yet; use sd1, sd2 or sdxl", ctx=click.get_current_context())
-    plan = plan_network(arch_name, network_args, network_dim, network_alpha)
+    if variant is not None and arch_name != "sd3":
+        raise click.UsageError("--variant is for --arch sd3")
+    plan = plan_network(arch_name, network_args, network_dim, network_alpha, variant)
     doc = plan.to_dict()
     if as_json:
         output.print_json(app, doc)

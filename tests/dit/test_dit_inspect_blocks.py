@@ -180,9 +180,17 @@ def test_blocks_usage_errors(runner, args):
     assert result.exit_code == 2 and "Traceback" not in result.stderr
 
 
-def test_plan_refuses_dit_cleanly(runner):
-    result = _run(runner, "plan", "--arch", "flux")
-    assert result.exit_code == 2 and "flux" in result.stderr and "Traceback" not in result.stderr
+def test_plan_on_dit_per_block_and_refusals(runner):
+    import json
+
+    result = _run(runner, "plan", "--arch", "flux", "--network-args", "block_ranks=double=8,S10-S37=32", "--json")
+    assert result.exit_code == 0, result.stderr
+    blocks = json.loads(result.stdout)["blocks"]
+    assert blocks["D00"]["modules"] == 10 and blocks["D00"]["rank"] == 8 and blocks["S37"]["rank"] == 32
+    bad = _run(runner, "plan", "--arch", "flux", "--network-args", "x_attn_dim=4")
+    assert bad.exit_code == 1 and "x_attn_dim is a SD3 argument" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = _run(runner, "plan", "--arch", "flux", "--variant", "sd3-medium")
+    assert wrong.exit_code == 2 and "--variant" in wrong.stderr
 
 
 def test_inspect_no_stats_and_blocks_never_import_torch(tmp_path):

@@ -13,6 +13,7 @@ from blora_tools.errors import SpecError
 from blora_tools.spec import Algo
 from blora_tools.taxonomy.blocks import table
 from kohya_plugin.args import (
+    KEY_MODELS,
     KNOWN_KEYS,
     NETWORK_ARGS,
     network_args_markdown,
@@ -193,7 +194,7 @@ def test_algo_locon_defaults_conv_to_network_dim():
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        ({"presett": "style"}, ["unknown key presett", "known keys:", "preset"]),
+        ({"presett": "style"}, ["unknown key presett", "known keys on sd1:", "preset"]),
         ({"preset": "styel"}, ["preset='styel'", "all, character, style, upper, middle, bottom"]),
         ({"blocks": "in9"}, ["blocks='in9'", "in9"]),
         ({"block_ranks": "in0=4.5"}, ["block_ranks", "whole number"]),
@@ -265,6 +266,12 @@ def test_known_keys_are_the_documented_ones():
         "conv_block_alphas", "block_lr", "te_dim", "te_alpha", "algo", "dropout", "rank_dropout", "module_dropout",
         "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "verbose", "block_dims",
         "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
+        # Flux.1 / SD3: ours, and kohya's lora_flux / lora_sd3 (research/dit.md (d))
+        "t5_dim", "train_t5xxl", "split_qkv", "train_blocks", "train_double_block_indices",
+        "train_single_block_indices", "train_block_indices", "img_attn_dim", "txt_attn_dim", "img_mlp_dim",
+        "txt_mlp_dim", "img_mod_dim", "txt_mod_dim", "single_dim", "single_mod_dim", "context_attn_dim",
+        "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim", "in_dims", "emb_dims",
+        "network_reg_dims", "network_reg_lrs",
     }
     assert set(KNOWN_KEYS) == documented
 
@@ -279,9 +286,10 @@ def test_split_network_args():
 
 
 def test_weights_args_ignore_ranks_with_a_note():
-    per_block, per_slot, options, given, notes = parse_weights_args(
+    per_block, per_slot, options, given, notes, rules = parse_weights_args(
         {"preset": "style", "block_lr": "in0=0.5", "rank_dropout": "0.1"}, "sd1"
     )
+    assert rules is None
     assert per_block["IN01"] == 0.5 and per_block["OUT11"] == 1.0 and not per_slot
     assert options.rank_dropout == 0.1 and given
     assert any("preset ignored" in n for n in notes)
@@ -296,7 +304,7 @@ def test_markdown_table_lists_every_declared_key_once():
     assert sorted(keys) == sorted(KNOWN_KEYS) and len(keys) == len(set(keys))
     for row, arg in zip(rows, NETWORK_ARGS):
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert cells == [f"`{arg.name}`", arg.value, arg.default, arg.help, arg.origin]
+        assert cells == [f"`{arg.name}`", arg.value, arg.default, arg.help, arg.origin, KEY_MODELS[arg.archs]]
         assert all(cells), row
 
 
@@ -308,11 +316,18 @@ def test_markdown_table_from_the_command_line():
     assert usage.returncode != 0 and "--markdown" in usage.stderr
 
 
-def test_unknown_key_message_lists_the_declared_keys():
+@pytest.mark.parametrize("arch", ["sd1", "flux", "sd3"])
+def test_unknown_key_message_lists_the_declared_keys(arch):
     with pytest.raises(SpecError) as caught:
-        parse_network_args({"conv_dims": "4"}, "sd1")
-    listed = str(caught.value).split("known keys: ")[1].split(", ")
-    assert listed == sorted(a.name for a in NETWORK_ARGS)
+        parse_network_args({"conv_dims": "4"}, arch)
+    listed = str(caught.value).split(f"known keys on {arch}: ")[1].split(", ")
+    unet_only = {"block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight"}
+    if arch == "sd1":
+        expected = {a.name for a in NETWORK_ARGS if a.archs in ("all", "unet")}
+    else:
+        expected = {a.name for a in NETWORK_ARGS if a.archs in ("all", "dit", arch)}
+        assert not unet_only & set(listed)
+    assert listed == sorted(expected)
 
 
 def test_every_key_is_read_by_its_own_reader():
@@ -324,12 +339,26 @@ def test_every_key_is_read_by_its_own_reader():
             "conv_block_dims": ",".join(["2"] * 25), "block_lr": "in0=0.5", "down_lr_weight": "sine",
             "mid_lr_weight": "0.5", "up_lr_weight": "1,1", "block_lr_zero_threshold": "0.1", "dropout": "0.1",
             "rank_dropout": "0.1", "module_dropout": "0.1", "loraplus_lr_ratio": "16",
-            "loraplus_unet_lr_ratio": "8", "loraplus_text_encoder_lr_ratio": "4", "verbose": "yes"}
+            "loraplus_unet_lr_ratio": "8", "loraplus_text_encoder_lr_ratio": "4", "verbose": "yes",
+            "t5_dim": "4", "train_t5xxl": "True", "split_qkv": "True", "train_blocks": "single",
+            "train_double_block_indices": "0,2-4", "train_single_block_indices": "all", "train_block_indices": "none",
+            "in_dims": "[4,4,4,4,4]", "emb_dims": "4,4,4,4,4,4", "network_reg_dims": "double_blocks_1_=8",
+            "network_reg_lrs": "single=1e-4",
+            **{key: "8" for key in ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim",
+                                    "txt_mod_dim", "single_dim", "single_mod_dim", "context_attn_dim",
+                                    "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")}}
+    dit = {"preset": "splitflux-style", "blocks": "D05.img", "block_ranks": "double=8,S10.linear1.mlp=2",
+           "block_alphas": "S10-S37=2", "block_lr": "single=0.5", "conv_block_ranks": "D00=2",
+           "conv_block_alphas": "D00=1"}
     assert set(good) == set(KNOWN_KEYS)
     for arg in NETWORK_ARGS:
-        arg.reader(arg.name, good[arg.name], layout)
-        with pytest.raises(SpecError, match=f"network_args {arg.name}="):
-            arg.reader(arg.name, "-x,nan", layout)
+        archs = {"all": ("sd1", "flux"), "unet": ("sd1",), "dit": ("flux", "sd3"), "flux": ("flux",),
+                 "sd3": ("sd3",)}[arg.archs]
+        for arch in archs:
+            value = dit.get(arg.name, good[arg.name]) if arch == "flux" else good[arg.name]
+            arg.reader(arg.name, value, table(arch))
+            with pytest.raises(SpecError, match=f"network_args {arg.name}="):
+                arg.reader(arg.name, "-x,nan", table(arch))
 
 
 @pytest.mark.parametrize(

@@ -77,3 +77,34 @@ def test_plan_json_never_holds_nan_or_infinity():
     assert "Infinity" in json.dumps(odd.to_dict())
     doc = loads_strict(odd.to_json())
     assert doc["blocks"]["in0"]["lr_weight"] is None and doc["blocks"]["in0"]["rank"] == 4
+
+
+@pytest.mark.parametrize("arch, name, variant, args", [
+    ("flux", "flux_dev_te", None, "train_t5xxl=true"),
+    ("sd3", "sd3_medium_emb_dims", "sd3-medium", "te_dim=0 emb_dims=[4,4,4,4,4,4]"),
+])
+def test_dit_plan_counts_per_block_equal_the_manifest(arch, name, variant, args, load_manifest):
+    """Flux.1/SD3: one row per block; kohya's own modules (golden manifests), counted per block."""
+    from blora_tools.taxonomy.blocks import place
+
+    manifest = load_manifest(name)
+    doc = plan_network(arch, args, variant=variant).to_dict()
+    expected: dict[str, list[int]] = {}
+    for m in manifest["modules"]:
+        block = place(m["name"], arch).block
+        entry = expected.setdefault("BASE" if block == "OTHER" else block, [0, 0])
+        entry[0] += 1
+        entry[1] += m["rank"] * (math.prod(m["down_shape"][1:]) + m["up_shape"][0])
+    got = {b: [e["modules"], e["params"]] for b, e in doc["blocks"].items() if e["modules"]}
+    assert got == expected
+    assert doc["total"]["modules"] == manifest["counts"]["total"]
+
+
+def test_dit_plan_refuses_what_training_refuses():
+    with pytest.raises(SpecError, match="x_attn_dim is a SD3 argument"):
+        plan_network("flux", "x_attn_dim=4")
+    doc = plan_network("flux", "block_ranks=double=8,S10.linear1.mlp=2 split_qkv=true", network_dim=4).to_dict()
+    assert doc["blocks"]["D00"]["modules"] == 10 and doc["blocks"]["S00"]["modules"] == 3
+    s10 = doc["blocks"]["S10"]["params"]
+    linear1 = 4 * 2 * 3072 + 2 * 21504  # 4 parts of rank 2: each a [2, 3072] down and its rows' [rows, 2] up
+    assert s10 == linear1 + 4 * (15360 + 3072) + 4 * (3072 + 9216)
