@@ -6,6 +6,11 @@ module needs neither sd-scripts nor diffusers/transformers, and has no side effe
     accelerate launch train_network.py ... --network_module kohya_plugin.blockwise \\
         --network_dim 16 --network_alpha 8 --network_args "preset=style" "conv_dim=8"
 
+Flux.1 and SD3 the same way, with `flux_train_network.py` / `sd3_train_network.py`:
+
+    accelerate launch flux_train_network.py ... --network_module kohya_plugin.blockwise \
+        --network_dim 16 --network_alpha 16 --network_args "block_ranks=double=8,S10-S37=32" "split_qkv=true"
+
 `--network_args` values are strings; unknown keys are errors. Every key is declared once in
 `kohya_plugin.args.NETWORK_ARGS`; `python -m kohya_plugin.args --markdown` prints the table of them.
 
@@ -43,7 +48,9 @@ def create_network(
     neuron_dropout: float | None = None,
     **kwargs,
 ) -> BlockwiseNetwork:
-    """A new block-wise network for `unet` and `text_encoder` (one model, a list of two for SDXL, or None).
+    """A new block-wise network for `unet` and `text_encoder` (one model, a list of two for SDXL, or None); on
+    Flux.1/SD3 `unet` is the transformer and `text_encoder` the trainer's list (`[clip_l, t5xxl]`,
+    `[clip_l, clip_g, t5xxl]`).
 
     `network_dim` None → 4, `network_alpha` None → 1.0. `kwargs` are the `--network_args` strings. Every one,
     the multiplier and the ranks (against the widest layer) are checked before the models are changed: a bad

@@ -360,3 +360,24 @@ def test_split_qkv_refuses_to_resume_a_dense_fused_file(tmp_path):
     with pytest.raises(AdapterFileError, match="not block-diagonal"):
         split.load_weights(str(path))
     plain.load_weights(str(path))  # the same file resumes a fused network
+
+
+def test_dit_saved_file_loads_through_comfyui_mapping(run):
+    """ComfyUI's key map and patch arithmetic (tests/dit_oracles.py, restated from comfy/lora.py) put every module
+    of the saved file on its BFL/SAI weight with the ΔW the file states."""
+    from dit_oracles import comfy_delta
+
+    arch, path = run["arch"], run["path"]
+    tensors = load_file(str(path))
+    if arch == "flux":
+        size = dit_models.FluxSize()
+        found = comfy_delta(tensors, "flux", size.hidden, size.double_blocks, size.single_blocks)
+    else:
+        size = dit_models.MMDiTSize()
+        found = comfy_delta(tensors, "sd3", size.hidden, size.depth, attn2=size.attn2_blocks)
+    assert found.not_loaded == []
+    stems = {k.partition(".")[0] for k in tensors}
+    assert len(found.delta) == len(stems)
+    for stem in stems:
+        weight = f"diffusion_model.{place(stem, arch).layer.path}.weight"
+        torch.testing.assert_close(found.delta[weight], dense_delta(tensors, stem), rtol=1e-6, atol=1e-9)
