@@ -82,7 +82,7 @@ def build_dit(arch: Arch | str, variant: str | None = None, device: str | torch.
         sd3 = SD3_VARIANTS.get(variant or "sd3.5-large")
         if sd3 is None:
             raise ValueError(f"unknown SD3 variant {variant!r}; known: {', '.join(SD3_VARIANTS)}")
-        record = replace(record, depth=sd3.depth)
+        record = replace(record, depth=sd3.depth, width=64 * sd3.depth)
     elif variant is not None:
         raise ValueError("Flux.1 has no variants here (dev and schnell differ only in guidance_in)")
     root = _named_class("Flux" if arch is Arch.FLUX else "MMDiT")()
