@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import click
 
 from blora_tools import __version__
+from blora_tools.cli.params import threads_option
 from blora_tools.errors import BloraError
 
 COMMANDS: dict[str, str] = {
@@ -35,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "demo": "demo_cmd",
 }
 """Command name → module in blora_tools.cli defining `<module>` as a click.Command (e.g. inspect_cmd)."""
+WHOLE_MODEL_COMMANDS = frozenset({"render"})
+"""Commands that run a whole network (every free CPU); the others do per-module work (compute.PER_MODULE)."""
 
 
 @dataclass
@@ -43,6 +46,8 @@ class App:
 
     quiet: bool = False
     color: bool = True
+    device: str = "cpu"
+    """`--device` of the commands that take it (cli/params.device_option)"""
     _out: object = field(default=None, repr=False)
     _err: object = field(default=None, repr=False)
 
@@ -74,7 +79,10 @@ class LazyGroup(click.Group):
         if module_name is None:
             return None
         module = importlib.import_module(f"blora_tools.cli.{module_name}")
-        return getattr(module, module_name)
+        command = getattr(module, module_name)
+        if not any(p.name == "threads" for p in command.params):  # every command gets the thread policy
+            threads_option("whole_model" if name in WHOLE_MODEL_COMMANDS else "per_module")(command)
+        return command
 
     def invoke(self, ctx: click.Context):
         _escape_unencodable_output()

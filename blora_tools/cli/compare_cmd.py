@@ -9,7 +9,7 @@ import click
 from rich.text import Text
 
 from blora_tools.cli import output as ui
-from blora_tools.cli.params import arch_option, json_option
+from blora_tools.cli.params import arch_option, device_option, json_option
 
 _STATUS_STYLE = MappingProxyType(
     {"aligned": "bold yellow", "opposed": "bold red", "shared": "", "a only": "cyan", "b only": "magenta"}
@@ -33,6 +33,7 @@ _STATUS_STYLE = MappingProxyType(
 @click.option("--force", is_flag=True, help="Replace the --plot chart if it exists.")
 @json_option
 @arch_option
+@device_option
 @click.pass_obj
 def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None, force: bool, as_json: bool, arch) -> None:
     """Compare adapters A and B block by block, e.g. a character and a style adapter.
@@ -50,16 +51,18 @@ def compare_cmd(app, a: Path, b: Path, style: str | None, plot_path: Path | None
       blora-tools compare a.safetensors b.safetensors --plot blocks.png
     """
     from blora_tools.adapter.model import open_adapter
+    from blora_tools.compute import resolve_device
     from blora_tools.ops.compare import compare
 
     if plot_path is not None:
         from blora_tools.cli.plot import check_chart
 
         check_chart(plot_path, [a, b], force)
+    device = resolve_device(app.device)
     first, second = open_adapter(a, arch), open_adapter(b, arch)
     total = len(first.modules) + len(second.modules)
     with ui.progress(app, f"comparing {a.name} and {b.name}", total) as advance:
-        report = compare(first, second, style=style, on_module=advance)
+        report = compare(first, second, style=style, on_module=advance, device=device)
     if plot_path is not None:
         from blora_tools.cli.plot import plot_blocks
 

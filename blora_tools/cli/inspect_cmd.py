@@ -8,7 +8,7 @@ import click
 from rich.text import Text
 
 from blora_tools.cli import output
-from blora_tools.cli.params import arch_option
+from blora_tools.cli.params import arch_option, device_option
 from blora_tools.errors import AdapterFileError
 
 
@@ -33,6 +33,7 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file (schema blora-inspect/1).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the per-block norms of every file as a chart (.png/.svg/.pdf; needs matplotlib).")
 @click.option("--force", is_flag=True, help="Replace the --plot chart if it exists.")
+@device_option
 @click.pass_obj
 def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_json: bool, plot: Path | None, force: bool, arch) -> None:
     """Show architecture, format, kinds and a per-block table of adapter FILES (or folders).
@@ -57,6 +58,11 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
     if plot is not None and no_stats:
         raise click.UsageError("--plot draws norms, which --no-stats does not compute")
     files = _expand(paths)
+    device = None
+    if not no_stats:  # statistics read tensors; without them torch is never imported
+        from blora_tools.compute import resolve_device
+
+        device = resolve_device(app.device)
     if plot is not None:
         from blora_tools.cli.plot import check_chart
 
@@ -65,7 +71,7 @@ def inspect_cmd(app, paths: tuple[Path, ...], fine: bool, no_stats: bool, as_jso
     for path in files:
         adapter = open_adapter(path, arch)
         with output.progress(app, f"reading {path.name}", len(adapter.modules)) as advance:
-            reports.append(inspect_adapter(adapter, fine=fine, with_stats=not no_stats, on_module=advance))
+            reports.append(inspect_adapter(adapter, fine=fine, with_stats=not no_stats, on_module=advance, device=device))
     archs = {r["arch"] for r in reports}
     if len(archs) > 1:
         for r in reports:

@@ -17,6 +17,7 @@ from blora_tools.cli.params import (
     alpha_option,
     clamp_option,
     conv_rank_option,
+    device_option,
     dtype_option,
     force_option,
     json_option,
@@ -41,6 +42,7 @@ from blora_tools.ops.merge import METHODS
 @force_option
 @arch_option
 @allow_nonfinite_option
+@device_option
 @json_option
 @click.pass_obj
 def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_rank, clamp_quantile, alpha, dtype, names, strict, force, allow_nonfinite, as_json, arch) -> None:
@@ -61,6 +63,7 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.adapter.writer import check_output
+    from blora_tools.compute import resolve_device
     from blora_tools.ops.lowrank import rank_plan
     from blora_tools.ops.merge import Source, common_arch, merge
 
@@ -73,6 +76,7 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
         raise click.UsageError("--rank, --conv-rank and --clamp-quantile go with --method svd")
     if method == "svd" and rank is None:
         raise click.UsageError("--method svd needs --rank N (or per block, e.g. --rank in0=8,out3=16)")
+    device = resolve_device(app.device)
     adapters = [open_adapter(path, arch) for path in inputs]
     check_output(output, inputs, force)
     arch = common_arch(adapters)
@@ -93,6 +97,7 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
         clamp_quantile=clamp_quantile,
         strict=strict,
         names=names,
+        device=device,
     )
     written = ui.save_result(app, result, output, force, allow_nonfinite)
     s = result.summary

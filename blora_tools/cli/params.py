@@ -191,3 +191,46 @@ names_option = click.option(
     help="U-Net naming of kohya output: ldm (input_blocks_…, kohya's SDXL names) or diffusers (down_blocks_…, "
     "kohya's SD1/SD2 names).",
 )
+
+
+# --- where and on how many threads the tensor work runs (blora_tools/compute.py) ----------------------------
+
+
+def threads_option(work_name: str):
+    """`--threads N`, given to every command by the CLI group. Its callback applies the thread policy for
+    `work_name` (`per_module` or `whole_model`) while the command's arguments are parsed: before the command
+    imports torch, so that OpenMP starts with the right count and a passive wait policy."""
+
+    def apply(ctx, param, value):
+        from blora_tools.compute import PER_MODULE, WHOLE_MODEL, apply_threads, thread_count
+
+        apply_threads(thread_count(WHOLE_MODEL if work_name == "whole_model" else PER_MODULE, value))
+        return value
+
+    return click.option(
+        "--threads",
+        type=click.IntRange(1, 4096),
+        is_eager=True,
+        expose_value=False,
+        callback=apply,
+        help="Torch/OpenMP threads (default: chosen from the work and the CPUs other processes leave free; "
+        "threads wait passively).",
+    )
+
+
+def _store_device(ctx, param, value):
+    ctx.find_root().obj.device = value  # the App every command gets (resolved when the command needs torch)
+    return value
+
+
+device_option = click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "mps", "auto"]),
+    default="cpu",
+    show_default=True,
+    expose_value=False,
+    callback=_store_device,
+    help="Where the decompositions run: cpu, cuda, mps, or auto (CUDA when present, else the CPU). "
+    "Modules stream to the device one at a time; results come back in the output dtype.",
+)
+

@@ -16,6 +16,7 @@ from blora_tools.cli.params import (
     alpha_option,
     clamp_option,
     conv_rank_option,
+    device_option,
     dtype_option,
     force_option,
     input_file,
@@ -36,6 +37,7 @@ from blora_tools.cli.params import (
 @force_option
 @arch_option
 @allow_nonfinite_option
+@device_option
 @json_option
 @click.pass_obj
 def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha, dtype, output: Path, force: bool, allow_nonfinite: bool, as_json: bool, arch) -> None:
@@ -53,16 +55,18 @@ def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha,
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.adapter.writer import check_output
+    from blora_tools.compute import resolve_device
     from blora_tools.ops.lowrank import rank_plan
     from blora_tools.ops.resize import resize
 
     if rank is None and dynamic is None and conv_rank is None:
         raise click.UsageError("give --rank, --dynamic or --conv-rank")
+    device = resolve_device(app.device)
     adapter = open_adapter(file, arch)
     check_output(output, [file], force)
     plan = rank_plan(rank, adapter.arch, conv=conv_rank, rule=dynamic)
     with ui.progress(app, f"decomposing {file.name}", len(adapter.modules)) as advance:
-        result = resize(adapter, plan, alpha=alpha, dtype=DTYPES[dtype] if dtype else None, clamp_quantile=clamp_quantile, text=rank or "", progress=advance)
+        result = resize(adapter, plan, alpha=alpha, dtype=DTYPES[dtype] if dtype else None, clamp_quantile=clamp_quantile, text=rank or "", progress=advance, device=device)
     written = ui.save_result(app, result, output, force, allow_nonfinite)
     s = result.summary
     kept = f"{100 * s.get('retained', 1.0):.2f}% of ‖ΔW‖² kept"

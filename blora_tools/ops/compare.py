@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from blora_tools.adapter.kinds import delta_weight, factored_inner, frobenius_norm, lora_factors, rank_exceeds_layer
 from blora_tools.adapter.layers import modules_by_layer
 from blora_tools.adapter.model import Adapter, Module
+from blora_tools.compute import on_device
 from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.ops.stats import row_order
 from blora_tools.taxonomy.arch import Arch
@@ -62,11 +63,13 @@ def compare(
     *,
     style: str | None = None,
     on_module: Callable[[], None] | None = None,
+    device: "torch.device | str | None" = None,
 ) -> dict:
     """The `compare --json` object (schema `blora-compare/1`) for adapters `a` and `b`.
 
     `style` (`a` or `b`) says which file is the style adapter for the pruning advice; by default the one
-    that trains fewer U-Net groups. Raises BloraError when the architectures differ.
+    that trains fewer U-Net groups. `device` is where each module's figures are computed (default: the CPU).
+    Raises BloraError when the architectures differ.
     """
     if a.arch is not b.arch:
         raise BloraError(
@@ -83,8 +86,8 @@ def compare(
     for key in sorted(set(keyed_a) | set(keyed_b)):
         ma, mb = keyed_a.get(key), keyed_b.get(key)
         group = groups.setdefault((ma or mb).group, _Group())
-        ta = a.tensors(ma) if ma else None
-        tb = b.tensors(mb) if mb else None
+        ta = on_device(a.tensors(ma), device) if ma else None
+        tb = on_device(b.tensors(mb), device) if mb else None
         if ma:
             group.modules_a += 1
             group.norm_a_sq += _norm(a, ma, ta) ** 2
@@ -177,7 +180,7 @@ def _basis(x: tuple) -> "torch.Tensor | None":
     if s.numel() == 0 or not float(s[0]) > 0.0 or not math.isfinite(float(s[0])):
         return None
     keep = int((s > _BASIS_TOLERANCE * s[0]).sum())
-    return decomposition.u[:, :keep].double()
+    return decomposition.u_columns(keep).double()
 
 
 def _overlap(ma: Module, xa: tuple, mb: Module, xb: tuple) -> float | None:

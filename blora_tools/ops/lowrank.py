@@ -1,9 +1,16 @@
 """Low-rank algebra without dense ΔW: QR of stacked factors, SVD of the small core, rank choice.
 
 A sum of low-rank terms ΔW = Σ Uᵢ·Dᵢ is the product of the stacked factors U = [U₁ … Uₖ] (out×R) and
-D = [D₁; …; Dₖ] (R×fan_in). With U = Qᵤ·Rᵤ and Dᵀ = Q_d·R_d (thin QR), ΔW = Qᵤ·(Rᵤ·R_dᵀ)·Q_dᵀ, so the SVD
-of ΔW is the SVD of the R×R core rotated back by the orthonormal Q's: exact, O((out+fan_in)·R²), and no
+D = [D₁; …; Dₖ] (R×fan_in). With U = Qᵤ·Rᵤ and Dᵀ = Q_d·R_d, ΔW = Qᵤ·(Rᵤ·R_dᵀ)·Q_dᵀ, so the SVD of ΔW is the
+SVD of the R×R core C = Rᵤ·R_dᵀ = A·S·Bᵀ rotated back by the orthonormal Q's: exact, O((out+fan_in)·R²), and no
 out×fan_in matrix is ever formed (docs/architecture.md §3, §5). Dense SVD is only for kinds with no factorisation.
+
+Neither the Q's nor Rᵤ are formed. R_d is the Cholesky factor of the R×R Gram matrix DDᵀ, B and S² come from the
+symmetric eigendecomposition of CᵀC = R_d·(UᵀU)·R_dᵀ, and since A = C·B·S⁻¹ the kept columns are
+u = Qᵤ·A = U·(R_dᵀ·B·S⁻¹) and v = S⁻¹·Aᵀ·Rᵤ·D = S⁻²·Bᵀ·R_d·(UᵀU)·D: two products with the input factors, only
+for the ranks kept. Everything is float64, so singular values down to ~1e-7 of the largest (float32's own
+precision) are resolved; smaller ones are rounding and count as 0. That is about a third of the work of two
+Householder QRs with Q formed and a core SVD (bench/bench_merge.py).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from blora_tools.errors import BloraError
+from blora_tools.errors import BloraError, NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -27,15 +34,38 @@ value ratio, share of the sum of singular values kept."""
 
 @dataclass(frozen=True)
 class Decomposition:
-    """ΔW = u · diag(s) · v: u (out×k) has orthonormal columns, v (k×fan_in) orthonormal rows, s descending."""
+    """ΔW = u · diag(s) · v: u (out×k) has orthonormal columns, v (k×fan_in) orthonormal rows, s descending.
 
-    u: "torch.Tensor"
+    u and v are held as products, u = left · left_map and v = right_map · right (no map: `left` is u itself,
+    `right` is v), so a truncation computes only the columns it keeps. Tensors stay on the device they were
+    computed on.
+    """
+
     s: "torch.Tensor"
-    v: "torch.Tensor"
+    left: "torch.Tensor"
+    right: "torch.Tensor"
+    left_map: "torch.Tensor | None" = None
+    right_map: "torch.Tensor | None" = None
 
     @property
     def max_rank(self) -> int:
         return int(self.s.shape[0])
+
+    @property
+    def u(self) -> "torch.Tensor":
+        return self.u_columns(self.max_rank)
+
+    @property
+    def v(self) -> "torch.Tensor":
+        return self.v_rows(self.max_rank)
+
+    def u_columns(self, k: int) -> "torch.Tensor":
+        """The first k columns of u (out×k)."""
+        return self.left[:, :k] if self.left_map is None else self.left @ self.left_map[:, :k]
+
+    def v_rows(self, k: int) -> "torch.Tensor":
+        """The first k rows of v (k×fan_in)."""
+        return self.right[:k] if self.right_map is None else self.right_map[:k] @ self.right
 
     @property
     def energy(self) -> float:
@@ -61,38 +91,80 @@ class Decomposition:
             raise ValueError("gain must be ≥ 0")
         k = min(rank, self.max_rank)
         root = self.s[:k].clamp_min(0).sqrt() * math.sqrt(gain)  # √s·√gain: s·gain alone may overflow float32
-        up = self.u[:, :k] * root
-        down = root[:, None] * self.v[:k]
+        if self.left_map is None:
+            up, down = self.left[:, :k] * root, root[:, None] * self.right[:k]
+        else:  # scale the small maps, not the products
+            up = self.left @ (self.left_map[:, :k] * root)
+            down = (root[:, None] * self.right_map[:k]) @ self.right
         if k < rank:  # pad: a requested rank above what ΔW has (keeps the promised shape)
             up = torch.cat([up, up.new_zeros(up.shape[0], rank - k)], dim=1)
             down = torch.cat([down, down.new_zeros(rank - k, down.shape[1])], dim=0)
         return up, down
 
 
-def decompose_factors(ups: Sequence["torch.Tensor"], downs: Sequence["torch.Tensor"]) -> Decomposition:
-    """SVD of Σ ups[i] @ downs[i] (ups out×rᵢ, downs rᵢ×fan_in) via QR of the stacked factors.
+def decompose_factors(
+    ups: Sequence["torch.Tensor"], downs: Sequence["torch.Tensor"], device: "torch.device | str | None" = None
+) -> Decomposition:
+    """SVD of Σ ups[i] @ downs[i] (ups out×rᵢ, downs rᵢ×fan_in) through the Gram route, on `device`
+    (default: where the factors are). NonFiniteError when a factor holds NaN or Inf.
 
-    Householder QR and SVD are backward stable, so float32 (the precision of any stored factor) is enough:
-    results agree with a float64 dense SVD to ~1e-6 relative.
+    Results agree with a float64 dense SVD to ~1e-6 relative or better. When the stacked rank reaches the
+    smaller side of the layer, the dense ΔW is no larger than the factors and is decomposed instead.
     """
     import torch
 
-    up = torch.cat([u.float() for u in ups], dim=1)
-    down = torch.cat([d.float() for d in downs], dim=0)
-    q_up, r_up = torch.linalg.qr(up)  # out×p, p×R
-    q_down, r_down = torch.linalg.qr(down.T)  # fan_in×q, q×R
-    core = r_up @ r_down.T  # p×q, p, q ≤ R
-    a, s, bt = torch.linalg.svd(core, full_matrices=False)
-    return Decomposition(q_up @ a, s, bt @ q_down.T)
+    up, down = _stacked(ups, 1, device), _stacked(downs, 0, device)
+    stacked = up.shape[1]
+    if stacked >= min(up.shape[0], down.shape[1]):
+        return decompose_dense(up @ down)
+    gram_up, gram_down = up.T @ up, down @ down.T
+    if not bool(gram_up.diagonal().isfinite().all() & gram_down.diagonal().isfinite().all()):
+        # a Gram diagonal sums the squares of every entry, so it sees any NaN/Inf
+        raise NonFiniteError("the factors hold NaN or Inf values, which cannot be decomposed")
+    root_down = _gram_root(gram_down)  # R_d
+    values, vectors = torch.linalg.eigh(root_down @ gram_up @ root_down.T)  # CᵀC = R_d·UᵀU·R_dᵀ = B·S²·Bᵀ
+    values, b = values.flip(0), vectors.flip(1)
+    signal = values > values[0].clamp_min(0) * stacked * torch.finfo(values.dtype).eps  # below: rounding
+    s = torch.where(signal, values.clamp_min(0).sqrt(), torch.zeros_like(values))
+    inverse = torch.where(signal, 1.0 / s, torch.zeros_like(s))
+    left_map = (root_down.T @ b) * inverse  # u = U·R_dᵀ·B·S⁻¹
+    right_map = (inverse * inverse)[:, None] * (b.T @ root_down @ gram_up)  # v = S⁻¹·Aᵀ·Rᵤ·D = S⁻²·Bᵀ·R_d·UᵀU·D
+    return Decomposition(s, up, down, left_map, right_map)
+
+
+def _stacked(parts: Sequence["torch.Tensor"], dim: int, device) -> "torch.Tensor":
+    """The factors side by side (dim 1) or stacked (dim 0), as one float64 tensor on `device`."""
+    import torch
+
+    parts = [p.to(device) for p in parts]
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    out = torch.empty(shape, dtype=torch.float64, device=parts[0].device)
+    return torch.cat(parts, dim, out=out)  # converts while it copies: one pass
+
+
+def _gram_root(gram: "torch.Tensor") -> "torch.Tensor":
+    """R with RᵀR = gram (R×R, symmetric positive semi-definite): the Cholesky factor, or for a singular Gram
+    matrix (linearly dependent factors) √Λ·Vᵀ of its eigendecomposition."""
+    import torch
+
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return lower.T
+    values, vectors = torch.linalg.eigh(gram)
+    return values.clamp_min(0).sqrt()[:, None] * vectors.T
 
 
 def decompose_dense(delta: "torch.Tensor") -> Decomposition:
-    """SVD of a dense ΔW (2-D; conv weights flattened over in·kh·kw). Only for LoHa, LoKr and full inputs."""
+    """SVD of a dense ΔW (2-D; conv weights flattened over in·kh·kw), in float32 on its device. For LoHa, LoKr
+    and full inputs, and factors whose stacked rank reaches the layer's size. NonFiniteError for NaN/Inf."""
     import torch
 
     matrix = delta.float().reshape(delta.shape[0], -1)
+    if not bool(matrix.isfinite().all()):
+        raise NonFiniteError("ΔW holds NaN or Inf values, which cannot be decomposed")
     u, s, vt = torch.linalg.svd(matrix, full_matrices=False)
-    return Decomposition(u, s, vt)
+    return Decomposition(s, u, vt)
 
 
 @dataclass(frozen=True)
@@ -129,7 +201,7 @@ class RankRule:
 
     def rank(self, s: "torch.Tensor") -> int:
         """The number of singular values (descending `s`) to keep; at least 1."""
-        values = [float(x) for x in s.double()]
+        values = s.double().cpu().tolist()
         if not values or values[0] <= 0.0:
             return 1
         if self.method == "sv_ratio":

@@ -30,6 +30,7 @@ from blora_tools.adapter.metadata import SPEC_KEY, updated_metadata
 from blora_tools.adapter.model import PEFT_METADATA_KEY, Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError, NonFiniteError
+from blora_tools.compute import Ahead
 from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
 from blora_tools.ops.result import Progress, Result, computed, copied, loader_notes
 from blora_tools.spec import ModuleFacts
@@ -109,6 +110,7 @@ def merge(
     arguments: dict[str, object] | None = None,
     progress: Progress | None = None,
     names: str | None = None,
+    device: "torch.device | str | None" = None,
 ) -> Result:
     """Merge `sources` into one kohya LoRA file.
 
@@ -124,6 +126,8 @@ def merge(
         progress: called with 1 per module of any pass that looks at tensors before writing.
         names: U-Net naming of the output (`ldm` or `diffusers`); default the first input's. A layer named
             differently in different inputs (SDXL LDM and diffusers names) is one module of the output.
+        device: where the decompositions run (`compute.resolve_device`); default the CPU. Outputs come back to
+            the CPU in the output dtype, a module at a time.
     """
     if method not in METHODS:
         raise BloraError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
@@ -139,7 +143,7 @@ def merge(
     warnings += _base_model_check(sources, strict)
     plans = _plan_modules(sources, method, plan, warnings, arch, names)
     if method == "svd" and (energy or not plan.fixed()):
-        _measure(plans, plan, progress)
+        _measure(plans, plan, progress, device)
     plans = [p for p in plans if p.rank != 0]
     if not any(p.block is not None for p in plans):
         raise BloraError("the merge selects no module of any input (check --blocks and --ratios); nothing written")
@@ -150,8 +154,9 @@ def merge(
     warnings += [w for w in (zero_alpha_warning(part.module for p in plans for part in p.parts),) if w]
 
     entries: list[Entry] = []
+    ahead: Ahead[dict[str, "torch.Tensor"]] = Ahead()  # the next modules are computed while one is written
     for p in plans:
-        entries += _module_entries(p, method, file_alpha, out_dtype, stored_dtype, clamp_quantile)
+        entries += _module_entries(p, method, file_alpha, out_dtype, stored_dtype, clamp_quantile, device, ahead)
     passthrough = _passthrough(sources, warnings)
     entries += passthrough
     warnings += loader_notes(
@@ -326,11 +331,11 @@ def _plan_one(stem: str, parts: list[_Part], method: str, plan: RankPlan, arch: 
     return result
 
 
-def _measure(plans: list[_Plan], plan: RankPlan, progress: Progress | None) -> None:
+def _measure(plans: list[_Plan], plan: RankPlan, progress: Progress | None, device) -> None:
     """Decompose each module once to choose its rank (dynamic rules) and record the energy it keeps."""
     for p in plans:
         if p.route in ("factors", "dense") and p.rank != 0:
-            decomposition = _decompose(p)
+            decomposition = _decompose(p, device)
             p.rank = plan.choose(decomposition, p.block, p.conv)
             p.energy = decomposition.energy
             p.retained = decomposition.retained(p.rank) if p.rank else 0.0
@@ -356,16 +361,17 @@ def _terms(p: _Part) -> tuple["torch.Tensor", "torch.Tensor"]:
     return lora_factors(p.module.kind, p.adapter.tensors(p.module))
 
 
-def _decompose(p: _Plan) -> Decomposition:
+def _decompose(p: _Plan, device) -> Decomposition:
     if p.route == "factors":
-        ups, downs = [], []
-        for part in p.parts:
-            up, down = _terms(part)
-            _require_finite(part, up, down)
-            ups.append(_representable(part, up * part.coefficient))
-            downs.append(down)
-        return decompose_factors(ups, downs)
-    return decompose_dense(_dense(p))
+        terms = [(part, *_terms(part)) for part in p.parts]
+        try:
+            return decompose_factors([up * part.coefficient for part, up, _ in terms], [d for *_, d in terms], device)
+        except NonFiniteError:  # find the module and file to name (the Gram route sees NaN/Inf in one pass)
+            for part, up, down in terms:
+                _require_finite(part, up, down)
+                _representable(part, up * part.coefficient)
+            raise
+    return decompose_dense(_dense(p).to(device))
 
 
 def _dense(p: _Plan) -> "torch.Tensor":
@@ -414,8 +420,8 @@ def _concat(p: _Plan, file_alpha: float) -> tuple["torch.Tensor", "torch.Tensor"
     return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
 
 
-def _compressed(p: _Plan, file_alpha: float, clamp_quantile: float | None) -> tuple["torch.Tensor", "torch.Tensor"]:
-    up, down = _decompose(p).factors(p.rank, gain=p.rank / file_alpha)
+def _compressed(p: _Plan, file_alpha: float, clamp_quantile: float | None, device) -> tuple["torch.Tensor", "torch.Tensor"]:
+    up, down = _decompose(p, device).factors(p.rank, gain=p.rank / file_alpha)
     if clamp_quantile is not None:
         up, down = _clamp(up, down, clamp_quantile)
     return up, down
@@ -458,14 +464,15 @@ class _Lazy:
 
 
 def _module_entries(
-    p: _Plan, method: str, file_alpha: float, dtype: str, alpha_dtype: str, clamp_quantile: float | None
+    p: _Plan, method: str, file_alpha: float, dtype: str, alpha_dtype: str, clamp_quantile: float | None, device,
+    ahead: Ahead,
 ) -> list[Entry]:
     path = Path(p.parts[0].adapter.path)
     if p.route == "copy" or _untouched(p, method, file_alpha, dtype):
         part = p.parts[0]
         return [copied(part.adapter, key, f"{p.stem}.{param}") for param, key in part.module.keys.items()]
     if p.route == "sum":
-        lazy = _Lazy(p.stem, lambda: _summed(p), path)
+        lazy = _Lazy(p.stem, ahead.add(p.stem + ".", lambda: _summed(p)), path)
         params = sorted({param for part in p.parts for param in part.module.keys if param != "alpha"})
         shapes = {param: part.module.shapes[param] for part in p.parts for param in part.module.keys}
         return [computed(f"{p.stem}.{param}", dtype, shapes[param], lambda n=param: lazy.take(n)) for param in params]
@@ -474,10 +481,10 @@ def _module_entries(
         if method == "concat":
             up, down = _concat(p, file_alpha)
         else:
-            up, down = _compressed(p, file_alpha, clamp_quantile)
+            up, down = _compressed(p, file_alpha, clamp_quantile, device)
         return {"up": up, "down": down}
 
-    lazy = _Lazy(p.stem, make, path)
+    lazy = _Lazy(p.stem, ahead.add(p.stem + ".", make), path)  # key order: the writer's (by tensor name)
     rank = p.rank
     kernel = p.weight_shape[2:]
     up_shape = (p.weight_shape[0], rank) + ((1, 1) if len(p.weight_shape) == 4 else ())

@@ -26,10 +26,11 @@ def resize(
     clamp_quantile: float | None = None,
     text: str = "",
     progress: Progress | None = None,
+    device=None,
 ) -> Result:
     """Resize every module to the rank `plan` gives its block (modules already smaller keep their rank).
 
-    `text` is the user's rank text, recorded in the history.
+    `text` is the user's rank text, recorded in the history; `device` is where the decompositions run.
     """
     if plan.default is None and not plan.ranks and plan.conv is None and plan.rule is None:
         raise BloraError("resize needs --rank, --conv-rank or --dynamic", adapter.path)
@@ -44,6 +45,7 @@ def resize(
         operation="resize",
         arguments={"rank_text": text} if text else None,
         progress=progress,
+        device=device,
     )
     result.summary["input"] = str(adapter.path)
     result.summary["plan"] = plan.describe()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from blora_tools.adapter.layers import is_conv, layer_shape
 from blora_tools.adapter.metadata import SPEC_KEY, training_summary
 from blora_tools.adapter.model import Adapter, Module
+from blora_tools.compute import on_device
 from blora_tools.errors import SpecError
 from blora_tools.spec import BlockSpec
 from blora_tools.taxonomy.arch import Arch, is_dit
@@ -88,8 +89,11 @@ def inspect_adapter(
     fine: bool = False,
     with_stats: bool = True,
     on_module: Callable[[], None] | None = None,
+    device=None,
 ) -> dict:
-    """The `inspect --json` object for one adapter (schema `blora-inspect/1`, documented in the README)."""
+    """The `inspect --json` object for one adapter (schema `blora-inspect/1`, documented in the README).
+
+    `device` is where the norms are computed (default: the CPU)."""
     dit = is_dit(adapter.arch)
     rows: dict[str, _BlockFigures] = {k: _BlockFigures() for k in row_order(adapter.arch, fine)}
     per_block = {k: _BlockFigures() for k in row_order(adapter.arch, True)} if dit else {}
@@ -106,7 +110,7 @@ def inspect_adapter(
 
             # One pass over the data: NaN/Inf in any factor makes the norm NaN/Inf (a Gram diagonal holds every
             # entry's square), so only a non-finite norm needs the element-wise check.
-            tensors = adapter.tensors(module)
+            tensors = on_device(adapter.tensors(module), device)
             norm = frobenius_norm(module.kind, tensors, module.scale, module.weight_shape)
             if not math.isfinite(norm):
                 if all(bool(t.float().isfinite().all()) for t in tensors.values()):

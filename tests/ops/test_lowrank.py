@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blora_tools.errors import BloraError, SelectorError
+from blora_tools.errors import BloraError, NonFiniteError, SelectorError
 from blora_tools.ops.lowrank import (
     RankPlan,
     RankRule,
@@ -37,7 +37,7 @@ def test_decompose_factors_equals_dense_svd(out, fan_in, ranks):
     torch.testing.assert_close(d.s.double(), expected[:k], rtol=1e-5, atol=1e-5)
     rebuilt = (d.u.double() * d.s.double()) @ d.v.double()
     assert float((rebuilt - dense).norm() / dense.norm()) < 1e-5
-    torch.testing.assert_close(d.u.T @ d.u, torch.eye(k), atol=1e-5, rtol=0)
+    torch.testing.assert_close(d.u.T @ d.u, torch.eye(k, dtype=d.u.dtype), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 6])
@@ -118,3 +118,58 @@ def test_rank_plan_forms():
 def test_rank_plan_refuses(text):
     with pytest.raises((BloraError, SelectorError)):
         rank_plan(text, "sd1")
+
+
+def _dense_truncation_error(dense: torch.Tensor, rank: int) -> float:
+    s = torch.linalg.svdvals(dense.double())
+    return float(s[rank:].norm() / s.norm())
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["same twice", "opposite", "tiny second", "decaying spectrum"],
+)
+def test_gram_route_matches_dense_svd_on_hard_inputs(case):
+    """Linearly dependent factors (a singular Gram matrix), exact cancellation, terms of very different size
+    and a fast-decaying spectrum: the truncation error is the dense SVD's."""
+    ups, downs = _terms(5, 60, 48, [6, 6])
+    if case == "same twice":
+        ups, downs = [ups[0], ups[0]], [downs[0], downs[0]]
+    elif case == "opposite":
+        ups, downs = [ups[0], -ups[0]], [downs[0], downs[0]]
+    elif case == "tiny second":
+        ups = [ups[0], ups[1] * 1e-5]
+    else:
+        decay = torch.logspace(0, -6, 6)
+        ups = [ups[0] * decay, ups[1] * decay * 1e-2]
+    dense = sum(u.double() @ d.double() for u, d in zip(ups, downs))
+    d = decompose_factors(ups, downs)
+    expected = torch.linalg.svdvals(dense)
+    # backward stable in the factors' norm: what float32 factors can resolve at all
+    size = float(torch.cat(ups, 1).double().norm() * torch.cat(downs, 0).double().norm())
+    torch.testing.assert_close(d.s.double(), expected[: d.max_rank], rtol=1e-6, atol=1e-7 * size)
+    for rank in (1, 3, 6):
+        up, down = d.factors(rank)
+        got = up.double() @ down.double()
+        if float(dense.norm()) == 0.0:
+            assert float(got.norm()) <= 1e-7 * size
+            continue
+        error = float((dense - got).norm() / dense.norm())
+        assert error == pytest.approx(_dense_truncation_error(dense, rank), abs=1e-7)
+
+
+def test_nonfinite_factors_are_refused():
+    ups, downs = _terms(6, 20, 16, [3])
+    ups[0][2, 1] = float("nan")
+    with pytest.raises(NonFiniteError):
+        decompose_factors(ups, downs)
+    with pytest.raises(NonFiniteError):
+        decompose_dense(torch.full((4, 4), float("inf")))
+
+
+def test_decompose_on_a_named_device_returns_tensors_there():
+    ups, downs = _terms(7, 30, 20, [4, 2])
+    d = decompose_factors(ups, downs, device="cpu")
+    up, down = d.factors(3)
+    assert up.device.type == down.device.type == "cpu"
+    torch.testing.assert_close(d.s, decompose_factors(ups, downs).s)

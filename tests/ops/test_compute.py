@@ -1,0 +1,150 @@
+"""The thread policy, the device choice and the read-ahead worker (blora_tools/compute.py), for behaviour."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from blora_tools.compute import (
+    PER_MODULE,
+    WHOLE_MODEL,
+    Ahead,
+    CpuLoad,
+    apply_threads,
+    free_cpus,
+    read_cpu_load,
+    resolve_device,
+    thread_count,
+)
+from blora_tools.errors import BloraError
+
+
+@pytest.mark.parametrize(
+    "load, per_module, whole_model",
+    [
+        (CpuLoad(2, 0.0), 1, 2),  # idle 2 cores: one computes, one reads and writes
+        (CpuLoad(2, 2.0), 1, 1),  # a process spinning on every core: never more than one thread
+        (CpuLoad(2, 5.0), 1, 1),  # over-committed: still one (a command always runs)
+        (CpuLoad(16, 0.0), 4, 16),  # per-module work is capped: its problems are small
+        (CpuLoad(16, 12.0), 3, 4),  # only the CPUs others leave free
+        (CpuLoad(16, 15.6), 1, 1),
+    ],
+)
+def test_thread_count_follows_work_and_free_cpus(load, per_module, whole_model):
+    assert thread_count(PER_MODULE, load=lambda: load) == per_module
+    assert thread_count(WHOLE_MODEL, load=lambda: load) == whole_model
+    assert thread_count(PER_MODULE, load=lambda: load) <= free_cpus(load)
+
+
+def test_requested_threads_override_and_skip_the_reading():
+    def unreadable() -> CpuLoad:
+        raise AssertionError("the load is not read when --threads is given")
+
+    assert thread_count(PER_MODULE, 7, load=unreadable) == 7
+    with pytest.raises(BloraError, match="at least 1"):
+        thread_count(PER_MODULE, 0, load=unreadable)
+
+
+def test_cpu_load_reads_the_running_tasks(tmp_path):
+    allowed = len(os.sched_getaffinity(0))
+    alone = tmp_path / "alone"
+    alone.write_text("0.10 0.20 0.30 1/200 4242\n")  # only the reader runs
+    assert read_cpu_load(alone) == CpuLoad(allowed, 0.0)
+    assert free_cpus(read_cpu_load(alone)) == allowed
+    crowded = tmp_path / "crowded"
+    crowded.write_text(f"9.0 9.0 9.0 {1 + 50 * (os.cpu_count() or 1)}/900 4242\n")  # 50 spinners per CPU
+    assert read_cpu_load(crowded).busy == allowed
+    assert free_cpus(read_cpu_load(crowded)) == 1
+    assert read_cpu_load(tmp_path / "missing") == CpuLoad(allowed, 0.0)  # no reading: treated as idle
+
+
+def test_apply_threads_before_torch_sets_the_environment_torch_starts_with():
+    """A fresh process: the policy goes into the environment OpenMP reads when torch starts its pool."""
+    code = (
+        "import sys; from blora_tools.compute import apply_threads; apply_threads(1); "
+        "assert 'torch' not in sys.modules; import os, torch; "
+        "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["PASSIVE", "1"]
+
+
+def test_apply_threads_after_torch_tells_torch(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+        monkeypatch.setenv(name, "7")  # restored afterwards
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own choice is kept
+    before = torch.get_num_threads()
+    try:
+        apply_threads(2)
+        assert torch.get_num_threads() == 2
+        assert os.environ["OMP_NUM_THREADS"] == "2" and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_devices_resolve_or_are_refused_by_name():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(BloraError, match="--device mps: .*float64"):
+        resolve_device("mps")
+    with pytest.raises(BloraError, match="--device tpu: unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BloraError, match="--device cuda: no CUDA device"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(BloraError, match="only"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_ahead_runs_the_next_jobs_on_a_worker_in_key_order():
+    ran: dict[str, str] = {}
+
+    def job(key: str):
+        def run():
+            ran[key] = threading.current_thread().name
+            return key.upper()
+
+        return run
+
+    ahead = Ahead(depth=2)
+    takers = {k: ahead.add(k, job(k)) for k in ("c", "a", "d", "b")}
+    assert takers["a"]() == "A"  # the first runs when asked, and starts b and c
+    deadline = time.monotonic() + 10
+    while len(ran) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert sorted(ran) == ["a", "b", "c"]  # never more than `depth` ahead
+    assert ran["a"] == threading.current_thread().name
+    assert ran["b"].startswith("blora-ahead") and ran["c"].startswith("blora-ahead")
+    assert [takers[k]() for k in ("b", "c", "d")] == ["B", "C", "D"]
+    assert sorted(ran) == ["a", "b", "c", "d"]
+
+
+def test_ahead_out_of_order_and_failing_jobs():
+    calls: list[str] = []
+
+    def job(key: str):
+        def run():
+            calls.append(key)
+            if key == "b":
+                raise ValueError("job b failed")
+            return key
+
+        return run
+
+    ahead = Ahead(depth=1)
+    takers = {k: ahead.add(k, job(k)) for k in ("a", "b", "c")}
+    assert takers["c"]() == "c"  # out of the guessed order: runs when asked
+    with pytest.raises(ValueError, match="job b failed"):
+        takers["b"]()  # a worker's error reaches the caller
+    assert takers["a"]() == "a"
+    assert sorted(calls) == ["a", "b", "c"]
