@@ -1,21 +1,27 @@
-"""Benchmark (run by hand): `merge --method svd` against a dense-ΔW + full-SVD reference.
+"""Benchmark (run by hand): `merge --method svd` against a dense-ΔW + full-SVD reference, on an idle and a busy
+machine, on the CPU and (when there is one) a GPU.
 
 Two SDXL-shaped rank-64 adapters (module names and shapes from the golden kohya manifest
 `sdxl_lora.json`, read now; random fp16 factors, alphas 32 and 64) are merged at ratios 1 and 0.8 to rank 64:
 
-* ours: `blora_tools.ops.merge` (QR of the stacked factors + SVD of the small core, streamed to disk);
+* ours, run as a user runs it: `blora-tools merge A B --method svd --rank 64 …` in its own process, with the
+  CLI's thread policy (blora_tools/compute.py) — on the machine as it is ("idle"), then with a process spinning
+  on every CPU this one may use ("busy"), then with `--threads 1` and `--threads N` (all CPUs) for comparison,
+  and with `--device cuda` when CUDA is present;
 * reference, written here: load both files whole, then per module build the dense ΔW = Σ ratio·scale·up·down and
   take its full SVD, keep 64 (per module, so its memory is *lower* than a script that first builds every
-  dense ΔW), save.
+  dense ΔW), save; one torch thread, on every `--reference-every`th module (it takes minutes at full size).
 
-Each runs in its own process; we report wall time, peak RSS (and the part above the process's RSS right after
-imports) and the relative reconstruction error ‖ΣΔW − output‖/‖ΣΔW‖ of each output, computed from factors with
-Gram identities, plus the largest per-module difference between the two outputs.
+For each we report wall time (whole process, imports included), peak RSS, and the relative reconstruction error
+‖ΣΔW − output‖/‖ΣΔW‖ computed from factors with Gram identities (over the modules the reference ran), plus the
+largest per-module difference between ours and the reference. `--unpinned` adds ours busy with torch's old
+default (every CPU, OpenMP spinning while it waits): minutes.
 
 `prune`, `reweight` and `convert` against `cp` are measured by `bench/bench_copy.py`.
 
-    python bench/bench_merge.py                 # full size (the reference takes a long time on few cores)
-    python bench/bench_merge.py --every 8       # every 8th module: a representative eighth
+    python bench/bench_merge.py                         # full size; the reference on every 4th module
+    python bench/bench_merge.py --reference-every 1     # the reference on all 986 (about 11 minutes on 2 cores)
+    python bench/bench_merge.py --every 8               # every 8th module: a quick look
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -60,24 +65,36 @@ def make_inputs(folder: Path, rank: int, every: int) -> tuple[Path, Path, int]:
     return paths[0], paths[1], len(modules)
 
 
-# --- the two contenders, each run in a child process ---------------------------------------------------
+# --- the contenders -------------------------------------------------------------------------------------
 
 
-def run_ours(a: Path, b: Path, out: Path, rank: int) -> None:
-    from blora_tools.adapter.model import open_adapter
-    from blora_tools.ops.lowrank import RankPlan
-    from blora_tools.ops.merge import Source, merge
+def _measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run `cmd`; its wall time and peak RSS (from the kernel's accounting of that one child)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()}")
+    return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "stdout": out}
 
-    sources = [Source(open_adapter(a), RATIOS[0]), Source(open_adapter(b), RATIOS[1])]
-    merge(sources, method="svd", plan=RankPlan(rank), alpha=float(rank), dtype="F32").save(out, force=True)
+
+def run_ours(a: Path, b: Path, out: Path, rank: int, *extra: str, env: dict[str, str] | None = None) -> dict:
+    """`blora-tools merge` as a user runs it (a fresh process; CLI start-up and torch import included)."""
+    cmd = [sys.executable, "-m", "blora_tools", "-q", "merge", str(a), str(b), "--ratios", ",".join(map(str, RATIOS)),
+           "--method", "svd", "--rank", str(rank), "--alpha", str(rank), "--dtype", "fp32", "-o", str(out), "--force",
+           *extra]
+    return _measured(cmd, {**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
-def run_reference(a: Path, b: Path, out: Path, rank: int) -> None:
+def run_reference(a: Path, b: Path, out: Path, rank: int, every: int) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
     inputs = [load_file(str(a)), load_file(str(b))]
-    stems = sorted({k.split(".")[0] for sd in inputs for k in sd})
+    stems = sorted({k.split(".")[0] for sd in inputs for k in sd})[::every]
     result = {}
     for stem in stems:
         delta = None
@@ -95,26 +112,37 @@ def run_reference(a: Path, b: Path, out: Path, rank: int) -> None:
     save_file(result, str(out))
 
 
-def child(which: str, a: str, b: str, out: str, rank: int, threads: int) -> None:
+def child(a: str, b: str, out: str, rank: int, every: int) -> None:
     import torch
 
-    torch.set_num_threads(threads)
-    import safetensors.torch  # noqa: F401  (imports before the baseline)
-
-    import blora_tools.ops.merge  # noqa: F401
-
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    (run_ours if which == "ours" else run_reference)(Path(a), Path(b), Path(out), rank)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "above_imports_mb": (peak - base) / 1024}))
+    torch.set_num_threads(1)
+    run_reference(Path(a), Path(b), Path(out), rank, every)
 
 
-def _run_child(which: str, a: Path, b: Path, out: Path, rank: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, str(a), str(b), str(out), "--rank", str(rank), "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _run_reference(a: Path, b: Path, out: Path, rank: int, every: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(a), str(b), str(out), "--rank", str(rank),
+           "--reference-every", str(every)]
+    return _measured(cmd)
+
+
+class Spinners:
+    """A process spinning on every CPU this one may use: the busy machine of the issue."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self._procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "Spinners":
+        code = "while True: pass"
+        self._procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.count)]
+        time.sleep(1.0)  # let them reach the run queue
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self._procs:
+            proc.kill()
+        for proc in self._procs:
+            proc.wait()
 
 
 # --- accuracy from factors (Gram identities, float64) ------------------------------------------------
@@ -141,7 +169,7 @@ def accuracy(a: Path, b: Path, ours: Path, reference: Path) -> dict:
     total = 0.0
     error = dict.fromkeys(outputs, 0.0)
     worst = 0.0
-    for stem in sorted({k.split(".")[0] for k in inputs[0]}):
+    for stem in sorted({k.split(".")[0] for k in outputs["reference"]}):
         exact = [_terms(sd, stem, r) for sd, r in zip(inputs, RATIOS)]
         exact = (torch.cat([t[0] for t in exact], 1), torch.cat([t[1] for t in exact], 0))
         norm2 = _inner(exact, exact)
@@ -157,34 +185,66 @@ def accuracy(a: Path, b: Path, ours: Path, reference: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--child", nargs=4, metavar=("WHICH", "A", "B", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("A", "B", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--every", type=int, default=1, help="use every Nth module of the manifest (1 = full SDXL)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each contender (same for both)")
+    parser.add_argument("--reference-every", type=int, default=4, help="the reference runs on every Nth module")
+    parser.add_argument("--unpinned", action="store_true", help="also ours busy with torch's old thread default")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.rank, args.threads)
+        child(*args.child, args.rank, args.reference_every)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     bench_merge(args)
 
 
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+
+
 def bench_merge(args) -> None:
+    import torch
+
     a, b, n = make_inputs(args.out, args.rank, args.every)
+    cpus = len(os.sched_getaffinity(0))
     ours_out, ref_out = args.out / "ours.safetensors", args.out / "reference.safetensors"
-    ours = _run_child("ours", a, b, ours_out, args.rank, args.threads)
-    ref = _run_child("reference", a, b, ref_out, args.rank, args.threads)
-    acc = accuracy(a, b, ours_out, ref_out)
+    rows: list[tuple[str, dict]] = []
+
+    def ours(label: str, *extra: str, env: dict[str, str] | None = None) -> dict:
+        load = _load()
+        result = run_ours(a, b, ours_out, args.rank, *extra, env=env)
+        result["label"], result["load"] = label, load
+        rows.append((label, result))
+        return result
+
+    idle = ours("ours, CPU, idle (policy)")
+    accuracy_out = args.out / "ours-idle.safetensors"
+    ours_out.replace(accuracy_out)
+    with Spinners(cpus):
+        busy = ours(f"ours, CPU, busy: {cpus} spinning (policy)")
+        if args.unpinned:
+            ours(f"ours, CPU, busy: {cpus} spinning, torch's old default", "--threads", str(cpus),
+                 env={"OMP_WAIT_POLICY": "ACTIVE"})
+    ours("ours, CPU, idle, --threads 1", "--threads", "1")
+    ours(f"ours, CPU, idle, --threads {cpus}", "--threads", str(cpus))
+    if torch.cuda.is_available():
+        ours("ours, GPU (--device cuda), idle", "--device", "cuda")
+    ref = _run_reference(a, b, ref_out, args.rank, args.reference_every)
+    ref["load"] = _load()
+    acc = accuracy(a, b, accuracy_out, ref_out)
+    modules = len(range(0, n, args.reference_every))
     print(f"\nmerge --method svd --rank {args.rank}: two SDXL-shaped rank-{args.rank} fp16 adapters, {n} modules "
-          f"(every {args.every}th of 986), {args.threads} thread(s), {os.cpu_count()} CPUs")
-    print(f"{'':12}{'time s':>10}{'peak RSS MB':>14}{'above imports MB':>18}{'rel. error':>14}")
-    for name, r in (("ours", ours), ("reference", ref)):
-        print(f"{name:12}{r['seconds']:>10.2f}{r['peak_mb']:>14.0f}{r['above_imports_mb']:>18.0f}{acc[name]:>14.6f}")
-    print(f"{'ratio':12}{ref['seconds'] / ours['seconds']:>9.1f}×{ours['peak_mb'] / ref['peak_mb']:>14.2f}"
-          f"{ours['above_imports_mb'] / max(ref['above_imports_mb'], 1e-9):>18.3f}"
-          f"{abs(acc['ours'] - acc['reference']):>14.1e}")
-    print(f"largest per-module relative difference ours vs reference: {acc['max_module_difference']:.1e}")
+          f"(every {args.every}th of 986), {cpus} CPUs{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
+    print(f"{'':52}{'time s':>9}{'peak RSS MB':>13}{'load before':>13}")
+    for label, r in rows:
+        print(f"{label:52}{r['seconds']:>9.2f}{r['peak_mb']:>13.0f}{r['load']:>13}")
+    print(f"{'reference, 1 thread, every ' + str(args.reference_every) + 'th module (' + str(modules) + ')':52}"
+          f"{ref['seconds']:>9.2f}{ref['peak_mb']:>13.0f}{ref['load']:>13}")
+    print(f"busy / idle: {busy['seconds'] / idle['seconds']:.2f}×")
+    print(f"relative error over the reference's {modules} modules: ours {acc['ours']:.6f}, reference "
+          f"{acc['reference']:.6f} (difference {abs(acc['ours'] - acc['reference']):.1e}); largest per-module "
+          f"relative difference ours vs reference {acc['max_module_difference']:.1e}")
 
 
 if __name__ == "__main__":

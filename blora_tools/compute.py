@@ -1,6 +1,6 @@
 """Where and on how many threads the tensor work runs: the thread policy and the device choice.
 
-The per-module problems of adapter files (QR/SVD/Gram products of at most a few thousand by a few hundred)
+The per-module problems of adapter files (Gram products and eigenproblems of at most a few thousand by a few hundred)
 gain little from threads, and OpenMP threads that spin while they wait starve each other and any other busy
 process: an SDXL svd merge measured 5.7 s on one torch thread and 3 min 45 s on torch's default two threads
 next to a busy process. So every command gets a thread count from its kind of work and from the CPUs that are
@@ -56,7 +56,7 @@ class Work:
 
 
 PER_MODULE = Work(cap=4, io=1)
-"""merge, resize, compare, inspect, …: QR/SVD/Gram problems of one module at a time, at most a few thousand by a
+"""merge, resize, compare, inspect, …: Gram and eigen problems of one module at a time, at most a few thousand by a
 few hundred; threads beyond a few only wait on each other (bench/bench_merge.py measures it)."""
 WHOLE_MODEL = Work(cap=None, io=0)
 """render: a whole network's convolutions, which use every free CPU."""

@@ -43,7 +43,7 @@ class Kind(str, Enum):
 
     @property
     def is_lora(self) -> bool:
-        """Plain up/down factors (what concat merges and the QR route compresses)."""
+        """Plain up/down factors (what concat merges and the Gram route compresses)."""
         return self in (Kind.LORA, Kind.LORA_CONV1X1, Kind.LOCON, Kind.TUCKER)
 
     @property

@@ -43,7 +43,7 @@ from blora_tools.cli.params import (
 def resize_cmd(app, file: Path, rank, dynamic, conv_rank, clamp_quantile, alpha, dtype, output: Path, force: bool, allow_nonfinite: bool, as_json: bool, arch) -> None:
     """Re-compress FILE to new ranks and write -o OUT, with a table of what each block keeps.
 
-    Each module's ΔW is decomposed through QR of its factors plus a small SVD (no dense matrix for LoRA
+    Each module's ΔW is decomposed through the Gram matrices of its factors plus a small eigenproblem (no dense matrix for LoRA
     kinds) and truncated; modules already at or below the target keep their rank. The output uses one alpha
     for every module with each module's scale folded into its factors, so ΔW keeps its scale in every loader.
 

@@ -8,7 +8,7 @@ Modules:
 - `convert`: kohya ↔ PEFT/diffusers, SDXL LDM ↔ diffusers names, one alpha for every module.
 - `compare`: compare two adapters block by block.
 - `stats`: per-block figures of one adapter (the `inspect` report).
-- `lowrank`: low-rank algebra without dense ΔW (QR, small SVD, rank rules).
+- `lowrank`: low-rank algebra without dense ΔW (Gram route, small eigenproblem, rank rules).
 - `uniform`: one alpha for every module; kohya tensors with a factor folded in.
 - `result`: what every surgery returns (entries to write, metadata, warnings, summary) and how it is saved.
 """

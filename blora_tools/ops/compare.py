@@ -9,7 +9,7 @@ file lacks a module):
   directions, 0 = orthogonal), averaged over the modules both files have; `None` when they share none.
 
 Nothing dense is formed for LoRA kinds: ⟨U₁D₁, U₂D₂⟩_F = Σ (U₁ᵀU₂) ⊙ (D₁D₂ᵀ), norms from Gram matrices, and
-column spaces from `lowrank.decompose_factors` (QR of the up and down factors, SVD of the small core: the
+column spaces from `lowrank.decompose_factors` (Gram matrices of the up and down factors and a small eigenproblem: the
 column space of ΔW itself, which is that of U when D has full rank). LoHa, LoKr and full modules, which have
 no such factors, are made dense (once per module both files have).
 """

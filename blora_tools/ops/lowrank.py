@@ -1,4 +1,4 @@
-"""Low-rank algebra without dense ΔW: QR of stacked factors, SVD of the small core, rank choice.
+"""Low-rank algebra without dense ΔW: Gram matrices of stacked factors, a small eigenproblem, rank choice.
 
 A sum of low-rank terms ΔW = Σ Uᵢ·Dᵢ is the product of the stacked factors U = [U₁ … Uₖ] (out×R) and
 D = [D₁; …; Dₖ] (R×fan_in). With U = Qᵤ·Rᵤ and Dᵀ = Q_d·R_d, ΔW = Qᵤ·(Rᵤ·R_dᵀ)·Q_dᵀ, so the SVD of ΔW is the

@@ -4,7 +4,7 @@ For one module, source i contributes cᵢ·Uᵢ·Dᵢ with cᵢ = ratioᵢ·alph
 
 * `concat` stacks the factors: rank Σ rᵢ, exact. Each term's coefficient goes into its factors, split as
   √|·| across up and down with the sign on up, so fp16 keeps its range.
-* `svd` takes the SVD of Σ cᵢUᵢDᵢ through QR of the stacked factors (`lowrank`), never a dense ΔW, and keeps
+* `svd` takes the SVD of Σ cᵢUᵢDᵢ through the Gram matrices of the stacked factors (`lowrank`), never a dense ΔW, and keeps
   the ranks a `RankPlan` allows. Sources with no factorisation (LoHa, LoKr, full) are made dense for their
   module and SVD'd there (svd only). Norm modules are summed.
 

@@ -1,7 +1,7 @@
 """Resize: re-compress one adapter to new ranks, per block or by a dynamic rule, reporting what is kept.
 
-A resize is an `svd` merge of one input at ratio 1 (`merge`): each module's ΔW is decomposed through QR of
-its factors (no dense matrix for LoRA kinds), truncated to the rank its block allows, and written with one
+A resize is an `svd` merge of one input at ratio 1 (`merge`): each module's ΔW is decomposed through the Gram
+matrices of its factors (no dense matrix for LoRA kinds), truncated to the rank its block allows, and written with one
 alpha for the whole file and the rest of its scale folded into the factors, so ΔW keeps its scale.
 The summary gives, per paper group, the input and output ranks and the share of ‖ΔW‖_F² kept.
 """
