@@ -18,7 +18,6 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -26,6 +25,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from blora_tools.errors import BloraError
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     import torch
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "Ahead",
 ]
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("cpu", "cuda", "mps", "auto")
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,10 @@ def resolve_device(name: str) -> "torch.device":
     if text == "cuda" or text.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise BloraError(f"--device {name}: no CUDA device (this torch sees none); use --device cpu")
-        device = torch.device(text)
+        try:
+            device = torch.device(text)
+        except RuntimeError:
+            raise BloraError(f"--device {name}: not a device name such as cuda or cuda:1") from None
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise BloraError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
         return device
@@ -182,9 +186,9 @@ class Ahead(Generic[T]):
         self._jobs: dict[str, Callable[[], T]] = {}
         self._order: list[str] | None = None
         self._position: dict[str, int] = {}
-        self._futures: dict[str, Future] = {}
+        self._futures: dict[str, "Future[T]"] = {}
         self._taken: set[str] = set()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: "ThreadPoolExecutor | None" = None
 
     def add(self, key: str, job: Callable[[], T]) -> Callable[[], T]:
         """Register `job` under `key`; returns what to call for its result."""
@@ -210,6 +214,8 @@ class Ahead(Generic[T]):
                 self._pool = None
             return
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blora-ahead")
         for key in following:
             if key not in self._futures and key not in self._taken:

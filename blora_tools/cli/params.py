@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from blora_tools.compute import DEVICES
 from blora_tools.errors import SelectorError
 from blora_tools.taxonomy.selectors import Selector, parse_selector
 from blora_tools.taxonomy.weights import WeightSpec, parse_weights
@@ -225,7 +226,7 @@ def _store_device(ctx, param, value):
 
 device_option = click.option(
     "--device",
-    type=click.Choice(["cpu", "cuda", "mps", "auto"]),
+    type=click.Choice(DEVICES),
     default="cpu",
     show_default=True,
     expose_value=False,
