@@ -237,7 +237,7 @@ def test_ctrl_c_in_the_middle_of_a_long_merge(runner, tmp_path, inputs, monkeypa
     before = snapshot(tmp_path)
     extra = ["--method", "svd", "--rank", "2"] if method == "svd" else []
     result = invoke(runner, ["merge", a, b, "-o", tmp_path / "ab.safetensors", *extra])
-    assert len(calls) == 5
+    assert 5 <= len(calls) <= 7  # the read-ahead (compute.Ahead) may have started the next two modules
     assert_refused(result, tmp_path, before, "interrupted", code=130)
 
 
