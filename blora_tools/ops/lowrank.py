@@ -128,7 +128,7 @@ def decompose_factors(
     s = torch.where(signal, values.clamp_min(0).sqrt(), torch.zeros_like(values))
     inverse = torch.where(signal, 1.0 / s, torch.zeros_like(s))
     left_map = (root_down.T @ b) * inverse  # u = U·R_dᵀ·B·S⁻¹
-    right_map = (inverse * inverse)[:, None] * (b.T @ root_down @ gram_up)  # v = S⁻¹·Aᵀ·Rᵤ·D = S⁻²·Bᵀ·R_d·UᵀU·D
+    right_map = (inverse * inverse)[:, None] * (b.T @ root_down @ gram_up)  # v = S⁻²·Bᵀ·R_d·UᵀU·D
     return Decomposition(s, up, down, left_map, right_map)
 
 
@@ -156,11 +156,12 @@ def _gram_root(gram: "torch.Tensor") -> "torch.Tensor":
 
 
 def decompose_dense(delta: "torch.Tensor") -> Decomposition:
-    """SVD of a dense ΔW (2-D; conv weights flattened over in·kh·kw), in float32 on its device. For LoHa, LoKr
-    and full inputs, and factors whose stacked rank reaches the layer's size. NonFiniteError for NaN/Inf."""
+    """SVD of a dense ΔW (2-D; conv weights flattened over in·kh·kw) on its device, in float32 (float64 when
+    given float64). For LoHa, LoKr and full inputs, and factors whose stacked rank reaches the layer's size.
+    NonFiniteError for NaN/Inf."""
     import torch
 
-    matrix = delta.float().reshape(delta.shape[0], -1)
+    matrix = (delta if delta.dtype == torch.float64 else delta.float()).reshape(delta.shape[0], -1)
     if not bool(matrix.isfinite().all()):
         raise NonFiniteError("ΔW holds NaN or Inf values, which cannot be decomposed")
     u, s, vt = torch.linalg.svd(matrix, full_matrices=False)

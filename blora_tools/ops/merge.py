@@ -4,9 +4,9 @@ For one module, source i contributes cᵢ·Uᵢ·Dᵢ with cᵢ = ratioᵢ·alph
 
 * `concat` stacks the factors: rank Σ rᵢ, exact. Each term's coefficient goes into its factors, split as
   √|·| across up and down with the sign on up, so fp16 keeps its range.
-* `svd` takes the SVD of Σ cᵢUᵢDᵢ through the Gram matrices of the stacked factors (`lowrank`), never a dense ΔW, and keeps
-  the ranks a `RankPlan` allows. Sources with no factorisation (LoHa, LoKr, full) are made dense for their
-  module and SVD'd there (svd only). Norm modules are summed.
+* `svd` takes the SVD of Σ cᵢUᵢDᵢ through the Gram matrices of the stacked factors (`lowrank`), never a dense
+  ΔW, and keeps the ranks a `RankPlan` allows. Sources with no factorisation (LoHa, LoKr, full) are made dense
+  for their module and SVD'd there (svd only). Norm modules are summed.
 
 Outputs use one alpha for the whole file (docs/architecture.md §3: diffusers mis-scales files whose alphas differ); each
 module's remaining scale rank/alpha is folded into its factors. Work is lazy: a module is computed when the
@@ -370,7 +370,8 @@ def _decompose(p: _Plan, device) -> Decomposition:
             for part, up, down in terms:
                 _require_finite(part, up, down)
                 _representable(part, up * part.coefficient)
-            raise
+            path = p.parts[0].adapter.path
+            raise NonFiniteError(f"module {p.stem}: its ΔW overflows; nothing written", path) from None
     return decompose_dense(_dense(p).to(device))
 
 
