@@ -186,6 +186,7 @@ def accuracy(a: Path, b: Path, ours: Path, reference: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", nargs=3, metavar=("A", "B", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--make-inputs", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--every", type=int, default=1, help="use every Nth module of the manifest (1 = full SDXL)")
     parser.add_argument("--reference-every", type=int, default=4, help="the reference runs on every Nth module")
@@ -194,6 +195,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.rank, args.reference_every)
+        return
+    if args.make_inputs:
+        *_, n = make_inputs(args.out, args.rank, args.every)
+        import torch
+
+        print(json.dumps({"modules": n, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     bench_merge(args)
@@ -204,9 +211,12 @@ def _load() -> str:
 
 
 def bench_merge(args) -> None:
-    import torch
-
-    a, b, n = make_inputs(args.out, args.rank, args.every)
+    # The inputs are made in a child: Linux keeps a process's peak RSS across fork and exec, so every contender
+    # started from a parent that had held the inputs (or imported torch) would report at least that parent's peak.
+    made = subprocess.run([sys.executable, __file__, "--make-inputs", "--out", str(args.out), "--rank", str(args.rank),
+                           "--every", str(args.every)], capture_output=True, text=True, check=True)
+    facts = json.loads(made.stdout.strip().splitlines()[-1])
+    a, b, n, gpu = args.out / "in0.safetensors", args.out / "in1.safetensors", facts["modules"], facts["gpu"]
     cpus = len(os.sched_getaffinity(0))
     ours_out, ref_out = args.out / "ours.safetensors", args.out / "reference.safetensors"
     rows: list[tuple[str, dict]] = []
@@ -228,14 +238,14 @@ def bench_merge(args) -> None:
                  env={"OMP_WAIT_POLICY": "ACTIVE"})
     ours("ours, CPU, idle, --threads 1", "--threads", "1")
     ours(f"ours, CPU, idle, --threads {cpus}", "--threads", str(cpus))
-    if torch.cuda.is_available():
+    if gpu:
         ours("ours, GPU (--device cuda), idle", "--device", "cuda")
     ref = _run_reference(a, b, ref_out, args.rank, args.reference_every)
     ref["load"] = _load()
     acc = accuracy(a, b, accuracy_out, ref_out)
     modules = len(range(0, n, args.reference_every))
     print(f"\nmerge --method svd --rank {args.rank}: two SDXL-shaped rank-{args.rank} fp16 adapters, {n} modules "
-          f"(every {args.every}th of 986), {cpus} CPUs{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
+          f"(every {args.every}th of 986), {cpus} CPUs{', ' + gpu if gpu else ''}")
     print(f"{'':52}{'time s':>9}{'peak RSS MB':>13}{'load before':>13}")
     for label, r in rows:
         print(f"{label:52}{r['seconds']:>9.2f}{r['peak_mb']:>13.0f}{r['load']:>13}")

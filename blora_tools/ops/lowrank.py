@@ -9,8 +9,8 @@ Neither the Q's nor Rᵤ are formed. R_d is the Cholesky factor of the R×R Gram
 symmetric eigendecomposition of CᵀC = R_d·(UᵀU)·R_dᵀ, and since A = C·B·S⁻¹ the kept columns are
 u = Qᵤ·A = U·(R_dᵀ·B·S⁻¹) and v = S⁻¹·Aᵀ·Rᵤ·D = S⁻²·Bᵀ·R_d·(UᵀU)·D: two products with the input factors, only
 for the ranks kept. Everything is float64, so singular values down to ~1e-7 of the largest (float32's own
-precision) are resolved; smaller ones are rounding and count as 0. That is about a third of the work of two
-Householder QRs with Q formed and a core SVD (bench/bench_merge.py).
+precision) are resolved; smaller ones are rounding and count as 0. On the SDXL pair of bench/bench_merge.py this
+takes less than half the CPU time of two Householder QRs with Q formed and a core SVD (7.9 s against 17 s).
 """
 
 from __future__ import annotations
