@@ -21,7 +21,7 @@ peak resident memory above what the process held before the first step (Linux Vm
     KOHYA_PYTHON bench/bench_train.py --arch flux --sd-scripts /path/to/sd-scripts        # 19+38 blocks, width 64
     KOHYA_PYTHON bench/bench_train.py --arch sd3 --sd-scripts /path/to/sd-scripts --depth 4
 
-While the plugin refuses the arch, the plugin row says so and kohya's module is measured alone.
+A network that refuses the model is reported in its row (with its one-line error); the other is measured alone.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ Text encoders are tiny transformers models of the classes kohya targets (`CLIPAt
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -413,27 +412,3 @@ def build(arch: str, seed: int = 0, **size) -> tuple[list[nn.Module], nn.Module]
     for m in tes:
         m.eval()
     return tes, model
-
-
-@functools.cache
-def plugin_refusal(arch: str) -> str | None:
-    """Why `kohya_plugin.blockwise` refuses a tiny `arch` model (its one-line SpecError), or None when it builds a
-    network for it. Tests of the plugin on Flux/SD3 skip with this reason until the plugin supports the arch."""
-    from blora_tools.errors import SpecError
-    from kohya_plugin import blockwise
-
-    tes, model = build(arch, double_blocks=2, single_blocks=2) if arch == "flux" else build(arch)
-    try:
-        blockwise.create_network(1.0, 4, 1.0, None, tes, model, preset="all")
-    except SpecError as err:
-        return f"kohya_plugin.blockwise refuses {arch}: {err}"
-    return None
-
-
-def skip_unless_plugin_supports(arch: str) -> None:
-    """pytest.skip with the plugin's refusal while kohya_plugin.blockwise does not build a network for `arch`."""
-    import pytest
-
-    refusal = plugin_refusal(arch)
-    if refusal:
-        pytest.skip(refusal)

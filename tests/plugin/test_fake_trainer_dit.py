@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dit_models import skip_unless_plugin_supports, transformer
+from dit_models import transformer
 from fake_trainer import TrainerArgs, loss_of, predict, synthetic_batch, text_encoder_arg, tiny_models, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -94,7 +94,6 @@ def plugin_run(tmp_path_factory):
     runs = {}
 
     def run(arch: str):
-        skip_unless_plugin_supports(arch)
         if arch not in runs:
             tes, model = _models(arch)
             before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, *tes)]
@@ -145,7 +144,6 @@ def test_plugin_multiplier_zero_is_the_base_model(arch, plugin_run):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_plugin_train_t5xxl_is_refused_with_cached_text_encoder_outputs(arch):
-    skip_unless_plugin_supports(arch)
     tes, model = _models(arch)
     args = TrainerArgs(network_args=["preset=all", "train_t5xxl=true"], cache_text_encoder_outputs=True,
                        max_train_steps=0)

@@ -7,8 +7,7 @@ the module plans on the same tiny model (computed in the harness process), resum
 plugin runs must pass. The fake trainer's Flux/SD3 replay and its sd-scripts-shaped fixtures are checked against
 kohya's modules too.
 
-Plugin runs (`--network_module kohya_plugin.blockwise`): written and ready; each skips, with the plugin's own
-refusal as the reason, while kohya_plugin does not build a network for the arch (dit_models.plugin_refusal).
+Plugin runs (`--network_module kohya_plugin.blockwise`): the same checks for the cases of issue #14.
 
     SD_SCRIPTS=/path/to/sd-scripts KOHYA_PYTHON=/path/to/venv/bin/python KOHYA_REAL_WORK=/path/to/scratch \\
         pytest -m real tests/real/test_dit_sd_scripts.py
@@ -25,7 +24,6 @@ from harness import Kohya, Run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dit_models import skip_unless_plugin_supports
 
 pytestmark = pytest.mark.real
 
@@ -170,7 +168,6 @@ def plugin_runs(kohya):
 
     def run(case: str) -> Run:
         arch, network_args = PLUGIN_CASES[case]
-        skip_unless_plugin_supports(arch)
         if case not in runs:
             runs[case] = _trainer(kohya, arch).train(f"{case}-plugin", arch, PLUGIN, network_args, steps=STEPS)
         return runs[case]
@@ -222,7 +219,6 @@ def test_plugin_resumes_from_its_file(case, kohya, plugin_runs):
 @pytest.mark.parametrize("arch", sorted(KOHYA_MODULES))
 def test_fake_trainer_replays_the_dit_contract_for_the_plugin(arch, kohya):
     """The same replay as kohya's modules get, with the plugin: same text-encoder list, hooks and a falling loss."""
-    skip_unless_plugin_supports(arch)
     folder = _trainer(kohya, arch).replay(f"{arch}-plugin", arch, PLUGIN, ["preset=all"])
     replay = json.loads((folder / "replay.json").read_text())
     assert replay["losses"][-1] < 0.9 * replay["losses"][0], replay["losses"]
