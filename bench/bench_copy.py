@@ -1,14 +1,16 @@
 """Benchmark (run by hand): the byte-copy commands (prune, reweight, convert) on a ~1 GB file against `cp`.
 
-The file has every module of kohya's SDXL LoRA (names and shapes from the golden manifest `sdxl_lora.json`) with
-random fp16 factors at the rank that makes `--gb` gigabytes. Each contender runs as its own process (the CLI
+The file has every module of kohya's SDXL LoRA (names and shapes from the golden manifest `sdxl_lora.json`), or
+with `--arch flux` of sd-scripts' `lora_flux` (`flux_dev_lora.json`: 304 modules, fused qkv), with random fp16
+factors at the rank that makes `--gb` gigabytes. Each contender runs as its own process (the CLI
 start-up included), in rounds, so every row sees the same load on a shared machine; the best of `--repeats`
 rounds is shown, the page cache warm and the output removed before each run:
 
 * `cp`, and `cp` + `sync OUT` (fsync: every command fsyncs its output before committing it);
 * `sha256` of the file in one pass (hashlib): what hashing alone costs. Each command hashes its input for
   `blora_history` and its output for sd-scripts' `sshs_model_hash`, about twice this;
-* `prune --drop te1`, `reweight --weights te1=0.5` (te1's up factors scaled, the rest copied),
+* `prune --drop te1`, `reweight --weights te1=0.5` (te1's up factors scaled, the rest copied; on Flux the block
+  D00 instead of te1),
   `convert --to kohya --uniform-alpha` (the file already has one alpha: all copied, new metadata) and
   `convert --to peft` (every key renamed, so the copies leave file order and the input is hashed whole).
 
@@ -17,6 +19,7 @@ rounds is shown, the page cache warm and the output removed before each run:
     python bench/bench_copy.py                    # 1 GB in bench/out (local disk)
     python bench/bench_copy.py --dir /dev/shm/x   # in memory: no device writes behind the fsync
     python bench/bench_copy.py --gb 0.1           # a quick look
+    python bench/bench_copy.py --arch flux        # a Flux.1 LoRA (convert --to peft splits q/k/v)
 """
 
 from __future__ import annotations
@@ -34,19 +37,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-MANIFEST = REPO / "tests" / "data" / "kohya_manifests" / "sdxl_lora.json"
+MANIFESTS = {"sdxl": "sdxl_lora.json", "flux": "flux_dev_lora.json"}
+METADATA = {"sdxl": {"ss_base_model_version": "sdxl_base_v1-0"}, "flux": {"ss_base_model_version": "flux1"}}
+SMALL_PART = {"sdxl": "te1", "flux": "D00"}
+"""A small part of the file that prune drops and reweight scales."""
 CLI = [sys.executable, "-m", "blora_tools", "-q"]
 
 
-def make_file(folder: Path, gb: float) -> tuple[Path, int]:
-    """An SDXL-shaped fp16 LoRA of about `gb` GB (made once, kept while its size fits) and its rank."""
+def make_file(folder: Path, gb: float, arch: str = "sdxl") -> tuple[Path, int]:
+    """An `arch`-shaped fp16 LoRA of about `gb` GB (made once, kept while its size fits) and its rank."""
     import torch
     from safetensors.torch import save_file
 
-    modules = json.loads(MANIFEST.read_text())["modules"]
+    manifest = REPO / "tests" / "data" / "kohya_manifests" / MANIFESTS[arch]
+    modules = json.loads(manifest.read_text())["modules"]
     per_rank = sum(2 * (m["org_shape"][0] + math.prod(m["org_shape"][1:])) for m in modules)
     rank = max(1, round(gb * 1e9 / per_rank))
-    path = folder / f"sdxl_fp16_r{rank}.safetensors"
+    path = folder / f"{arch}_fp16_r{rank}.safetensors"
     if not path.exists():
         g = torch.Generator().manual_seed(7)
         tensors = {}
@@ -55,7 +62,7 @@ def make_file(folder: Path, gb: float) -> tuple[Path, int]:
             tensors[f"{m['name']}.lora_down.weight"] = torch.randn(rank, fan_in, generator=g, dtype=torch.float16)
             tensors[f"{m['name']}.lora_up.weight"] = torch.randn(out, rank, generator=g, dtype=torch.float16) * 0.01
             tensors[f"{m['name']}.alpha"] = torch.tensor(float(rank)).half()
-        save_file(tensors, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+        save_file(tensors, str(path), metadata=METADATA[arch])
     return path, rank
 
 
@@ -66,14 +73,15 @@ def _sha256(path: Path) -> None:
             digest.update(chunk)
 
 
-def contenders(src: Path, out: Path) -> dict[str, list[str] | None]:
+def contenders(src: Path, out: Path, arch: str = "sdxl") -> dict[str, list[str] | None]:
     """Row name → command line (None: the hash, run in this process)."""
+    part = SMALL_PART[arch]
     return {
         "cp": ["cp", str(src), str(out)],
         "cp + sync": ["sh", "-c", f'cp "$0" "$1" && sync "$1"', str(src), str(out)],
         "sha256 (one pass)": None,
-        "prune --drop te1": [*CLI, "prune", str(src), "--drop", "te1", "-o", str(out)],
-        "reweight te1=0.5": [*CLI, "reweight", str(src), "--weights", "te1=0.5", "-o", str(out)],
+        f"prune --drop {part}": [*CLI, "prune", str(src), "--drop", part, "-o", str(out)],
+        f"reweight {part}=0.5": [*CLI, "reweight", str(src), "--weights", f"{part}=0.5", "-o", str(out)],
         "convert kohya --uniform-alpha": [*CLI, "convert", str(src), "--to", "kohya", "--uniform-alpha", "-o", str(out)],
         "convert --to peft": [*CLI, "convert", str(src), "--to", "peft", "-o", str(out)],
         "CLI start-up (--help)": [*CLI, "--help"],
@@ -109,13 +117,14 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=1.0, help="size of the input file")
     parser.add_argument("--dir", type=Path, default=HERE / "out", help="where the input and outputs go")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arch", choices=sorted(MANIFESTS), default="sdxl", help="the model family of the file")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    src, rank = make_file(args.dir, args.gb)
+    src, rank = make_file(args.dir, args.gb, args.arch)
     out = args.dir / "bench_copy_out.safetensors"
     size = src.stat().st_size
     subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # page cache warm
-    rows = contenders(src, out)
+    rows = contenders(src, out, args.arch)
     best: dict[str, tuple[float, float, int]] = {}
     for _ in range(args.repeats):
         for name, command in rows.items():
@@ -125,7 +134,7 @@ def main() -> None:
     out.unlink(missing_ok=True)
     cp_rate = size / best["cp"][0]
     sync_rate = size / best["cp + sync"][0]
-    print(f"\n{size / 1e9:.2f} GB SDXL-shaped fp16 LoRA (rank {rank}) in {args.dir}, page cache warm, "
+    print(f"\n{size / 1e9:.2f} GB {args.arch}-shaped fp16 LoRA (rank {rank}) in {args.dir}, page cache warm, "
           f"best of {args.repeats}, {os.cpu_count()} CPUs")
     print(f"| {'':30} | {'wall s':>7} | {'CPU s':>6} | {'GB out':>6} | {'GB/s':>5} | {'vs cp':>6} | {'vs cp+sync':>10} |")
     print(f"|{'-' * 32}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 12}|")
