@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import click
 
-from blora_tools import __version__
 from blora_tools.cli.params import threads_option
 from blora_tools.errors import BloraError
 
@@ -148,13 +147,23 @@ def _escape_unencodable_output() -> None:
                 pass
 
 
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from blora_tools import __version__
+
+    click.echo(f"blora-tools, version {__version__}")
+    ctx.exit()
+
+
 def _print_error(message: str) -> None:
     text = " ".join(message.split()).encode("utf-8", "backslashreplace").decode("utf-8")
     click.echo(f"error: {text}", err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "-V", "--version", prog_name="blora-tools")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only results and errors: no progress, no notes.")
 @click.option("--no-color", is_flag=True, help="Plain text output (also when NO_COLOR is set).")
 @click.pass_context

@@ -373,4 +373,10 @@ def place_dit(path: str, dit: DiT) -> "Placement | None":
     if layer.block is None:
         return Placement(Component.UNET, OTHER, "BASE", "base", None, layer)
     group = "double" if layer.block[0] == "D" else "single" if layer.block[0] == "S" else "joint"
-    return Placement(Component.UNET, layer.block, layer.block, group, dit.blocks.index(layer.block), layer)
+    return Placement(Component.UNET, layer.block, layer.block, group, _positions(dit.arch)[layer.block], layer)
+
+
+@cache
+def _positions(arch: Arch) -> Mapping[str, int]:
+    """Block → its position among all blocks (D00 = 0, S00 = 19 on Flux)."""
+    return MappingProxyType({block: i for i, block in enumerate(dit_record(arch).blocks)})
