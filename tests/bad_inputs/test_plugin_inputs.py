@@ -140,9 +140,58 @@ BAD_ARGS = [
 ]
 
 
+# Flux.1 / SD3 keys (kohya's lora_flux / lora_sd3 arguments and ours): (arch, network_args, words), run on the
+# sd-scripts-shaped tiny models of tests/dit_models.py.
+DIT_BAD_ARGS = [
+    ("flux", {"img_attn_dim": "-1"}, ["img_attn_dim", "negative"]),
+    ("flux", {"img_mlp_dim": "x"}, ["img_mlp_dim", "whole number"]),
+    ("flux", {"img_mod_dim": "1.5"}, ["img_mod_dim", "whole number"]),
+    ("flux", {"txt_attn_dim": "nan"}, ["txt_attn_dim"]),
+    ("flux", {"txt_mlp_dim": "-2"}, ["txt_mlp_dim"]),
+    ("flux", {"txt_mod_dim": ""}, ["txt_mod_dim"]),
+    ("flux", {"single_dim": "abc"}, ["single_dim"]),
+    ("flux", {"single_mod_dim": "-1"}, ["single_mod_dim"]),
+    ("sd3", {"context_attn_dim": "-1"}, ["context_attn_dim"]),
+    ("sd3", {"context_mlp_dim": "x"}, ["context_mlp_dim"]),
+    ("sd3", {"context_mod_dim": "2.5"}, ["context_mod_dim"]),
+    ("sd3", {"x_attn_dim": "inf"}, ["x_attn_dim"]),
+    ("sd3", {"x_mlp_dim": "-3"}, ["x_mlp_dim"]),
+    ("sd3", {"x_mod_dim": "y"}, ["x_mod_dim"]),
+    ("sd3", {"emb_dims": "[1,2]"}, ["emb_dims", "6"]),
+    ("flux", {"in_dims": "[1,2,3,4,x]"}, ["in_dims"]),
+    ("flux", {"network_reg_dims": "double=x"}, ["network_reg_dims"]),
+    ("flux", {"network_reg_lrs": "double=-1"}, ["network_reg_lrs"]),
+    ("flux", {"split_qkv": "maybe"}, ["split_qkv", "boolean"]),
+    ("flux", {"t5_dim": "-1", "train_t5xxl": "true"}, ["t5_dim"]),
+    ("sd3", {"train_block_indices": "99"}, ["train_block_indices", "outside"]),
+    ("flux", {"train_blocks": "triple"}, ["train_blocks", "all, single, double"]),
+    ("flux", {"train_double_block_indices": "0-x"}, ["train_double_block_indices"]),
+    ("flux", {"train_single_block_indices": "38"}, ["train_single_block_indices", "outside"]),
+    ("flux", {"train_t5xxl": "perhaps"}, ["train_t5xxl", "boolean"]),
+]
+
+
 def test_every_key_has_a_bad_value_here():
-    keys = {key for args, _ in BAD_ARGS for key in args}
+    keys = {key for args, _ in BAD_ARGS for key in args} | {key for _, args, _ in DIT_BAD_ARGS for key in args}
     assert set(KNOWN_KEYS) <= keys
+
+
+@pytest.mark.parametrize("arch, args, words", DIT_BAD_ARGS,
+                         ids=[f"{a}-" + " ".join(f"{k}={v}"[:40] for k, v in args.items()) for a, args, _ in DIT_BAD_ARGS])
+def test_bad_dit_network_args_are_refused_before_the_models_change(arch, args, words):
+    import dit_models
+
+    tes, model = dit_models.build(arch)
+    before = fingerprint(*tes, model)
+    with pytest.raises(SpecError) as caught:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BlockwiseWarning)
+            create_network(1.0, 4, 1.0, None, tes, model, **args)
+    message = str(caught.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+    assert_same(before, fingerprint(*tes, model))
 
 
 @pytest.mark.parametrize("args, words", BAD_ARGS, ids=[" ".join(f"{k}={v}"[:40] for k, v in a.items()) for a, _ in BAD_ARGS])
