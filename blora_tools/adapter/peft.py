@@ -24,7 +24,7 @@ from types import MappingProxyType
 from blora_tools.jsonio import dumps
 from blora_tools.taxonomy.blocks import Component
 
-__all__ = ["METADATA_KEY", "FACTOR_KEYS", "PeftModule", "peft_key", "adapter_metadata"]
+__all__ = ["METADATA_KEY", "FACTOR_KEYS", "PeftModule", "peft_root", "peft_key", "adapter_metadata"]
 
 METADATA_KEY = "lora_adapter_metadata"
 """The safetensors metadata key diffusers reads LoRA configs from (diffusers' LORA_ADAPTER_METADATA_KEY)."""
@@ -37,7 +37,17 @@ _COMPONENT_NAMES = MappingProxyType(
         Component.TE2: "text_encoder_2",
     }
 )
-"""Our component → the PEFT/diffusers key prefix."""
+"""Our component → the PEFT/diffusers key prefix of a U-Net pipeline."""
+
+_DIT_NAMES = MappingProxyType(
+    {
+        "flux": {Component.UNET: "transformer", Component.TE1: "text_encoder", Component.TE3: "text_encoder_2"},
+        "sd3": {Component.UNET: "transformer", Component.TE1: "text_encoder", Component.TE2: "text_encoder_2",
+                Component.TE3: "text_encoder_3"},
+    }
+)
+"""Flux.1 and SD3 pipelines: the denoiser is `transformer`; Flux's T5 is its `text_encoder_2` (diffusers
+`FluxPipeline`, `StableDiffusion3Pipeline` component names)."""
 
 FACTOR_KEYS = MappingProxyType({"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"})
 """kohya factor name → PEFT factor name (same tensor shapes: down r×in[×k×k], up out×r[×1×1])."""
@@ -53,11 +63,18 @@ class PeftModule:
     path: str
     rank: int
     alpha: float
+    arch: str = "sd1"
 
 
-def peft_key(component: Component, path: str, param: str) -> str:
+def peft_root(component: Component, arch: str = "sd1") -> str:
+    """The diffusers key prefix of a component in a pipeline of `arch` (an `Arch` or its value)."""
+    names = _DIT_NAMES.get(str(arch), _COMPONENT_NAMES)
+    return names[component]
+
+
+def peft_key(component: Component, path: str, param: str, arch: str = "sd1") -> str:
     """The PEFT tensor key of a kohya factor (`lora_down.weight` / `lora_up.weight`) of one module."""
-    return f"{_COMPONENT_NAMES[component]}.{path}.{FACTOR_KEYS[param]}"
+    return f"{peft_root(component, arch)}.{path}.{FACTOR_KEYS[param]}"
 
 
 def _pattern_of(component: Component, path: str) -> str:
@@ -76,7 +93,7 @@ def adapter_metadata(modules: Iterable[PeftModule]) -> str:
     `r` / `lora_alpha`, every other module's in `rank_pattern` / `alpha_pattern`, and `target_modules`."""
     by_component: dict[str, list[PeftModule]] = {}
     for m in modules:
-        by_component.setdefault(_COMPONENT_NAMES[m.component], []).append(m)
+        by_component.setdefault(peft_root(m.component, m.arch), []).append(m)
     doc: dict[str, object] = {}
     for name, group in sorted(by_component.items()):
         r = Counter(m.rank for m in group).most_common(1)[0][0]

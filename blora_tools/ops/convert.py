@@ -1,4 +1,5 @@
-"""Convert: kohya ↔ PEFT/diffusers, SDXL LDM ↔ diffusers-style names, and one alpha for every module.
+"""Convert: kohya ↔ PEFT/diffusers ↔ ComfyUI, SDXL LDM ↔ diffusers-style names, Flux.1/SD3 fused ↔ split layers,
+and one alpha for every module.
 
 Every conversion is lossless: factors are copied byte for byte under their new names (kohya `lora_down` /
 `lora_up` and PEFT `lora_A` / `lora_B` have the same shapes), except where a module's scale is folded into its
@@ -9,16 +10,20 @@ up factor (`ops.uniform`), which leaves ΔW unchanged:
   and diffusers apply the same strength.
 * `uniform_alpha` (kohya output) gives every module the file's most common alpha, so diffusers — which
   mis-scales kohya files with mixed alphas (docs/architecture.md §3) — loads the file exactly.
+* Flux.1 / SD3 layers change naming with the format (`ops.dit_naming`: fused BFL for kohya and ComfyUI, split
+  diffusers for PEFT); split parts keep rank and alpha, fused stacks get alpha = their new rank.
+* ComfyUI output is its LoraSave layout: `diffusion_model.` + the model's own path (LDM on SD, BFL on DiT),
+  `text_encoders.clip_l.transformer.` (clip_g, clip_h, t5xxl), kohya parameter names and alphas.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 from blora_tools.adapter.alpha import zero_alpha_warning
 from blora_tools.adapter.formats import (
-    NATIVE_DIALECT,
     Dialect,
     Format,
     diffusers_to_ldm,
@@ -34,17 +39,31 @@ from blora_tools.adapter.model import Adapter, Module
 from blora_tools.adapter.peft import METADATA_KEY, PeftModule, adapter_metadata, peft_key
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError
+from blora_tools.ops.dit_naming import in_naming, naming_of
 from blora_tools.ops.result import Result, copied, loader_notes
 from blora_tools.ops.uniform import Alpha, folded, rank_alphas, uniform_alphas
 from blora_tools.ops.uniform import module_entries as module_entries_of
 from blora_tools.spec import ModuleFacts
-from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import Component
+from blora_tools.taxonomy.dit import BFL, DIFFUSERS
+from blora_tools.taxonomy.encoders import is_t5_path
 
-__all__ = ["PEFT_KINDS", "convert"]
+__all__ = ["PEFT_KINDS", "TARGETS", "convert"]
 
 PEFT_KINDS = frozenset({Kind.LORA, Kind.LORA_CONV1X1, Kind.LOCON})
 """Kinds a PEFT LoRA file holds: plain up/down factors on Linear, 1×1 and k×k convolutions."""
+
+
+TARGETS = MappingProxyType(
+    {"kohya": Dialect.KOHYA, "peft": Dialect.DIFFUSERS, "diffusers": Dialect.DIFFUSERS, "comfyui": Dialect.COMFYUI}
+)
+"""`--to` names → the dialect written (`peft` and `diffusers` are one: diffusers' PEFT keys)."""
+
+_COMFY_TE_ROOTS = MappingProxyType(
+    {Component.TE: "clip_l", Component.TE1: "clip_l", Component.TE2: "clip_g", Component.TE3: "t5xxl"}
+)
+"""ComfyUI's text-encoder state-dict names (SD2's only encoder is OpenCLIP-H: `clip_h`)."""
 
 
 def convert(
@@ -53,27 +72,47 @@ def convert(
     to: Format | str,
     uniform_alpha: bool = False,
     names: str | None = None,
+    compact: bool = True,
 ) -> Result:
-    """Convert `adapter` to format `to` (`kohya` or `peft`).
+    """Convert `adapter` to `to`: `kohya`, `peft` (= `diffusers`) or `comfyui`.
 
     `uniform_alpha` gives every module the same alpha (ΔW unchanged); `names` (`ldm` or `diffusers`, kohya
-    output only) renames U-Net modules. PEFT → kohya writes SDXL with LDM names (kohya's own) unless told.
-    Raises BloraError for kinds the target cannot hold and for a conversion that would change nothing.
+    output of SD U-Nets only) renames U-Net modules. PEFT → kohya writes SDXL with LDM names (kohya's own)
+    unless told. Flux.1/SD3 modules take the target's naming (`ops.dit_naming`): fused BFL layers for kohya
+    and ComfyUI, split diffusers layers for PEFT; `compact` splits a fused module with fewer ranks per part
+    where that is proven exact. Raises BloraError for kinds the target cannot hold and for a conversion that
+    would change nothing.
     """
-    target = Format(to)
-    if target is Format.ATTN_PROC:
+    text = to.value if isinstance(to, Format) else str(to)
+    if text == Format.ATTN_PROC.value:
         raise BloraError("cannot write the old diffusers attention-processor format; use --to peft", adapter.path)
+    if text not in TARGETS:
+        raise BloraError(f"unknown target format {text!r}; valid: {', '.join(TARGETS)}")
+    dialect = TARGETS[text]
+    target = dialect.format
     if names is not None and names not in NAMINGS:
         raise BloraError(f"unknown naming {names!r}; valid: {', '.join(NAMINGS)}")
     arch = adapter.arch
-    if target is Format.PEFT and names is not None:
-        raise BloraError("--names applies to kohya output; PEFT files always use diffusers module names")
-    if target is Format.KOHYA and names is None and adapter.dialect is not Dialect.KOHYA:
-        names = "ldm" if arch is Arch.SDXL else "diffusers"
-    if adapter.dialect is NATIVE_DIALECT[target] and not uniform_alpha and names is None:
+    dit = is_dit(arch)
+    if names is not None and (target is Format.PEFT or dit or dialect is Dialect.COMFYUI):
         raise BloraError(
-            f"the file is already {target.value} format; nothing to convert (pass --uniform-alpha or --names)",
-            adapter.path,
+            "--names applies to kohya output of SD U-Nets; PEFT files use diffusers names, ComfyUI files LDM "
+            "names, and Flux.1/SD3 kohya and ComfyUI files the fused BFL names"
+        )
+    source = adapter
+    naming = None
+    if dit:
+        naming = DIFFUSERS if target is Format.PEFT else BFL
+        unchanged = naming_of(adapter) in (naming, None)
+        adapter = in_naming(adapter, naming, compact=compact)
+    else:
+        unchanged = True
+        if dialect is Dialect.KOHYA and names is None and source.dialect is not Dialect.KOHYA:
+            names = "ldm" if arch is Arch.SDXL else "diffusers"
+    if source.dialect is dialect and unchanged and not uniform_alpha and names is None:
+        raise BloraError(
+            f"the file is already {text} format; nothing to convert (pass --uniform-alpha or --names)",
+            source.path,
         )
     warnings = list(adapter.warnings)
     if target is Format.PEFT:
@@ -86,32 +125,35 @@ def convert(
     entries: list[Entry] = []
     peft_modules: list[PeftModule] = []
     written: dict[str, str] = {}
+    stems: list[str] = []
     renamed = rescaled = 0
     for module in adapter.modules.values():
         component, path = _module_path(adapter, module)
-        if component is Component.UNET:
-            naming = unet_naming(path)
-            wanted = "diffusers" if target is Format.PEFT else (names or naming)
-            if naming is not None and naming != wanted:
+        if component is Component.UNET and not dit:
+            naming_now = unet_naming(path)
+            wanted = {Dialect.DIFFUSERS: "diffusers", Dialect.COMFYUI: "ldm"}.get(dialect) or names or naming_now
+            if naming_now is not None and naming_now != wanted:
                 path = ldm_to_diffusers(path, arch) if wanted == "diffusers" else diffusers_to_ldm(path, arch)
-            elif naming is None and target is Format.PEFT:
+            elif naming_now is None and target is Format.PEFT:
                 raise BloraError(f"module {module.stem}: not a U-Net layer diffusers knows", adapter.path)
         alpha = alphas.get(module.stem)
-        if target is Format.KOHYA:
-            stem = stem_from_path(_kohya_component(component, arch).value, path)
-            renamed += stem != module.stem
-            module_entries = module_entries_of(adapter, module, stem, alpha, complete_alpha=True)
-        else:
+        stem = stem_from_path(_kohya_component(component, arch).value, path)
+        if target is Format.PEFT:
             module_entries = _peft_entries(adapter, module, component, path, alpha)
-            peft_modules.append(PeftModule(component, path, module.rank, alpha.value))
+            peft_modules.append(PeftModule(component, path, module.rank, alpha.value, arch.value))
             renamed += 1
+        else:
+            prefix = stem if dialect is Dialect.KOHYA else _comfy_prefix(component, path, arch)
+            renamed += prefix != module.stem
+            module_entries = module_entries_of(adapter, module, prefix, alpha, complete_alpha=True)
+        stems.append(stem)
         rescaled += alpha is not None and alpha.ratio != 1.0
         for e in module_entries:
             if e.name in written:
                 raise BloraError(
                     f"modules {written[e.name]} and {module.stem} both become {e.name}; the file names one layer "
                     "twice (LDM and diffusers-style)",
-                    adapter.path,
+                    source.path,
                 )
             written[e.name] = module.stem
         entries += module_entries
@@ -123,16 +165,17 @@ def convert(
                 f"{len(adapter.passthrough)} key(s) that are not LoRA modules have no place in a PEFT file and "
                 f"are left out, e.g. {adapter.passthrough[0]}"
             )
-    if target is Format.KOHYA:
-        stems = {stem for stem in (name.split(".", 1)[0] for name in written)}
-        warnings += loader_notes(adapter.modules.values(), arch, stems=sorted(stems), one_alpha=uniform_alpha,
+    if dialect is Dialect.KOHYA:
+        warnings += loader_notes(adapter.modules.values(), arch, stems=sorted(set(stems)), one_alpha=uniform_alpha,
                                  passthrough=adapter.passthrough)
 
-    arguments: dict[str, object] = {"to": target.value}
+    arguments: dict[str, object] = {"to": text}
     if uniform_alpha and target is Format.KOHYA:
         arguments["uniform_alpha"] = next(iter(alphas.values())).value
     if names:
         arguments["names"] = names
+    if dit:
+        arguments["compact"] = compact
     facts = [
         replace(ModuleFacts.of(m), alpha=alphas[m.stem].value) if m.stem in alphas else ModuleFacts.of(m)
         for m in adapter.modules.values()
@@ -140,7 +183,7 @@ def convert(
     metadata = updated_metadata(
         adapter.metadata,
         operation="convert",
-        inputs=[adapter.path],
+        inputs=[source.path],
         arguments=arguments,
         arch=arch,
         modules=facts,
@@ -152,19 +195,29 @@ def convert(
     common = {round(a.value, 9) for a in alphas.values()}
     summary = {
         "operation": "convert",
-        "input": str(adapter.path),
+        "input": str(source.path),
         "arch": arch.value,
-        "from": adapter.format.value,
-        "dialect": adapter.dialect.value,
-        "to": target.value,
-        "names": names,
+        "from": source.format.value,
+        "dialect": source.dialect.value,
+        "to": text,
+        "names": names or naming,
         "uniform_alpha": common.pop() if uniform_alpha and target is Format.KOHYA and len(common) == 1 else None,
         "alpha_is_rank": target is Format.PEFT,
         "modules": len(adapter.modules),
+        "modules_in": len(source.modules),
         "renamed": renamed,
         "rescaled": rescaled,
     }
-    return Result("convert", entries, metadata, (Path(adapter.path),), warnings, summary)
+    return Result("convert", entries, metadata, (Path(source.path),), warnings, summary)
+
+
+def _comfy_prefix(component: Component, path: str, arch: Arch) -> str:
+    """A module's key prefix in ComfyUI's LoraSave layout: `diffusion_model.` + model path, or
+    `text_encoders.<clip_l|clip_g|clip_h|t5xxl>.transformer.` + encoder path."""
+    if component is Component.UNET:
+        return f"diffusion_model.{path}"
+    root = "clip_h" if arch is Arch.SD2 and component is Component.TE else _COMFY_TE_ROOTS[component]
+    return f"text_encoders.{root}.transformer.{path}"
 
 
 def _check_peft_kinds(adapter: Adapter) -> None:
@@ -189,7 +242,7 @@ def _module_path(adapter: Adapter, module: Module) -> tuple[Component, str]:
     component, path = path_from_stem(module.stem, adapter.arch) if module.path is None else (None, module.path)
     if component is None:
         component = Component(module.stem[len("lora_") :].split("_", 1)[0])
-        if component is not Component.UNET and not path.startswith("text_model."):
+        if component is not Component.UNET and not is_t5_path(path) and not path.startswith("text_model."):
             path = "text_model." + path
     return component, path
 
@@ -206,7 +259,7 @@ def _peft_entries(
 ) -> list[Entry]:
     entries = []
     for param in ("lora_down.weight", "lora_up.weight"):
-        name = peft_key(component, path, param)
+        name = peft_key(component, path, param, adapter.arch)
         if alpha is not None and alpha.ratio != 1.0 and param == "lora_up.weight":
             entries.append(folded(adapter, module, param, name, alpha.ratio))
         else:

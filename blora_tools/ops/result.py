@@ -210,7 +210,8 @@ def loader_notes(
         ))
     notes = [f"{n} {text}" for n, text in counted if n]
     alphas = {a for m in modules if m.kind.is_lora and (a := m.effective_alpha) is not None}
-    if not one_alpha and len(alphas) > 1:
+    # diffusers bakes each Flux module's own alpha (`_convert_kohya_flux_lora_to_diffusers`, alphas=None)
+    if not one_alpha and len(alphas) > 1 and arch in (Arch.SD1, Arch.SD2, Arch.SDXL):
         notes.append(
             f"modules keep {len(alphas)} different alpha values: diffusers loads some of them at the wrong "
             "strength. Add --uniform-alpha to give them one alpha (ΔW unchanged)"
