@@ -1,6 +1,7 @@
 """Compare two adapters block by block: who trains what, how strongly, and whether they pull together.
 
-Per paper group, with every module's scaled ΔW flattened and the group's modules concatenated (zeros where a
+Per paper group (per block on Flux.1/SD3, where split and fused files are compared on the fused BFL
+weights), with every module's scaled ΔW flattened and the group's modules concatenated (zeros where a
 file lacks a module):
 
 * `norm_a`, `norm_b` — ‖ΔW‖_F of each file's part of the group;
@@ -26,9 +27,11 @@ from blora_tools.adapter.layers import modules_by_layer
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.compute import on_device
 from blora_tools.errors import BloraError, NonFiniteError
+from blora_tools.ops.dit_naming import in_naming
 from blora_tools.ops.stats import row_order
-from blora_tools.taxonomy.arch import Arch
+from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import table
+from blora_tools.taxonomy.dit import BFL
 
 if TYPE_CHECKING:
     import torch
@@ -80,12 +83,15 @@ def compare(
         raise BloraError(f"style must be 'a' or 'b', not {style!r}")
     arch = a.arch
     warnings = [f"{x.path}: {w}" for x in (a, b) for w in x.warnings]
+    dit = is_dit(arch)
+    if dit:  # split and fused files meet on the fused BFL weights
+        a, b = in_naming(a, BFL), in_naming(b, BFL)
     keyed_a, keyed_b = modules_by_layer(a), modules_by_layer(b)
-    groups: dict[str, _Group] = {g: _Group() for g in row_order(arch, fine=False)}
+    groups: dict[str, _Group] = {g: _Group() for g in _rows(arch)}
     dora = []
     for key in sorted(set(keyed_a) | set(keyed_b)):
         ma, mb = keyed_a.get(key), keyed_b.get(key)
-        group = groups.setdefault((ma or mb).group, _Group())
+        group = groups.setdefault(_row_of(ma or mb, dit), _Group())
         ta = on_device(a.tensors(ma), device) if ma else None
         tb = on_device(b.tensors(mb), device) if mb else None
         if ma:
@@ -113,8 +119,9 @@ def compare(
             "which rescales the whole weight, is left out)"
         )
     blocks = {name: _figures(g) for name, g in groups.items()}
-    if "none" in blocks and not (blocks["none"]["modules_a"] or blocks["none"]["modules_b"]):
-        del blocks["none"]
+    for name in ("none", *(table(arch).blocks if dit else ())):
+        if name in blocks and not (blocks[name]["modules_a"] or blocks[name]["modules_b"]):
+            del blocks[name]
     _flag(blocks)
     return {
         "schema": SCHEMA,
@@ -126,6 +133,16 @@ def compare(
         "advice": _advice(blocks, arch, style, a, b),
         "warnings": warnings,
     }
+
+
+def _rows(arch: Arch) -> list[str]:
+    """The report's rows: paper groups on U-Nets; on Flux.1/SD3 every block (D05, S10, J03; BASE layers are
+    `OTHER`), the text encoders first."""
+    return list(table(arch).blocks) if is_dit(arch) else row_order(arch, fine=False)
+
+
+def _row_of(module: Module, dit: bool) -> str:
+    return (module.block or "none") if dit else module.group
 
 
 def _norm(adapter: Adapter, module: Module, tensors: dict) -> float:
@@ -230,7 +247,7 @@ def _flag(blocks: dict[str, dict]) -> None:
 
 def _advice(blocks: dict[str, dict], arch: Arch, style: str | None, a: Adapter, b: Adapter) -> dict:
     """Which blocks to prune from the style adapter before merging it with the character adapter."""
-    unet = set(table(arch).unet_groups)
+    unet = set(table(arch).unet_lbw if is_dit(arch) else table(arch).unet_groups)
     spread = {
         side: sum(1 for name, f in blocks.items() if name in unet and f[f"modules_{side}"]) for side in ("a", "b")
     }

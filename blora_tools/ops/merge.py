@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,10 +31,13 @@ from blora_tools.adapter.model import PEFT_METADATA_KEY, Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.compute import Ahead
+from blora_tools.ops.dit_naming import in_naming
 from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
 from blora_tools.ops.result import Progress, Result, computed, copied, loader_notes
 from blora_tools.spec import ModuleFacts
+from blora_tools.taxonomy.arch import is_dit
 from blora_tools.taxonomy.blocks import table
+from blora_tools.taxonomy.dit import BFL
 from blora_tools.taxonomy.selectors import describe_blocks
 
 if TYPE_CHECKING:
@@ -126,6 +129,9 @@ def merge(
         progress: called with 1 per module of any pass that looks at tensors before writing.
         names: U-Net naming of the output (`ldm` or `diffusers`); default the first input's. A layer named
             differently in different inputs (SDXL LDM and diffusers names) is one module of the output.
+            Flux.1/SD3 inputs of any dialect are first put in kohya's fused BFL naming (`ops.dit_naming`), so
+            split and fused files combine per fused weight; a source's sub-selectors (`D05.img.q`) keep only
+            those rows of its up factors.
         device: where the decompositions run (`compute.resolve_device`); default the CPU. Outputs come back to
             the CPU in the output dtype, a module at a time.
     """
@@ -139,6 +145,10 @@ def merge(
         raise BloraError(f"unknown naming {names!r}; valid: {', '.join(NAMINGS)}")
     plan = plan or RankPlan()
     arch = common_arch([s.adapter for s in sources])
+    if is_dit(arch):
+        if names is not None:
+            raise BloraError("--names applies to SD U-Nets; Flux.1/SD3 merges write kohya's fused BFL names")
+        sources = [replace(s, adapter=in_naming(s.adapter, BFL, keep=s.blocks)) for s in sources]
     warnings = _source_warnings(sources)
     warnings += _base_model_check(sources, strict)
     plans = _plan_modules(sources, method, plan, warnings, arch, names)
@@ -241,7 +251,7 @@ def _plan_modules(
         if source.blocks is not None:
             _warn_empty(source, warnings)
         for module in source.adapter.modules.values():
-            if source.blocks is not None:
+            if source.blocks is not None and not is_dit(arch):  # DiT: chosen in `in_naming`, rows included
                 if module.block is None:
                     skipped_unplaced += 1
                     continue
