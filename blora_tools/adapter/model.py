@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Mapping
 from blora_tools.adapter.formats import DIFFUSERS_FAMILY, Dialect, Format, KeyName, split_key
 from blora_tools.adapter.header import Header, TensorInfo, read_header
 from blora_tools.adapter.kinds import Kind, kind_of
+from blora_tools.adapter.peft import peft_root
 from blora_tools.errors import AdapterFileError, BloraError
 from blora_tools.inputs import read_exact
 from blora_tools.jsonio import loads_strict
@@ -192,7 +193,7 @@ def open_adapter(path: str | Path, arch: Arch | None = None) -> Adapter:
             pass
     arch, arch_warnings = _detect(grouped, shapes, header, arch)
     warnings += arch_warnings
-    config_alphas = _read_config_alphas(header.metadata, names, path) if dialect.format is Format.PEFT else {}
+    config_alphas = _read_config_alphas(header.metadata, names, path, arch) if dialect.format is Format.PEFT else {}
     modules: dict[str, Module] = {}
     for stem, params in grouped.items():
         modules[stem] = _module(stem, params, shapes[stem], arch, header, names[stem], config_alphas, path)
@@ -467,11 +468,15 @@ class _ConfigAlpha:
 _PEFT_DEFAULT_ALPHA = 8
 """`LoraConfig.lora_alpha`'s default (PEFT `tuners/lora/config.py`): what a config without `lora_alpha` gets."""
 _PEFT_COMPONENT_OF_STEM = MappingProxyType(
-    {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+    {"lora_unet_": Component.UNET, "lora_te_": Component.TE, "lora_te1_": Component.TE1,
+     "lora_te2_": Component.TE2, "lora_te3_": Component.TE3}
 )
+_PEFT_ROOTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def _read_config_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName], path: Path) -> dict[str, _ConfigAlpha]:
+def _read_config_alphas(
+    metadata: Mapping[str, str], names: Mapping[str, KeyName], path: Path, arch: Arch
+) -> dict[str, _ConfigAlpha]:
     """Per-module alphas of a PEFT-family file from its `lora_adapter_metadata` (PEFT's own rules).
 
     The JSON holds `LoraConfig` fields, prefixed per component the way diffusers writes them (`unet.lora_alpha`)
@@ -487,7 +492,7 @@ def _read_config_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName
     configs: dict[str, dict] = defaultdict(dict)
     for key, value in doc.items():
         component, dot, field_name = key.partition(".")
-        if dot and component in ("unet", "text_encoder", "text_encoder_2"):
+        if dot and component in _PEFT_ROOTS:
             configs[component][field_name] = value
         else:
             configs[""][key] = value
@@ -495,7 +500,11 @@ def _read_config_alphas(metadata: Mapping[str, str], names: Mapping[str, KeyName
     alphas: dict[str, _ConfigAlpha] = {}
     for stem, name in names.items():
         prefix = next(p for p in _PEFT_COMPONENT_OF_STEM if stem.startswith(p))
-        config = checked.get(_PEFT_COMPONENT_OF_STEM[prefix]) or checked.get("")
+        try:  # the pipeline's name for it: Flux's T5 is `text_encoder_2`, its transformer `transformer`
+            root = peft_root(_PEFT_COMPONENT_OF_STEM[prefix], arch)
+        except KeyError:
+            root = ""
+        config = checked.get(root) or checked.get("")
         if config is None:
             continue
         alpha, patterns, rslora = config

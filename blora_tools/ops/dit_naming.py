@@ -86,20 +86,25 @@ def select_rows(
     out = {p: t for p, t in tensors.items()}
     for param in row_params(kind, tuple(tensors)):
         t = tensors[param]
-        per = rows // t.shape[0]
-        if per * t.shape[0] != rows or any(
-            (start is not None and start % per) or count % per for start, count in segments
-        ):
-            raise BloraError(
-                f"module {stem}: a {kind} ΔW is W1 ⊗ W2, and its rows split in blocks of {per}, which the "
-                "split does not follow; convert it to LoRA first (resize) or keep its naming"
-            )
+        per = _rows_per_entry(kind, rows, t.shape[0], segments, stem)
         pieces = [
             t.new_zeros((count // per,) + tuple(t.shape[1:])) if start is None else t[start // per : (start + count) // per]
             for start, count in segments
         ]
         out[param] = torch.cat(pieces, dim=0)
     return out
+
+
+def _rows_per_entry(kind: Kind, rows: int, entries: int, segments: Sequence[Segment], stem: str) -> int:
+    """ΔW rows per row of a row parameter (1, or W2's rows for LoKr); BloraError when `segments` cut through
+    such a block."""
+    per = rows // entries
+    if per * entries != rows or any((start is not None and start % per) or count % per for start, count in segments):
+        raise BloraError(
+            f"module {stem}: a {kind} ΔW is W1 ⊗ W2, and its rows split in blocks of {per}, which the "
+            "split does not follow; convert it to LoRA first (resize) or keep its naming"
+        )
+    return per
 
 
 def stack_rows(
@@ -308,6 +313,7 @@ def _group(
                                  (stop - start) * unit))
         if not covering:
             continue
+        covering.sort(key=lambda c: c[3])  # parts in row order: q | k | v stack as q, k, v columns
         rows = target.units * unit
         if len(covering) == 1:
             module, layer, src, at, count = covering[0]
@@ -337,7 +343,7 @@ def _selected(adapter: Adapter, module: Module, segments: list[Segment], rows: i
     _checked_rows(module, "split")
     shapes = dict(module.shapes)
     for param in row_params(module.kind, tuple(module.keys)):
-        per = module.weight_shape[0] // shapes[param][0]
+        per = _rows_per_entry(module.kind, module.weight_shape[0], shapes[param][0], segments, module.stem)
         shapes[param] = (rows // per,) + tuple(shapes[param][1:])
     if module.rank is not None:
         shapes["alpha"] = ()
