@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,7 @@ from blora_tools.adapter.kinds import Kind
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import BloraError
 from blora_tools.taxonomy.arch import is_dit
-from blora_tools.taxonomy.blocks import Component, place
+from blora_tools.taxonomy.blocks import place
 from blora_tools.taxonomy.dit import BFL, DIFFUSERS, DIT_NAMINGS, DiTLayer, parts_of
 from blora_tools.taxonomy.selectors import coverage
 
@@ -237,7 +237,7 @@ def in_naming(
                 modules[module.stem] = module
             continue
         groups.setdefault(layer.fused, []).append(module)
-    view = _Named(**{f.name: getattr(adapter, f.name) for f in _ADAPTER_FIELDS})
+    view = _Named(**{f.name: getattr(adapter, f.name) for f in fields(Adapter)})
     tensors = dict(adapter.header.tensors)
     try:
         for fused, sources in groups.items():
@@ -268,8 +268,6 @@ def in_naming(
     view.modules = modules
     return view
 
-
-_ADAPTER_FIELDS = [f for f in Adapter.__dataclass_fields__.values()]
 
 
 def _unit(module: Module, layer: DiTLayer) -> int:

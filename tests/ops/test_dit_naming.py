@@ -7,7 +7,6 @@ own kohya → diffusers converter at the real width, and from PEFT loading our o
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -207,8 +206,8 @@ def test_lycoris_kinds_split_by_rows_where_exact(kind):
     stacked, rank = stack_rows([(k, p, 1.0, a, (0, 4)) for a, p in zip((0, 4, 8), parts) if a != 4], 12, "m")
     expected = whole.clone()
     expected[4:8] = 0
-    scale = 1.0 if rank is None else 1.0  # stacked LoHa: alpha = new rank, so scale 1
-    torch.testing.assert_close(delta_weight(k, stacked, scale, (12, 4)), expected)
+    assert rank == (None if kind == "full" else 4)  # stacked LoHa: rank 2 + 2, alpha = that rank, scale 1
+    torch.testing.assert_close(delta_weight(k, stacked, 1.0, (12, 4)), expected)
 
 
 def test_lokr_qkv_to_peft_is_refused_by_name(tmp_path):
