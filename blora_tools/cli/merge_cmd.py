@@ -53,13 +53,17 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
     loader (diffusers included) gets the same ΔW. concat is exact; svd never builds a dense ΔW for LoRA inputs
     (LoHa, LoKr and full modules are made dense and compressed into conv-shaped factors on conv layers).
     A layer named differently in different inputs (SDXL LDM and diffusers names) is one module of the output,
-    named as in the first input unless --names says otherwise.
+    named as in the first input unless --names says otherwise. Flux.1/SD3 inputs of any dialect (kohya,
+    diffusers/ai-toolkit, ComfyUI, OneTrainer, XLabs) are combined on the fused BFL layers and written in
+    kohya's names; a sub-selector such as D05.img.q takes only those rows of a fused layer from that input.
 
     \b
     Examples (character on all blocks at 1.0, plus style on the outer level at 0.8):
       blora-tools merge char.safetensors style.safetensors --ratios 1,0.8 \\
           --blocks all --blocks in0,out3 -o char+style.safetensors
       blora-tools merge a.safetensors b.safetensors --method svd --rank 32 -o ab.safetensors
+      blora-tools merge flux-char.safetensors flux-style-diffusers.safetensors --ratios 1,0.8 \\
+          --blocks all --blocks S10-S37 -o flux-char+style.safetensors
     """
     from blora_tools.adapter.model import open_adapter
     from blora_tools.adapter.writer import check_output

@@ -327,3 +327,25 @@ def test_peft_loads_our_diffusers_output_with_the_expected_delta(tmp_path):
             seen += 1
             break
     assert seen == 50
+
+
+def test_cli_merges_a_kohya_and_a_diffusers_flux_file_by_blocks(tmp_path, runner):
+    a = make_dit_adapter(tmp_path / "char.safetensors", "flux", "kohya", seed=1)
+    b = make_dit_adapter(tmp_path / "style.safetensors", "flux", "diffusers", seed=2, alpha=None)
+    out = tmp_path / "m.safetensors"
+    result = runner.invoke(main, ["merge", str(a), str(b), "--ratios", "1,0.8", "--blocks", "all", "--blocks", "S01",
+                                  "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    da, db, got = fused_deltas(a, "flux"), fused_deltas(b, "flux"), fused_deltas(out, "flux")
+    expected = {k: v + (0.8 * db[k] if k.startswith("single_blocks_1_") else 0) for k, v in da.items()}
+    assert_same_deltas(expected, got, atol=1e-3)  # fp32 inputs written as fp32 factors
+    assert all(k.startswith("lora_unet_") for k in load_file(out))
+
+
+def test_cli_converts_a_diffusers_sd3_file_with_arch(tmp_path, runner):
+    src = make_dit_adapter(tmp_path / "d.safetensors", "sd3", "diffusers", alpha=None)
+    out = tmp_path / "k.safetensors"
+    result = runner.invoke(main, ["convert", str(src), "--to", "kohya", "--arch", "sd3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sd3 diffusers → kohya" in result.output
+    assert_same_deltas(fused_deltas(src, "sd3"), fused_deltas(out, "sd3"))
