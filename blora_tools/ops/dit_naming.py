@@ -148,10 +148,11 @@ def stack_rows(
 
 
 def compact_columns(up: "torch.Tensor", ranges: Sequence[tuple[int, int]]) -> list[list[int]] | None:
-    """Per row range, the rank columns of `up` non-zero there, when no column is non-zero in two ranges (the
+    """Per row range, the rank columns of `up` (out×r, or out×r×1×1) non-zero there, when no column is non-zero in two ranges (the
     up factor is block-diagonal up to a column order: the proof a compact split needs); None otherwise, or
     when no column is non-zero anywhere."""
-    used = [(up[a:b] != 0).reshape(b - a, up.shape[1], -1).any(dim=2).any(dim=0) for a, b in ranges]
+    nonzero = up.reshape(up.shape[0], up.shape[1]) != 0
+    used = [nonzero[a:b].any(dim=0) for a, b in ranges]
     if not used or int(sum(u.int() for u in used).max()) > 1:
         return None
     columns = [[int(c) for c in u.nonzero().flatten()] for u in used]
@@ -405,7 +406,7 @@ def _compact(
         return None
     ranges = [((t.offset - layer.offset) * unit, (t.offset - layer.offset + t.units) * unit) for t in inside]
     up = adapter.tensor(module.keys["lora_up.weight"])
-    columns = compact_columns(up.reshape(up.shape[0], up.shape[1]), ranges)
+    columns = compact_columns(up, ranges)
     if columns is None:
         return None
     planned = []
