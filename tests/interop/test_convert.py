@@ -202,7 +202,7 @@ def test_refusals(tmp_path):
         convert(adapter, to="peft", names="ldm")
     with pytest.raises(BloraError, match="unknown naming"):
         convert(adapter, to="kohya", names="sgm")
-    with pytest.raises(ValueError):
+    with pytest.raises(BloraError, match="unknown target format 'ckpt'; valid: kohya, peft, diffusers, comfyui"):
         convert(adapter, to="ckpt")
 
 
