@@ -10,7 +10,8 @@ Two rank-64 kohya Flux LoRAs with every block module at full width (the 304 modu
 * Peak memory: the maximum resident set of a child process running only that route.
 * convert kohya → diffusers and back for one file, against copying the file (`shutil.copyfile`).
 
-Run: `python bench/bench_dit.py` (full size, minutes); `--blocks 2` for a quick check.
+Run: `python bench/bench_dit.py` (all 304 modules: tens of minutes on 2 cores); `--blocks 2` (26 modules, every
+shape once or more) for a shorter run; `--blocks 1 --skip-dense` for a quick check.
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ def child_merge(a: str, b: str, out: str, rank: int) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_mib": _peak_mib()}
 
 
-def child_dense(a: str, b: str, rank: int, merged_path: str) -> dict:
-    """Dense ΔW + full SVD on one module of each shape; time per shape, error of both routes there."""
+def child_dense(a: str, b: str, rank: int, merged_path: str, blocks: int) -> dict:
+    """Dense ΔW + full SVD on one module of each shape; time per shape (extrapolated to the file's modules by
+    the count of each shape), error of both routes there. `blocks` 0: the whole model."""
     import torch
     from safetensors import safe_open
 
     shapes: dict[tuple[int, int], str] = {}
     counts: Counter = Counter()
-    for layer in _layers(None):
+    for layer in _layers(blocks or None):
         shapes.setdefault(layer.shape, layer.stem)
         counts[layer.shape] += 1
     files = [safe_open(p, "pt") for p in (a, b)]
@@ -142,7 +144,7 @@ def main() -> None:
         make_file(b, args.blocks, args.rank, 2)
         size = a.stat().st_size
         ours = _child("merge", str(a), str(b), str(out), str(args.rank))
-        dense = None if args.skip_dense else _child("dense", str(a), str(b), str(args.rank), str(out))
+        dense = None if args.skip_dense else _child("dense", str(a), str(b), str(args.rank), str(out), str(args.blocks or 0))
         start = time.perf_counter()
         shutil.copyfile(a, Path(tmp, "copy.safetensors"))
         copy = time.perf_counter() - start
