@@ -54,8 +54,9 @@ def merge_cmd(app, inputs, output: Path, ratios, selectors, method, rank, conv_r
     (LoHa, LoKr and full modules are made dense and compressed into conv-shaped factors on conv layers).
     A layer named differently in different inputs (SDXL LDM and diffusers names) is one module of the output,
     named as in the first input unless --names says otherwise. Flux.1/SD3 inputs of any dialect (kohya,
-    diffusers/ai-toolkit, ComfyUI, OneTrainer, XLabs) are combined on the fused BFL layers and written in
-    kohya's names; a sub-selector such as D05.img.q takes only those rows of a fused layer from that input.
+    diffusers/ai-toolkit, ComfyUI, OneTrainer, XLabs) are combined per fused layer in the first input's
+    naming (put a kohya/ComfyUI file first for kohya's fused names, which every Flux loader reads); a
+    sub-selector such as D05.img.q takes only those rows of a fused layer from that input.
 
     \b
     Examples (character on all blocks at 1.0, plus style on the outer level at 0.8):

@@ -41,7 +41,9 @@ from blora_tools.taxonomy.selectors import coverage
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Segment", "row_params", "select_rows", "stack_rows", "compact_columns", "in_naming", "naming_of"]
+__all__ = [
+    "Segment", "row_params", "select_rows", "stack_rows", "compact_columns", "in_naming", "layer_namings", "naming_of",
+]
 
 Segment = tuple[int | None, int]
 """A run of output rows: (first source row, row count), or (None, count) for zero rows."""
@@ -160,6 +162,12 @@ def compact_columns(up: "torch.Tensor", ranges: Sequence[tuple[int, int]]) -> li
 
 
 # --- an adapter seen in one naming -----------------------------------------------------------------------
+
+
+def layer_namings(adapter: Adapter) -> frozenset[tuple[str, str]]:
+    """(fused BFL path, naming: `bfl`, `diffusers` or `part`) of every transformer module of an adapter."""
+    return frozenset((m.placement.layer.fused, m.placement.layer.naming) for m in adapter.modules.values()
+                     if m.placement is not None and m.placement.layer is not None)
 
 
 def naming_of(adapter: Adapter) -> str | None:

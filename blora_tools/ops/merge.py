@@ -31,14 +31,14 @@ from blora_tools.adapter.model import PEFT_METADATA_KEY, Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.compute import Ahead
-from blora_tools.ops.dit_naming import in_naming
+from blora_tools.ops.dit_naming import in_naming, layer_namings, naming_of
 from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
 from blora_tools.ops.result import Progress, Result, computed, copied, loader_notes
 from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.arch import is_dit
 from blora_tools.taxonomy.blocks import table
 from blora_tools.taxonomy.dit import BFL
-from blora_tools.taxonomy.selectors import describe_blocks
+from blora_tools.taxonomy.selectors import coverage, describe_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -129,9 +129,9 @@ def merge(
         progress: called with 1 per module of any pass that looks at tensors before writing.
         names: U-Net naming of the output (`ldm` or `diffusers`); default the first input's. A layer named
             differently in different inputs (SDXL LDM and diffusers names) is one module of the output.
-            Flux.1/SD3 inputs of any dialect are first put in kohya's fused BFL naming (`ops.dit_naming`), so
-            split and fused files combine per fused weight; a source's sub-selectors (`D05.img.q`) keep only
-            those rows of its up factors.
+            Flux.1/SD3 inputs named differently (split, fused, XLabs parts) are first put in the first input's
+            naming (`ops.dit_naming`), so they combine per fused weight; a source's sub-selectors (`D05.img.q`)
+            keep only those rows of its up factors.
         device: where the decompositions run (`compute.resolve_device`); default the CPU. Outputs come back to
             the CPU in the output dtype, a module at a time.
     """
@@ -147,8 +147,8 @@ def merge(
     arch = common_arch([s.adapter for s in sources])
     if is_dit(arch):
         if names is not None:
-            raise BloraError("--names applies to SD U-Nets; Flux.1/SD3 merges write kohya's fused BFL names")
-        sources = [replace(s, adapter=in_naming(s.adapter, BFL, keep=s.blocks)) for s in sources]
+            raise BloraError("--names applies to SD U-Nets; a Flux.1/SD3 merge takes the first input's naming")
+        sources = _one_naming(sources)
     warnings = _source_warnings(sources)
     warnings += _base_model_check(sources, strict)
     plans = _plan_modules(sources, method, plan, warnings, arch, names)
@@ -216,6 +216,21 @@ def common_arch(adapters: Sequence[Adapter]) -> "Arch":
     return first
 
 
+def _one_naming(sources: Sequence[Source]) -> list[Source]:
+    """Flux.1/SD3 sources in one naming — the first input's, fused BFL for XLabs — when a fused weight is named
+    two ways among them (split and fused files, XLabs parts) or a sub-selector chooses rows of a fused layer
+    (`ops.dit_naming.in_naming`: exact, partly chosen rows zeroed); else as they are."""
+    seen: dict[str, set[str]] = {}
+    for s in sources:
+        for fused, naming in layer_namings(s.adapter):
+            seen.setdefault(fused, set()).add(naming)
+    rows = any(":" in block for s in sources for block in (s.blocks or ()))
+    if all(len(n) == 1 for n in seen.values()) and not rows:
+        return list(sources)
+    naming = naming_of(sources[0].adapter) or BFL
+    return [replace(s, adapter=in_naming(s.adapter, naming, keep=s.blocks)) for s in sources]
+
+
 def _source_warnings(sources: Sequence[Source]) -> list[str]:
     if len(sources) == 1:
         return list(sources[0].adapter.warnings)
@@ -251,11 +266,11 @@ def _plan_modules(
         if source.blocks is not None:
             _warn_empty(source, warnings)
         for module in source.adapter.modules.values():
-            if source.blocks is not None and not is_dit(arch):  # DiT: chosen in `in_naming`, rows included
+            if source.blocks is not None:
                 if module.block is None:
                     skipped_unplaced += 1
                     continue
-                if module.block not in source.blocks:
+                if coverage(module.placement, source.blocks).none:  # partly chosen DiT layers: masked rows
                     continue
             if source.ratio == 0.0:
                 continue

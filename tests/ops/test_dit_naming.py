@@ -349,3 +349,15 @@ def test_cli_converts_a_diffusers_sd3_file_with_arch(tmp_path, runner):
     assert result.exit_code == 0, result.output
     assert "sd3 diffusers → kohya" in result.output
     assert_same_deltas(fused_deltas(src, "sd3"), fused_deltas(out, "sd3"))
+
+
+def test_merge_takes_the_first_inputs_naming(tmp_path):
+    a = make_dit_adapter(tmp_path / "a.safetensors", "flux", "onetrainer", seed=1)
+    b = make_dit_adapter(tmp_path / "b.safetensors", "flux", "kohya", seed=2)
+    merge([Source(_open(a, "flux")), Source(_open(b, "flux"))], dtype="F32").save(tmp_path / "m.safetensors")
+    keys = load_file(tmp_path / "m.safetensors")
+    assert "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight" in keys
+    assert not any("double_blocks" in k for k in keys)  # b's fused qkv split into a's parts
+    fused = _convert(tmp_path / "m.safetensors", "flux", "kohya", tmp_path / "k.safetensors")
+    da, db = fused_deltas(a, "flux"), fused_deltas(b, "flux")
+    assert_same_deltas({k: da[k] + db[k] for k in da}, fused_deltas(fused, "flux"), atol=1e-4)
