@@ -24,6 +24,7 @@ made when read, so convert, merge and compare consume it like the file itself.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -191,14 +192,18 @@ class _Named(Adapter):
     makers: dict[str, Callable[[], dict[str, "torch.Tensor"]]] = field(default_factory=dict)
     virtual: dict[str, tuple[str, str]] = field(default_factory=dict)
     _last: tuple[str, dict] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """merge computes modules ahead on a worker thread while the writer copies others"""
 
     def tensor(self, key: str) -> "torch.Tensor":
         if key not in self.virtual:
             return super().tensor(key)
         stem, param = self.virtual[key]
-        if self._last is None or self._last[0] != stem:
-            self._last = (stem, self.makers[stem]())
-        return self._last[1][param]
+        with self._lock:
+            last = self._last
+            if last is None or last[0] != stem:
+                last = self._last = (stem, self.makers[stem]())
+        return last[1][param]
 
     def raw(self, key: str) -> bytes:
         if key not in self.virtual:
