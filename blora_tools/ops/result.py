@@ -159,6 +159,31 @@ _LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_ou
 _DIFFUSERS_UNET = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
 
 
+def _dit_notes(modules: list["Module"], stems: list[str], arch: "Arch") -> list[tuple[int, str]]:
+    """What Flux.1/SD3 loaders skip in a kohya-format output (facts pinned by tests/test_dit_oracles.py against
+    diffusers 0.42's own loaders; sd-scripts 48d368f `networks/lora_flux.py`, `lora_sd3.py`)."""
+    from blora_tools.taxonomy.arch import Arch
+    from blora_tools.taxonomy.blocks import OTHER
+    from blora_tools.taxonomy.dit import BFL, layer_index
+
+    index = layer_index(arch)
+    split = sum(1 for s in stems if s.startswith("lora_unet_") and (l := index.get(s[10:])) and l.naming != BFL)
+    kohya = "sd-scripts' lora_flux/lora_sd3 and Forge read only kohya's fused names"
+    counted = [(split, f"module(s) have diffusers' names (to_q, proj_mlp, x_embedder): {kohya}; ComfyUI reads "
+                       "them. `convert --to kohya` writes kohya's names (fusing split parts)")]
+    if arch is Arch.SD3:
+        counted.append((sum(1 for s in stems if s.startswith("lora_unet_")),
+                        "SD3 module(s) in kohya names: diffusers' SD3 loader converts no kohya names and loads none "
+                        "of them; `convert --to diffusers` writes a file it loads"))
+    else:
+        counted.append((sum(1 for m in modules if m.block == OTHER and m.placement.layer.naming == BFL),
+                        "Flux embedder/final-layer module(s): diffusers 0.42 skips them silently (its kohya "
+                        "converter names them without `transformer.`); sd-scripts and ComfyUI apply them"))
+        counted.append((sum(1 for s in stems if s.startswith("lora_te3_")),
+                        "T5 module(s) (lora_te3_): diffusers does not convert them; sd-scripts and ComfyUI apply them"))
+    return counted
+
+
 def loader_notes(
     modules: Iterable["Module"],
     arch: "Arch",
@@ -208,6 +233,8 @@ def loader_notes(
             f"SDXL U-Net module(s) have diffusers-style names (down_blocks_…): {sd_scripts} and LyCORIS on its "
             f"U-Net {skipped}. `convert --to kohya --names ldm` writes kohya's own SDXL names",
         ))
+    if arch in (Arch.FLUX, Arch.SD3):
+        counted += _dit_notes(modules, stems, arch)
     notes = [f"{n} {text}" for n, text in counted if n]
     alphas = {a for m in modules if m.kind.is_lora and (a := m.effective_alpha) is not None}
     # diffusers bakes each Flux module's own alpha (`_convert_kohya_flux_lora_to_diffusers`, alphas=None)

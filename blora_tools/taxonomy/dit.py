@@ -323,8 +323,8 @@ def layer_index(arch: Arch) -> Mapping[str, DiTLayer]:
     """Underscored module path (a kohya stem without `lora_unet_`) → layer, for both namings."""
     dit = dit_record(arch)
     index: dict[str, DiTLayer] = {}
-    for layer in dit.layers():
-        index[layer.path.replace(".", "_")] = layer
+    for layer in dit.layers():  # a path both namings share (SD3's `context_embedder`) is the BFL layer
+        index.setdefault(layer.path.replace(".", "_"), layer)
     return MappingProxyType(index)
 
 
