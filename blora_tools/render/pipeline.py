@@ -6,9 +6,8 @@ reads): for each touched layer, W' = cast(float32(W) + Σ mᵢ·ΔWᵢ) where Δ
 parameter then holds W' and the *original tensor object* W is kept aside; removing the adapters puts W back,
 so the base weights are bit-identical by construction. Only touched layers are held twice.
 
-diffusers splits the fused layers of Flux.1 and SD3 (q|k|v, Flux's single-block `linear1`): a module in BFL
-naming reaches each split layer as rows of its ΔW (`Target`), with the shift/scale halves swapped where diffusers
-swaps them (`norm_out.linear`, SD3's last context modulation); a sub-selector applies only its rows.
+Flux.1 and SD3 adapters arrive in diffusers' split naming (`render.run` presents them so through
+`ops.dit_naming.in_naming`), the naming of the pipelines' layers.
 """
 
 from __future__ import annotations
@@ -37,12 +36,10 @@ from blora_tools.render.draw import draw_grid
 from blora_tools.render.files import grid_map
 from blora_tools.render.plan import Cell, CellSettings, GridPlan, Selection
 from blora_tools.taxonomy.arch import Arch
-from blora_tools.taxonomy.dit import DIFFUSERS, parts_of
 
 __all__ = [
     "RenderModel",
     "AttachedAdapter",
-    "Target",
     "WeightPatcher",
     "load_model",
     "pipeline_arch",
@@ -358,30 +355,14 @@ def _layer_index(model: RenderModel) -> dict[str, nn.Module]:
 # --- adapters -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Target:
-    """A model layer a module reaches: rows `start:stop` of the module's ΔW (all rows when `stop` is None),
-    with the shift/scale halves swapped when `swap` (a BFL module on diffusers' swapped layers)."""
-
-    layer: nn.Module
-    start: int = 0
-    stop: int | None = None
-    swap: bool = False
-
-
 @dataclass
 class AttachedAdapter:
     """An adapter checked against a loaded model: its modules' target layers and tensors (on the model's device)."""
 
     name: str
     adapter: Adapter
-    targets: dict[str, tuple[Target, ...]] = field(default_factory=dict)
+    layers: dict[str, nn.Module] = field(default_factory=dict)
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-
-Use = tuple[AttachedAdapter, Module, float, tuple]
-"""(adapter, module, weight, leaves): a module applied at a weight; `leaves` () for all its rows, else the
-row parts (`taxonomy.dit.Leaf`) a sub-selector chose."""
 
 
 def check_arch(adapter: Adapter, arch: Arch) -> None:
@@ -393,35 +374,17 @@ def check_arch(adapter: Adapter, arch: Arch) -> None:
         )
 
 
-def _targets(model: RenderModel, module: Module) -> tuple[Target, ...] | None:
-    """The model layers a module adapts, whichever naming the file uses (`layers.layer_id`); a DiT module in BFL
-    naming reaches the diffusers layers that split its fused weight. None when a layer is missing."""
-    layer = model.layers.get(module.stem) or model.layers.get(layer_id(module.stem, model.arch))
-    if layer is not None:
-        return (Target(layer),)
-    dit = module.placement.layer if module.placement is not None else None
-    if dit is None or dit.naming == DIFFUSERS:
-        return None
-    rows = module.weight_shape[0]
-    unit = rows // dit.units
-    swap = dit.swappable and len(module.weight_shape) == 2 and rows == 2 * module.weight_shape[1]
-    targets = []
-    for part in parts_of(model.arch)[(dit.fused, DIFFUSERS)]:
-        if not dit.offset <= part.offset < dit.offset + dit.units:
-            continue
-        layer = model.layers.get(part.stem)
-        if layer is None:
-            return None
-        start = (part.offset - dit.offset) * unit
-        targets.append(Target(layer, start, start + part.units * unit, swap))
-    return tuple(targets) or None
+def _layer_for(model: RenderModel, stem: str) -> nn.Module | None:
+    """The model's layer a module adapts, whichever naming the file uses (`layers.layer_id`)."""
+    layer = model.layers.get(stem)
+    return layer if layer is not None else model.layers.get(layer_id(stem, model.arch))
 
 
 def attach_adapter(model: RenderModel, name: str, adapter: Adapter, stems: Iterable[str]) -> AttachedAdapter:
     """Check an adapter against the model and load the tensors of the modules `stems` on the model's device.
 
     Raises AdapterFileError for an adapter of another architecture, a module with no layer in the model or a
-    ΔW whose size does not fit its layers, and a DoRA module (its ΔW depends on the base weight's norm).
+    ΔW whose size does not fit its layer, and a DoRA module (its ΔW depends on the base weight's norm).
     """
     path = adapter.path
     check_arch(adapter, model.arch)
@@ -431,19 +394,18 @@ def attach_adapter(model: RenderModel, name: str, adapter: Adapter, stems: Itera
         module = adapter.modules[stem]
         if module.dora:
             raise AdapterFileError(f"module {stem} is DoRA (dora_scale); render does not apply DoRA yet", path)
-        targets = _targets(model, module)
-        if targets is None:
+        layer = _layer_for(model, stem)
+        if layer is None:
             missing.append(stem)
             continue
-        want = sum(t.layer._parameters["weight"].numel() for t in targets)
-        if _numel(module.weight_shape) != want:
-            shapes = " + ".join(str(list(t.layer._parameters["weight"].shape)) for t in targets)
+        want = layer._parameters["weight"].shape
+        if _numel(module.weight_shape) != want.numel():
             raise AdapterFileError(
-                f"module {stem} changes a {list(module.weight_shape)} weight but the model's layer is {shapes}: "
+                f"module {stem} changes a {list(module.weight_shape)} weight but the model's layer is {list(want)}: "
                 f"the adapter was trained for a different {model.arch.value} model size",
                 path,
             )
-        attached.targets[stem] = targets
+        attached.layers[stem] = layer
         attached.tensors[stem] = {
             p: t.to(model.device) for p, t in adapter.tensors(module).items() if p not in ("alpha",)
         }
@@ -463,37 +425,22 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def merged_weights(uses: Iterable[Use]) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+def merged_weights(
+    uses: Iterable[tuple[AttachedAdapter, Module, float]],
+) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
     """Per touched layer, its new parameters: cast(float32(W) + Σ mᵢ·ΔWᵢ) in the layer's dtype (weight and, for
     full/norm kinds, bias). LoRA-family modules are added straight from their factors (one fused
     multiply-add, W + m·scale·up@down, no separate dense ΔW); other kinds through `delta_weight`."""
-    grouped: dict[int, list[tuple[AttachedAdapter, Module, float, tuple, Target]]] = defaultdict(list)
+    grouped: dict[int, list[tuple[AttachedAdapter, Module, float]]] = defaultdict(list)
     layers: dict[int, nn.Module] = {}
-    for attached, module, weight, leaves in uses:
-        for target in attached.targets[module.stem]:
-            grouped[id(target.layer)].append((attached, module, weight, leaves, target))
-            layers[id(target.layer)] = target.layer
+    for attached, module, weight in uses:
+        layer = attached.layers[module.stem]
+        grouped[id(layer)].append((attached, module, weight))
+        layers[id(layer)] = layer
     return [(layers[key], _merge_layer(layers[key], items)) for key, items in grouped.items()]
 
 
-def _rows(matrix: torch.Tensor, module: Module, leaves: tuple, target: Target) -> torch.Tensor:
-    """The rows of a module's up factor (or dense ΔW) one target receives: outside the chosen leaves zeroed,
-    sliced to the target, halves swapped where diffusers swaps them. Unchanged for a whole, unsplit module."""
-    if leaves:
-        unit = matrix.shape[0] // module.placement.layer.units
-        mask = torch.zeros(matrix.shape[0], 1, dtype=matrix.dtype, device=matrix.device)
-        for leaf in leaves:
-            mask[leaf.start * unit : leaf.stop * unit] = 1
-        matrix = matrix * mask
-    if target.stop is not None:
-        matrix = matrix[target.start : target.stop]
-    if target.swap:
-        half = matrix.shape[0] // 2
-        matrix = torch.cat((matrix[half:], matrix[:half]))
-    return matrix
-
-
-def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, float, tuple, Target]]) -> dict[str, torch.Tensor]:
+def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, float]]) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
 
     def base(name: str, module: Module, attached: AttachedAdapter) -> tuple[torch.Tensor, bool]:
@@ -505,11 +452,10 @@ def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, fl
         as_float = original.float()
         return as_float, as_float.data_ptr() != original.data_ptr()
 
-    for attached, module, weight, leaves, target in items:
+    for attached, module, weight in items:
         tensors = attached.tensors[module.stem]
         if module.kind.is_lora:
             up, down = lora_factors(module.kind, tensors)
-            up = _rows(up, module, leaves, target)
             alpha = weight * module.scale
             if "weight" in sums:
                 sums["weight"].addmm_(up, down, alpha=alpha)
@@ -517,11 +463,10 @@ def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, fl
                 start, owned = base("weight", module, attached)
                 sums["weight"] = start.addmm_(up, down, alpha=alpha) if owned else torch.addmm(start, up, down, alpha=alpha)
             continue
-        delta = delta_weight(module.kind, tensors, module.scale, module.weight_shape)
-        parts = {"weight": _rows(delta.reshape(delta.shape[0], -1), module, leaves, target)}
+        parts = {"weight": delta_weight(module.kind, tensors, module.scale, module.weight_shape)}
         bias_key = {Kind.FULL: "diff_b", Kind.NORM: "b_norm"}.get(module.kind)
         if bias_key and bias_key in tensors:
-            parts["bias"] = _rows(tensors[bias_key].float().reshape(-1, 1), module, leaves, target).reshape(-1)
+            parts["bias"] = tensors[bias_key].float()
         for name, delta in parts.items():
             if name in sums:
                 sums[name].add_(delta.reshape(sums[name].shape), alpha=weight)
@@ -551,7 +496,7 @@ class WeightPatcher:
         return bool(self._saved)
 
     @torch.no_grad()
-    def apply(self, uses: Iterable[Use]) -> int:
+    def apply(self, uses: Iterable[tuple[AttachedAdapter, Module, float]]) -> int:
         """Merge the adapters' ΔW; returns the number of layers touched. Restores first if still applied."""
         self.restore()
         touched = 0
@@ -617,14 +562,13 @@ def cell_uses(
     settings: CellSettings,
     adapters: Mapping[str, AttachedAdapter],
     selections: Mapping[tuple[str, str], Selection],
-) -> list[Use]:
-    """(adapter, module, weight, leaves) for every module a cell applies."""
+) -> list[tuple[AttachedAdapter, Module, float]]:
+    """(adapter, module, weight) for every module a cell applies."""
     uses = []
     for use in settings.adapter_state:
         attached = adapters[use.name]
-        selection = selections[(use.name, use.selector)]
-        for stem in selection.stems:
-            uses.append((attached, attached.adapter.modules[stem], use.weight, selection.parts.get(stem, ())))
+        for stem in selections[(use.name, use.selector)].stems:
+            uses.append((attached, attached.adapter.modules[stem], use.weight))
     return uses
 
 

@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from blora_tools.errors import BloraError, SelectorError
 from blora_tools.render.args import OFF, Axis, AxisKind
@@ -164,8 +163,6 @@ class Selection:
     blocks: frozenset[str]
     stems: tuple[str, ...]
     empty_groups: tuple[str, ...] = ()
-    parts: Mapping[str, tuple] = field(default_factory=dict)
-    """stem → the leaves (row parts) chosen, for modules of a DiT fused layer a sub-selector covers in part."""
 
     def to_json(self, arch) -> dict:
         from blora_tools.taxonomy.selectors import describe_blocks
@@ -198,9 +195,7 @@ def select_modules(name: str, adapter, selector: str, arch) -> Selection:
         blocks = resolve_selector(selector, arch)
     except SelectorError as err:
         raise SelectorError(f"adapter {name!r}, blocks {selector!r}: {err.message}") from None
-    covered = {s: coverage(m.placement, blocks) for s, m in adapter.modules.items()}
-    stems = tuple(s for s, c in covered.items() if not c.none)
-    parts = {s: c.leaves for s, c in covered.items() if c.leaves}
+    stems = tuple(s for s, m in adapter.modules.items() if coverage(m.placement, blocks).whole)
     present = {m.block for m in adapter.modules.values() if m.block is not None}
     if not stems:
         has = describe_blocks(frozenset(present), arch) if present else "no block"
@@ -218,7 +213,7 @@ def select_modules(name: str, adapter, selector: str, arch) -> Selection:
                 by_group.setdefault(group, set()).add(block)
         order = list(layout.groups)
         empty = [g for g in order if g in by_group and not (by_group[g] & present)]
-    return Selection(name, selector, blocks, stems, tuple(empty), parts)
+    return Selection(name, selector, blocks, stems, tuple(empty))
 
 
 def resolve_plan(plan: GridPlan, adapters: dict) -> tuple[dict[tuple[str, str], Selection], list[str]]:

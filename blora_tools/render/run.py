@@ -102,7 +102,7 @@ def render(
     if not dry_run and not request.model.exists():
         raise BloraError("model not found; give a diffusers folder (with model_index.json) or a .safetensors checkpoint",
                          request.model)
-    adapters = {a.name: open_adapter(a.path) for a in request.loras}
+    adapters = {a.name: in_pipeline_naming(open_adapter(a.path)) for a in request.loras}
     archs = {a.arch.value for a in adapters.values()}
     if len(archs) > 1:
         raise BloraError(f"adapters of different model families given ({', '.join(sorted(archs))}); use one family")
@@ -119,6 +119,19 @@ def render(
     if dry_run:
         return result
     return _render(request, result, targets, note, progress or _no_progress)
+
+
+def in_pipeline_naming(adapter):
+    """A Flux.1/SD3 adapter in diffusers' split naming (`ops.dit_naming.in_naming`, ΔW unchanged), the naming of
+    the pipelines render loads: every row part a sub-selector names is then a whole layer. Others as they are."""
+    from blora_tools.taxonomy.arch import is_dit
+
+    if not is_dit(adapter.arch):
+        return adapter
+    from blora_tools.ops.dit_naming import in_naming
+    from blora_tools.taxonomy.dit import DIFFUSERS
+
+    return in_naming(adapter, DIFFUSERS)
 
 
 def _render(request: RenderRequest, result: RenderResult, targets: list[Path], note, progress: Progress) -> RenderResult:

@@ -283,7 +283,7 @@ def test_render_applies_the_dialect_to_the_right_layers(case, workdir):
     model = RenderModel.from_pipeline(models.pipeline(), sampler=None)
     attached = attach_adapter(model, "tested", adapter, list(adapter.modules))
     with torch.no_grad():
-        for layer, params in merged_weights([(attached, m, 1.0, ()) for m in adapter.modules.values()]):
+        for layer, params in merged_weights([(attached, m, 1.0) for m in adapter.modules.values()]):
             layer.weight.copy_(params["weight"])
     assert_same(weight_deltas(TinyModels.fresh(p.arch), models), _renamed(_reference(workdir, case), p))
 

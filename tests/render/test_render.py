@@ -264,7 +264,7 @@ def _half_precision_check(tmp_path, model_dirs, arch, dtype, device):
     adapter = open_adapter(tmp_path / "style.safetensors")
     attached = attach_adapter(model, "style", adapter, list(adapter.modules))
     patcher = WeightPatcher()
-    patcher.apply([(attached, m, 0.8, ()) for m in adapter.modules.values()])
+    patcher.apply([(attached, m, 0.8) for m in adapter.modules.values()])
     networks = {"unet": model.pipe.unet, "te": model.pipe.text_encoder, "te1": model.pipe.text_encoder,
                 "te2": getattr(model.pipe, "text_encoder_2", None)}
     step = torch.finfo(torch_dtype).eps

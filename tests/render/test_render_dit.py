@@ -1,4 +1,5 @@
-"""render on Flux.1 (FluxPipeline) and SD3 (StableDiffusion3Pipeline), tiny pipelines built in code.
+"""render on Flux.1 (FluxPipeline) and SD3 (StableDiffusion3Pipeline), tiny pipelines built in code; adapters are
+presented in diffusers' naming as `render.run` does.
 
 Oracle: diffusers' own LoRA loading (`load_lora_weights` + `fuse_lora`, through PEFT) of a diffusers-dialect
 file. The same adapter in kohya's fused naming is made here from the split one by test-side arithmetic (downs
@@ -19,6 +20,7 @@ from blora_tools.adapter.model import open_adapter
 from blora_tools.models import build_flux_pipeline, build_sd3_pipeline
 from blora_tools.render.pipeline import RenderModel, WeightPatcher, attach_adapter
 from blora_tools.render.plan import select_modules
+from blora_tools.render.run import in_pipeline_naming
 
 from dit_adapters import make_dit_adapter
 
@@ -82,11 +84,11 @@ def _ours(arch: str, path, weight: float = 1.0, blocks: str = "all") -> tuple[di
     pipe = PIPELINES[arch]()
     model = RenderModel.from_pipeline(pipe, None)
     before = _transformer_weights(pipe)
-    adapter = open_adapter(path)
+    adapter = in_pipeline_naming(open_adapter(path))
     selection = select_modules("x", adapter, blocks, adapter.arch)
     attached = attach_adapter(model, "x", adapter, selection.stems)
     patcher = WeightPatcher()
-    patcher.apply([(attached, adapter.modules[s], weight, selection.parts.get(s, ())) for s in selection.stems])
+    patcher.apply([(attached, adapter.modules[s], weight) for s in selection.stems])
     after = _transformer_weights(pipe)
     patcher.restore()
     assert all(torch.equal(p, before[n]) for n, p in pipe.transformer.named_parameters()), "restored bit for bit"
