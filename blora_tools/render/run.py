@@ -121,7 +121,7 @@ def render(
     return _render(request, result, targets, note, progress or _no_progress)
 
 
-def in_pipeline_naming(adapter):
+def in_pipeline_naming(adapter: "Adapter") -> "Adapter":
     """A Flux.1/SD3 adapter in diffusers' split naming (`ops.dit_naming.in_naming`, ΔW unchanged), the naming of
     the pipelines render loads: every row part a sub-selector names is then a whole layer. Others as they are."""
     from blora_tools.taxonomy.arch import is_dit
