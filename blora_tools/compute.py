@@ -54,13 +54,17 @@ class Work:
 
     cap: int | None
     io: int
+    fixed: bool = False
+    """Use every CPU the process may run on, whatever the load: the result depends on the thread count (float
+    sums split by thread), and the same command must give the same result."""
 
 
 PER_MODULE = Work(cap=4, io=1)
 """merge, resize, compare, inspect, …: Gram and eigen problems of one module at a time, at most a few thousand by a
 few hundred; threads beyond a few only wait on each other (bench/bench_merge.py measures it)."""
-WHOLE_MODEL = Work(cap=None, io=0)
-"""render: a whole network's convolutions, which use every free CPU."""
+WHOLE_MODEL = Work(cap=None, io=0, fixed=True)
+"""render: a whole network's convolutions, on every CPU the process may use (not fewer on a busy machine: an
+image must not depend on what else was running)."""
 
 _LOADAVG = Path("/proc/loadavg")
 
@@ -114,7 +118,8 @@ def thread_count(work: Work, requested: int | None = None, load: Callable[[], Cp
         if requested < 1:
             raise BloraError(f"--threads {requested}: give at least 1")
         return requested
-    threads = free_cpus(load()) - work.io
+    reading = load()
+    threads = (reading.allowed if work.fixed else free_cpus(reading)) - work.io
     if work.cap is not None:
         threads = min(threads, work.cap)
     return max(1, threads)

@@ -29,11 +29,11 @@ from blora_tools.errors import BloraError
     "load, per_module, whole_model",
     [
         (CpuLoad(2, 0.0), 1, 2),  # idle 2 cores: one computes, one reads and writes
-        (CpuLoad(2, 2.0), 1, 1),  # a process spinning on every core: never more than one thread
-        (CpuLoad(2, 5.0), 1, 1),  # over-committed: still one (a command always runs)
+        (CpuLoad(2, 2.0), 1, 2),  # a process spinning on every core: never more than one thread (render: all,
+        (CpuLoad(2, 5.0), 1, 2),  # over-committed: still one              so its images do not depend on the load)
         (CpuLoad(16, 0.0), 4, 16),  # per-module work is capped: its problems are small
-        (CpuLoad(16, 12.0), 3, 4),  # only the CPUs others leave free
-        (CpuLoad(16, 15.6), 1, 1),
+        (CpuLoad(16, 12.0), 3, 16),  # only the CPUs others leave free
+        (CpuLoad(16, 15.6), 1, 16),
     ],
 )
 def test_thread_count_follows_work_and_free_cpus(load, per_module, whole_model):
