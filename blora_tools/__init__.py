@@ -1,4 +1,4 @@
-"""blora-tools: block-wise LoRA for Stable Diffusion (taxonomy, file surgery, kohya plugin)."""
+"""blora-tools: block-wise LoRA for Stable Diffusion, Flux.1 and SD3 (taxonomy, file surgery, kohya plugin)."""
 
 
 def __getattr__(name: str) -> str:

@@ -168,10 +168,10 @@ def _print_error(message: str) -> None:
 @click.option("--no-color", is_flag=True, help="Plain text output (also when NO_COLOR is set).")
 @click.pass_context
 def main(ctx: click.Context, quiet: bool, no_color: bool) -> None:
-    """Block-wise LoRA tools for Stable Diffusion (SD1, SD2, SDXL).
+    """Block-wise LoRA tools for Stable Diffusion (SD1, SD2, SDXL), Flux.1 and SD3/SD3.5.
 
-    Look inside adapter files per U-Net block, and cut, re-weight, merge and resize them into ordinary
-    kohya LoRA files that A1111, ComfyUI, diffusers and sd-scripts load unchanged.
+    Look inside adapter files per block, and cut, re-weight, merge, resize, convert and render them into
+    ordinary LoRA files that A1111/Forge, ComfyUI, diffusers and sd-scripts load unchanged.
 
     \b
     Blocks are named three ways, all accepted wherever a selector is asked for:
