@@ -33,9 +33,9 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from types import MappingProxyType
 
+from blora_tools.names import Named
 from blora_tools.errors import SpecError
 from blora_tools.jsonio import dumps, loads_strict
 from blora_tools.taxonomy.arch import Arch, is_dit
@@ -48,15 +48,12 @@ CONV_KINDS = frozenset({"conv3x3"})
 """Layer kinds that take the conv rank and alpha; linear and 1×1 layers take the plain ones (as kohya)."""
 
 
-class Algo(str, Enum):
+class Algo(Named):
     """The training algorithm: LoRA on attention layers, or LoCon (convolutions too). A spec made from a file's
     modules says `locon` when any k×k convolution is adapted, and lists the module kinds under `kinds`."""
 
     LORA = "lora"
     LOCON = "locon"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from blora_tools.names import Named
 from blora_tools.taxonomy.encoders import is_t5_path
 from blora_tools.taxonomy.layouts import DIFFUSERS_ROOTS, LDM_ROOTS, rename_unet
 
@@ -75,18 +75,15 @@ __all__ = [
 ]
 
 
-class Format(str, Enum):
+class Format(Named):
     """How a file names its tensors: the layouts the product writes (kohya, peft) and the old attn-proc."""
 
     KOHYA = "kohya"
     PEFT = "peft"
     ATTN_PROC = "attn-proc"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Dialect(str, Enum):
+class Dialect(Named):
     """Which producer's key convention a file follows (see the module docstring)."""
 
     KOHYA = "kohya"
@@ -99,9 +96,6 @@ class Dialect(str, Enum):
     OMI = "omi"
     XLABS = "xlabs"
     ONETRAINER = "onetrainer"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def format(self) -> Format:

@@ -6,8 +6,9 @@ parameter names themselves.
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import TYPE_CHECKING, Mapping
+
+from blora_tools.names import Named
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 
-class Kind(str, Enum):
+class Kind(Named):
     """What an adapter module is made of."""
 
     LORA = "lora"  # linear: down (r×in), up (out×r)
@@ -37,9 +38,6 @@ class Kind(str, Enum):
     LOKR = "lokr"
     FULL = "full"
     NORM = "norm"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_lora(self) -> bool:

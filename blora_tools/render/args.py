@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
+from blora_tools.names import Named
 from blora_tools.errors import SelectorError
 from blora_tools.taxonomy.selectors import parse_selector
 
@@ -83,7 +83,7 @@ def _default_name(path: Path) -> str:
 
 
 
-class AxisKind(str, Enum):
+class AxisKind(Named):
     """What an axis varies."""
 
     BLOCKS = "blocks"
@@ -93,9 +93,6 @@ class AxisKind(str, Enum):
     ADAPTER = "lora"
     CFG = "cfg"
     STEPS = "steps"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _PREFIXED = {k.value: k for k in AxisKind}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import Enum
+
+from blora_tools.names import Named
 
 
-class Arch(str, Enum):
+class Arch(Named):
     """A model family. The value is the name used in files, JSON and on the command line."""
 
     SD1 = "sd1"
@@ -15,9 +16,6 @@ class Arch(str, Enum):
     FLUX = "flux"
     SD3 = "sd3"
     UNKNOWN = "unknown"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 UNET_ARCHS = (Arch.SD1, Arch.SD2, Arch.SDXL)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from enum import Enum
+
+from blora_tools.names import Named
 
 
-class Component(str, Enum):
+class Component(Named):
     """Which network a module belongs to; also the kohya key prefix after `lora_`."""
 
     UNET = "unet"
@@ -22,9 +23,6 @@ class Component(str, Enum):
     TE1 = "te1"
     TE2 = "te2"
     TE3 = "te3"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
