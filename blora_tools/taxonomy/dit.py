@@ -365,14 +365,14 @@ def dit_layer_shapes(dit: DiT) -> Iterator[tuple[str, tuple[int, ...]]]:
 
 def place_dit(path: str, dit: DiT) -> "Placement | None":
     """The placement of an underscored transformer module path; None when it is no layer of the family."""
-    from blora_tools.taxonomy.blocks import OTHER, Placement
+    from blora_tools.taxonomy.blocks import OTHER, Placement, table
 
     layer = layer_index(dit.arch).get(path)
     if layer is None:
         return None
+    group = table(dit.arch).group_of(layer.block or OTHER)
     if layer.block is None:
-        return Placement(Component.UNET, OTHER, "BASE", "base", None, layer)
-    group = "double" if layer.block[0] == "D" else "single" if layer.block[0] == "S" else "joint"
+        return Placement(Component.UNET, OTHER, "BASE", group, None, layer)
     return Placement(Component.UNET, layer.block, layer.block, group, _positions(dit.arch)[layer.block], layer)
 
 

@@ -258,13 +258,15 @@ def atoms_of(blocks: frozenset[str], layout: ArchTable) -> set[str]:
         if ":" in block:
             atoms.add(block)
             continue
-        leaves = _leaves(layout, block)
+        leaves = leaves_of(layout, block)
         atoms |= {f"{block}:{leaf.name}" for leaf in leaves} if leaves else {block}
     return atoms
 
 
-def _leaves(layout: ArchTable, block: str) -> tuple[Leaf, ...]:
-    if block in {c.value for c in layout.text_encoders}:
+def leaves_of(layout: ArchTable, block: str) -> tuple[Leaf, ...]:
+    """The row parts a block's sub-selectors choose from (`OTHER`: the layers outside the blocks); none for a
+    text encoder or a U-Net block."""
+    if not is_dit(layout.arch) or block in {c.value for c in layout.text_encoders}:
         return ()
     return block_leaves(layout.arch, None if block == OTHER else block)
 
@@ -279,7 +281,7 @@ def _collapse(atoms: set[str], layout: ArchTable) -> frozenset[str]:
         by_block.setdefault(block, set()).add(leaf)
     result: set[str] = set()
     for block, leaves in by_block.items():
-        every = {leaf.name for leaf in _leaves(layout, block)}
+        every = {leaf.name for leaf in leaves_of(layout, block)}
         if not every or leaves >= every:
             result.add(block)
         else:
@@ -301,7 +303,7 @@ def _resolve_parts(name: str, layout: ArchTable) -> set[str]:
     vocabulary: set[str] = set()
     atoms: set[str] = set()
     for block in blocks:
-        for leaf in _leaves(layout, block):
+        for leaf in leaves_of(layout, block):
             vocabulary |= leaf.tags
             if wanted <= leaf.tags:
                 atoms.add(f"{block}:{leaf.name}")

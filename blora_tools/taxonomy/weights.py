@@ -23,8 +23,9 @@ from types import MappingProxyType
 from blora_tools.errors import SelectorError
 from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import OTHER, ArchTable, Placement, table
-from blora_tools.taxonomy.dit import block_leaves
-from blora_tools.taxonomy.selectors import atoms_of, check_term, describe_blocks, index_ranges, resolve_atoms, resolve_term
+from blora_tools.taxonomy.selectors import (
+    atoms_of, check_term, describe_blocks, index_ranges, leaves_of, resolve_atoms, resolve_term,
+)
 
 
 def _vector(text: str) -> tuple[float, ...]:
@@ -207,7 +208,7 @@ def _fold_whole_blocks(values: dict[str, float], parts: dict[str, float], layout
         block, _, leaf = atom.partition(":")
         by_block.setdefault(block, {})[leaf] = weight
     for block, leaves in by_block.items():
-        every = {leaf.name for leaf in block_leaves(layout.arch, None if block == OTHER else block)}
+        every = {leaf.name for leaf in leaves_of(layout, block)}
         if set(leaves) >= every and len(set(leaves.values())) == 1:
             values[block] = next(iter(leaves.values()))
             for leaf in leaves:
