@@ -214,6 +214,21 @@ class _Named(Adapter):
         return encode(self.tensor(key).to(TORCH_DTYPE[info.dtype]).reshape(info.shape))
 
 
+class _Source:
+    """The input adapter, with the last module's tensors kept: the parts of one fused layer are made one after
+    another (under the view's lock) and each needs the whole fused module, which is then read once, not once per
+    part."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self._last: tuple[str, dict[str, "torch.Tensor"]] | None = None
+
+    def tensors(self, module: Module) -> dict[str, "torch.Tensor"]:
+        if self._last is None or self._last[0] != module.stem:
+            self._last = (module.stem, self.adapter.tensors(module))
+        return self._last[1]
+
+
 @dataclass
 class _Out:
     """One output module being planned: its kind, tensor maker, shapes, rank, alpha, dtype and ΔW rows."""
@@ -252,17 +267,18 @@ def in_naming(
             continue
         groups.setdefault(layer.fused, []).append(module)
     view = _Named(**{f.name: getattr(adapter, f.name) for f in fields(Adapter)})
+    source = _Source(adapter)
     tensors = dict(adapter.header.tensors)
     try:
         for fused, sources in groups.items():
-            for target, out in _group(adapter, fused, sources, naming, compact):
+            for target, out in _group(source, fused, sources, naming, compact):
                 placement = place(target.stem, adapter.arch)
                 if keep is not None:
                     cover = coverage(placement, keep)
                     if cover.none:
                         continue
                     if not cover.whole:
-                        out = _masked(adapter, out, target, cover.leaves, target.stem)
+                        out = _masked(source, out, target, cover.leaves, target.stem)
                 if isinstance(out, Module):
                     modules[target.stem] = replace(out, stem=target.stem, placement=placement, path=target.path)
                     continue
@@ -295,10 +311,10 @@ def _unit(module: Module, layer: DiTLayer) -> int:
 
 
 def _group(
-    adapter: Adapter, fused: str, sources: list[Module], naming: str, compact: bool
+    source: _Source, fused: str, sources: list[Module], naming: str, compact: bool
 ) -> list[tuple[DiTLayer, "Module | _Out"]]:
     """The output modules of one fused weight: (target layer, a source module renamed or a planned module)."""
-    arch = adapter.arch
+    arch = source.adapter.arch
     layers = [m.placement.layer for m in sources]
     units = {_unit(m, layer) for m, layer in zip(sources, layers)}
     if len(units) > 1:
@@ -311,7 +327,7 @@ def _group(
     # a layer with one path in both namings (SD3's `context_embedder`) is indexed once
     targets = parts_of(arch).get((fused, naming)) or (replace(layers[0], naming=naming),)
     if compact and len(sources) == 1 and len(targets) > 1 and sources[0].kind in (Kind.LORA, Kind.LORA_CONV1X1):
-        planned = _compact(adapter, sources[0], layers[0], targets, unit)
+        planned = _compact(source, sources[0], layers[0], targets, unit)
         if planned is not None:
             return planned
     result: list[tuple[DiTLayer, Module | _Out]] = []
@@ -336,9 +352,9 @@ def _group(
             if segments == [(0, module.weight_shape[0])]:
                 result.append((target, module))
                 continue
-            result.append((target, _selected(adapter, module, segments, rows, target.stem)))
+            result.append((target, _selected(source, module, segments, rows, target.stem)))
         else:
-            result.append((target, _stacked(adapter, covering, rows, target.stem)))
+            result.append((target, _stacked(source, covering, rows, target.stem)))
     return result
 
 
@@ -351,7 +367,7 @@ def _maybe_swapped(module: Module, layer: DiTLayer, target: DiTLayer, src: int, 
     return [(src, count)]
 
 
-def _selected(adapter: Adapter, module: Module, segments: list[Segment], rows: int, stem: str) -> _Out:
+def _selected(source: _Source, module: Module, segments: list[Segment], rows: int, stem: str) -> _Out:
     _checked_rows(module, "split")
     shapes = dict(module.shapes)
     for param in row_params(module.kind, tuple(module.keys)):
@@ -363,17 +379,17 @@ def _selected(adapter: Adapter, module: Module, segments: list[Segment], rows: i
     def make() -> dict[str, "torch.Tensor"]:
         import torch
 
-        tensors = {p: t for p, t in adapter.tensors(module).items() if p != "alpha"}
+        tensors = {p: t for p, t in source.tensors(module).items() if p != "alpha"}
         out = select_rows(module.kind, tensors, module.weight_shape[0], segments, module.stem)
         if module.rank is not None:
             out["alpha"] = torch.tensor(module.effective_alpha, dtype=torch.float32)
         return out
 
     alpha = module.effective_alpha
-    return _Out(module.kind, make, shapes, module.rank, alpha, _dtype(adapter, module), rows)
+    return _Out(module.kind, make, shapes, module.rank, alpha, _dtype(source.adapter, module), rows)
 
 
-def _stacked(adapter: Adapter, covering: list, rows: int, stem: str) -> _Out:
+def _stacked(source: _Source, covering: list, rows: int, stem: str) -> _Out:
     for module, *_ in covering:
         _checked_rows(module, "stacked")
     first = covering[0][0]
@@ -382,7 +398,7 @@ def _stacked(adapter: Adapter, covering: list, rows: int, stem: str) -> _Out:
         import torch
 
         parts = [
-            (m.kind, {p: t for p, t in adapter.tensors(m).items() if p != "alpha"}, m.scale, at, (src, count))
+            (m.kind, {p: t for p, t in source.tensors(m).items() if p != "alpha"}, m.scale, at, (src, count))
             for m, _, src, at, count in covering
         ]
         out, rank = stack_rows(parts, rows, stem)
@@ -407,18 +423,18 @@ def _stacked(adapter: Adapter, covering: list, rows: int, stem: str) -> _Out:
         rank = shapes[pairs[0][1]][0]
         shapes["alpha"] = ()
     alpha = None if rank is None else float(rank)
-    return _Out(kind, make, shapes, rank, alpha, _dtype(adapter, first), rows)
+    return _Out(kind, make, shapes, rank, alpha, _dtype(source.adapter, first), rows)
 
 
 def _compact(
-    adapter: Adapter, module: Module, layer: DiTLayer, targets: Sequence[DiTLayer], unit: int
+    source: _Source, module: Module, layer: DiTLayer, targets: Sequence[DiTLayer], unit: int
 ) -> list[tuple[DiTLayer, _Out]] | None:
     """The compact split of one fused LoRA module, or None when its up factor is not proven block-diagonal."""
     inside = [t for t in targets if layer.offset <= t.offset and t.offset + t.units <= layer.offset + layer.units]
     if len(inside) != len(targets):
         return None
     ranges = [((t.offset - layer.offset) * unit, (t.offset - layer.offset + t.units) * unit) for t in inside]
-    up = adapter.tensor(module.keys["lora_up.weight"])
+    up = source.adapter.tensor(module.keys["lora_up.weight"])
     columns = compact_columns(up, ranges)
     if columns is None:
         return None
@@ -430,7 +446,7 @@ def _compact(
         def make(a=a, b=b, cols=cols) -> dict[str, "torch.Tensor"]:
             import torch
 
-            t = adapter.tensors(module)
+            t = source.tensors(module)
             index = torch.tensor(cols)
             return {
                 "lora_up.weight": t["lora_up.weight"][a:b].index_select(1, index),
@@ -444,11 +460,11 @@ def _compact(
             "alpha": (),
         }
         alpha = module.scale * len(cols)
-        planned.append((target, _Out(module.kind, make, shapes, len(cols), alpha, _dtype(adapter, module), b - a)))
+        planned.append((target, _Out(module.kind, make, shapes, len(cols), alpha, _dtype(source.adapter, module), b - a)))
     return planned
 
 
-def _masked(adapter: Adapter, out: "Module | _Out", layer: DiTLayer, leaves, stem: str) -> _Out:
+def _masked(source: _Source, out: "Module | _Out", layer: DiTLayer, leaves, stem: str) -> _Out:
     """A source or planned module with the rows of every leaf of `layer` outside `leaves` set to zero."""
     rows = out.weight_shape[0] if isinstance(out, Module) else out.rows
     unit = rows // layer.units
@@ -457,7 +473,7 @@ def _masked(adapter: Adapter, out: "Module | _Out", layer: DiTLayer, leaves, ste
         ((leaf.start * unit if leaf.name in chosen else None), (leaf.stop - leaf.start) * unit) for leaf in layer.leaves
     ]
     if isinstance(out, Module):
-        return _selected(adapter, out, segments, rows, stem)
+        return _selected(source, out, segments, rows, stem)
     inner = out.make
 
     def make() -> dict[str, "torch.Tensor"]:
