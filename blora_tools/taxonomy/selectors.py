@@ -119,7 +119,7 @@ def parse_selector(text: str) -> Selector:
 
 def check_term(name: str) -> None:
     """Raise SelectorError unless `name` is a term of the selector vocabulary on some architecture."""
-    looks_dit = "." in name or _DIT_ID.match(name.lower()) or name.lower() in ("double", "single", "joint")
+    looks_dit = "." in name or _DIT_ID.match(name.lower())  # for which family's message to show
     errors: dict[Arch, SelectorError] = {}
     for arch in (Arch.SDXL, Arch.SD1, Arch.FLUX, Arch.SD3):
         try:
