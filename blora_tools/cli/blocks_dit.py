@@ -16,7 +16,7 @@ from blora_tools.taxonomy.arch import Arch
 from blora_tools.taxonomy.blocks import OTHER, table
 from blora_tools.taxonomy.dit import block_leaves, dit_record
 from blora_tools.taxonomy.encoders import T5Encoder
-from blora_tools.taxonomy.selectors import RESEARCH_PRESETS, block_runs
+from blora_tools.taxonomy.selectors import RESEARCH_PRESETS
 from blora_tools.taxonomy.weights import (
     BlockWeights,
     dit_vectors,

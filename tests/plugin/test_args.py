@@ -332,7 +332,6 @@ def test_unknown_key_message_lists_the_declared_keys(arch):
 
 def test_every_key_is_read_by_its_own_reader():
     """Each declared reader accepts a good value of its key and names the key in its error for a bad one."""
-    layout = table("sd1")
     good = {"preset": "style", "blocks": "in0", "block_ranks": "in0=8", "block_alphas": "in0=2", "conv_dim": "4",
             "conv_alpha": "2", "conv_block_ranks": "in0=2", "conv_block_alphas": "in0=1", "te_dim": "0",
             "te_alpha": "1", "algo": "locon", "block_dims": ",".join(["4"] * 25),
