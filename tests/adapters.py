@@ -356,3 +356,47 @@ def diffusers_unet_error(path: str | Path) -> tuple[float, float]:
         StableDiffusionPipeline.load_lora_into_unet(unet_keys, unet_alphas, loaded)
     want = _unet_output(reference)
     return relative_error(_unet_output(loaded), want), relative_error(_unet_output(plain), want)
+
+
+def torch_scaled_bytes(
+    data: bytes, dtype: str, shape: tuple[int, ...], ratio: float, rows=(), axis: int = 0
+) -> bytes:
+    """The torch route for a stored factor times `ratio` (ranges of `axis` also times their weight), as the
+    commands computed it before `adapter.floats`: `Tensor.float() * ratio`, `narrow(...).mul_(weight)`, then
+    `.to(dtype)`. The oracle of the numpy route."""
+    from blora_tools.adapter.tensors import TORCH_DTYPE
+
+    stored = TORCH_DTYPE[dtype]
+    tensor = torch.frombuffer(bytearray(data), dtype=stored).reshape(shape) if data else torch.empty(shape, dtype=stored)
+    result = tensor.float() * ratio
+    for start, stop, weight in rows:
+        if weight != 1.0:
+            result.narrow(axis, start, stop - start).mul_(weight)
+    return result.to(stored).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def torch_scalar_bytes(value: float, dtype: str) -> bytes:
+    """The torch route for an alpha tensor: `torch.tensor(value, dtype=torch.float64).to(dtype)`."""
+    from blora_tools.adapter.tensors import TORCH_DTYPE
+
+    return torch.tensor(value, dtype=torch.float64).to(TORCH_DTYPE[dtype]).reshape(1).view(torch.uint8).numpy().tobytes()
+
+
+def same_floats(a: bytes, b: bytes, dtype: str) -> bool:
+    """Bit-identical stored floats, except that NaNs only need to be NaNs at the same places (torch's own NaN
+    bits differ between its vector and scalar loops)."""
+    from blora_tools.adapter.tensors import TORCH_DTYPE
+
+    if len(a) != len(b):
+        return False
+    stored = TORCH_DTYPE[dtype]
+    x = torch.frombuffer(bytearray(a), dtype=stored) if a else torch.empty(0, dtype=stored)
+    y = torch.frombuffer(bytearray(b), dtype=stored) if b else torch.empty(0, dtype=stored)
+    if stored.is_floating_point:
+        nan_x, nan_y = torch.isnan(x.float()), torch.isnan(y.float())
+        if not torch.equal(nan_x, nan_y):
+            return False
+        keep = ~nan_x
+        x, y = x[keep], y[keep]
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    return torch.equal(x.view(width), y.view(width))

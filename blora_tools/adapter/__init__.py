@@ -10,5 +10,6 @@ Modules:
 - `alpha`: alpha rules for written files (what an alpha reads back as, alphas loaders disagree on).
 - `metadata`: metadata of written files: kept keys, dim/alpha, `blora_spec` and history.
 - `tensors`: safetensors dtypes ↔ torch dtypes, tensors ↔ raw bytes.
+- `floats`: numpy on stored bytes, no torch: the NaN/Inf test, a factor times a float, a scalar's bytes.
 - `writer`: the streaming, atomic safetensors writer.
 """

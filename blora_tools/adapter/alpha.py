@@ -26,15 +26,6 @@ __all__ = ["alpha_storage", "zero_alpha_warning"]
 _ZERO_ALPHA_READINGS = "A1111 and ComfyUI read it as scale 0 (no effect), kohya and LyCORIS as alpha = rank"
 
 
-def _round_trip(value: float, dtype: str) -> float:
-    """`value` as it reads back from a 0-d tensor of `dtype`."""
-    import torch
-
-    from blora_tools.adapter.tensors import TORCH_DTYPE
-
-    return float(torch.tensor(value, dtype=torch.float64).to(TORCH_DTYPE[dtype]).double())
-
-
 def alpha_storage(value: float, dtype: str, what: str = "alpha", path: str | Path | None = None) -> tuple[float, str]:
     """(the value an alpha reads back as, the dtype to store it in) for an alpha meant to be `value`.
 
@@ -42,11 +33,13 @@ def alpha_storage(value: float, dtype: str, what: str = "alpha", path: str | Pat
     loaders read any float alpha), rounded there: fold with the returned value. BloraError when `value` is not a
     positive number or comes back 0 or inf.
     """
+    from blora_tools.adapter.floats import stored_value  # numpy: not for commands that only read headers
+
     if not math.isfinite(value) or value <= 0:
         raise BloraError(f"{what} {value:g}: an alpha must be a positive finite number", path)
-    if _round_trip(value, dtype) == value:
+    if stored_value(value, dtype) == value:
         return value, dtype
-    back = _round_trip(value, "F32")
+    back = stored_value(value, "F32")
     if not math.isfinite(back) or back <= 0:
         tried = dtype if dtype == "F32" else f"{dtype} or F32"
         raise BloraError(

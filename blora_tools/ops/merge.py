@@ -33,7 +33,7 @@ from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.compute import Ahead
 from blora_tools.ops.dit_naming import in_naming, layer_namings, naming_of
 from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
-from blora_tools.ops.result import Progress, Result, computed, copied, loader_notes
+from blora_tools.ops.result import Progress, Result, computed, copied, loader_notes, scalar
 from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.arch import is_dit
 from blora_tools.taxonomy.blocks import table
@@ -518,7 +518,7 @@ def _module_entries(
     return [
         computed(f"{p.stem}.lora_up.weight", dtype, up_shape, lambda: lazy.take("up")),
         computed(f"{p.stem}.lora_down.weight", dtype, down_shape, lambda: lazy.take("down")),
-        _alpha_entry(p.stem, file_alpha, alpha_dtype),
+        scalar(f"{p.stem}.alpha", alpha_dtype, file_alpha),
     ]
 
 
@@ -536,12 +536,6 @@ def _untouched(p: _Plan, method: str, file_alpha: float, dtype: str) -> bool:
         and m.alpha == file_alpha
         and all(part.adapter.info(key).dtype == dtype for param, key in m.keys.items() if param != "alpha")
     )
-
-
-def _alpha_entry(stem: str, value: float, dtype: str) -> Entry:
-    import torch
-
-    return computed(f"{stem}.alpha", dtype, (), lambda: torch.tensor(value, dtype=torch.float64))
 
 
 def _passthrough(sources: Sequence[Source], warnings: list[str]) -> list[Entry]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blora_tools.adapter.floats import finite_bytes, scalar_bytes, scaled_bytes
 from blora_tools.adapter.writer import Entry, Origin, check_output, write_entries, write_order
 from blora_tools.errors import NonFiniteError
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from blora_tools.adapter.model import Adapter, Module
     from blora_tools.taxonomy.arch import Arch
 
-__all__ = ["Progress", "Result", "finite_bytes", "copied", "computed", "group_counts", "loader_notes"]
+__all__ = ["Progress", "Result", "copied", "scaled", "scalar", "computed", "group_counts", "loader_notes"]
 
 Progress = Callable[[int], None]
 """A callback told how many units of work just finished (modules, or bytes while writing)."""
@@ -84,23 +85,6 @@ def _reporting(entry: Entry, on_bytes: Progress) -> Entry:
     return replace(entry, produce=produce)
 
 
-_EXPONENT_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
-                  "F64": ("<u8", 0x7FF0000000000000), "F8_E5M2": ("u1", 0x7C), "F8_E4M3": ("u1", 0x7F)}
-"""Float dtypes → (unsigned view, mask): a value is NaN/Inf when all its mask bits are set (E4M3: NaN only)."""
-
-
-def finite_bytes(data: bytes, dtype: str) -> bool:
-    """Whether stored tensor bytes hold no NaN/Inf (integer and bool dtypes always do); numpy, no torch."""
-    if dtype not in _EXPONENT_BITS or not data:
-        return True
-    import numpy as np
-
-    view, mask = _EXPONENT_BITS[dtype]
-    bits = np.frombuffer(data, dtype=view)
-    # Masked values never exceed the mask, so "any equals the mask" is "the largest equals it": one pass less.
-    return int(np.bitwise_and(bits, bits.dtype.type(mask)).max()) != mask
-
-
 def _finite_checked(entry: Entry, inputs: tuple[Path, ...], output: Path) -> Entry:
     def produce() -> bytes:
         data = entry.produce()
@@ -134,6 +118,21 @@ def copied(adapter: "Adapter", key: str, name: str | None = None) -> Entry:
     info = adapter.info(key)
     origin = Origin(adapter.path, adapter.header.data_start + info.begin, key)
     return Entry(name or key, info.dtype, info.shape, lambda: adapter.raw(key), origin)
+
+
+def scaled(
+    adapter: "Adapter", key: str, name: str, ratio: float, rows: Sequence[tuple[int, int, float]] = (), axis: int = 0
+) -> Entry:
+    """An entry holding the input tensor times `ratio`, each range of `axis` in `rows` also times its weight:
+    computed on the stored bytes when written (`floats.scaled_bytes`: in float32, back in the tensor's dtype)."""
+    info = adapter.info(key)
+    return Entry(name, info.dtype, info.shape,
+                 lambda: scaled_bytes(adapter.raw(key), info.dtype, info.shape, ratio, rows, axis))
+
+
+def scalar(name: str, dtype: str, value: float) -> Entry:
+    """A 0-d entry (an alpha) holding `value` in `dtype`."""
+    return Entry(name, dtype, (), lambda: scalar_bytes(value, dtype))
 
 
 def computed(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], "torch.Tensor"]) -> Entry:

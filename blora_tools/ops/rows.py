@@ -2,9 +2,10 @@
 
 A Flux.1/SD3 layer can hold several named parts as row ranges (`taxonomy.dit.Leaf`: q | k | v of a fused qkv,
 Flux's single-block `linear1` with its MLP rows). ΔW's rows are the up factor's rows times the down factor,
-so multiplying those rows of the up factor (`kinds.row_params`) scales exactly that part: same rank, the other
-rows untouched bit for bit where their weight is 1. Row positions come in *units* of the layer's width; a
-module's rows per unit are its output rows divided by its layer's units (never a hard-coded width).
+so multiplying those rows of the up factor (`kinds.row_params`; `adapter.floats.scaled_bytes` multiplies) scales
+exactly that part: same rank, the other rows bit for bit where their weight is 1 (F64 factors are computed in
+float32, so theirs are rounded to it). Row positions come in *units* of the layer's width; a module's rows per
+unit are its output rows divided by its layer's units (never a hard-coded width).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from blora_tools.adapter.kinds import row_params
 from blora_tools.adapter.model import Module
 from blora_tools.errors import BloraError
 
-__all__ = ["RowWeights", "unit_rows", "check_row_scalable", "scale_rows"]
+__all__ = ["RowWeights", "unit_rows", "check_row_scalable"]
 
 RowWeights = tuple[tuple[int, int, float], ...]
 """(first row, end row, weight) ranges covering a module's output rows."""
@@ -50,12 +51,3 @@ def check_row_scalable(module: Module, what: str, path: str | Path) -> None:
             "(part of the layer) is not exact; choose whole blocks or layers for it",
             path,
         )
-
-
-def scale_rows(tensor, axis: int, rows: RowWeights, ratio: float = 1.0):
-    """`tensor` in float32 times `ratio`, with each range of `axis` also multiplied by its weight."""
-    result = tensor.float() * ratio
-    for start, stop, weight in rows:
-        if weight != 1.0:
-            result.narrow(axis, start, stop - start).mul_(weight)
-    return result

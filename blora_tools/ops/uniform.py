@@ -19,8 +19,8 @@ from blora_tools.adapter.kinds import row_params, scaled_params
 from blora_tools.adapter.model import Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError
-from blora_tools.ops.result import computed, copied
-from blora_tools.ops.rows import RowWeights, scale_rows
+from blora_tools.ops.result import copied, scalar, scaled
+from blora_tools.ops.rows import RowWeights
 
 __all__ = ["Alpha", "uniform_alphas", "rank_alphas", "folded", "module_entries"]
 
@@ -64,18 +64,10 @@ def rank_alphas(adapter: Adapter) -> dict[str, Alpha]:
     }
 
 
-def _alpha_entry(name: str, alpha: Alpha) -> Entry:
-    import torch
-
-    return computed(name, alpha.dtype, (), lambda: torch.tensor(alpha.value, dtype=torch.float64))
-
-
 def folded(adapter: Adapter, module: Module, param: str, name: str, ratio: float) -> Entry:
     """The module's `param` multiplied by `ratio` in float32, written in its own dtype. An overflow to Inf is
     refused as it is written (`Result.save`, naming the module and the output)."""
-    key = module.keys[param]
-    info = adapter.info(key)
-    return computed(name, info.dtype, info.shape, lambda: adapter.tensor(key).float() * ratio)
+    return scaled(adapter, module.keys[param], name, ratio)
 
 
 def module_entries(
@@ -100,7 +92,7 @@ def module_entries(
     """
     ratio = weight * (alpha.ratio if alpha is not None else 1.0)
     replaced = alpha is not None and (alpha.ratio != 1.0 or "alpha" not in module.keys)
-    scaled = set(scaled_params(module.kind, frozenset(module.keys))) if ratio != 1.0 else set()
+    multiplied = set(scaled_params(module.kind, frozenset(module.keys))) if ratio != 1.0 else set()
     row_axes = dict(row_params(module.kind, frozenset(module.keys))) if rows else {}
     entries = []
     for param, key in module.keys.items():
@@ -108,8 +100,8 @@ def module_entries(
         if param == "alpha" and replaced:
             continue
         if param in row_axes:
-            entries.append(_rows_entry(adapter, key, name, row_axes[param], rows, ratio))
-        elif param in scaled:
+            entries.append(scaled(adapter, key, name, ratio, rows, row_axes[param]))
+        elif param in multiplied:
             entries.append(folded(adapter, module, param, name, ratio))
         elif param == "dora_scale" and stem is not None and adapter.format is Format.PEFT:
             entries.append(_kohya_dora_scale(adapter, module, key, name))
@@ -123,16 +115,11 @@ def module_entries(
         )
     prefix = _own_prefix(module) if stem is None else stem  # a LyCORIS/ComfyUI/OMI file keeps its own spelling
     if replaced:
-        entries.append(_alpha_entry(f"{prefix}.alpha", alpha))
+        entries.append(scalar(f"{prefix}.alpha", alpha.dtype, alpha.value))
     elif complete_alpha and "alpha" not in module.keys and module.rank is not None and module.kind.has_rank:
         value, dtype = alpha_storage(module.effective_alpha, "F32", f"module {module.stem}: alpha", adapter.path)
-        entries.append(_alpha_entry(f"{prefix}.alpha", Alpha(value, dtype, 1.0)))
+        entries.append(scalar(f"{prefix}.alpha", dtype, value))
     return entries
-
-
-def _rows_entry(adapter: Adapter, key: str, name: str, axis: int, rows: RowWeights, ratio: float) -> Entry:
-    info = adapter.info(key)
-    return computed(name, info.dtype, info.shape, lambda: scale_rows(adapter.tensor(key), axis, rows, ratio))
 
 
 def _own_prefix(module: Module) -> str:

@@ -12,8 +12,6 @@ from battery import WRITERS, assert_refused, invoke, require, snapshot
 from corrupt_files import ATTN
 from safetensors.torch import load_file, save_file
 
-from blora_tools.ops.result import finite_bytes
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -260,24 +258,6 @@ def test_clean_files_pass_the_check(runner, tmp_path, sd1):
     out = tmp_path / "o.safetensors"
     assert invoke(runner, ["merge", sd1, sd1, "--ratios", "1,-1", "-o", out]).exit_code == 0
     assert all(float(d.abs().max()) < 1e-6 for d in dense_deltas(out).values())
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"])
-def test_finite_bytes_knows_every_float_encoding(dtype):
-    torch_dtype = getattr(torch, dtype, None)
-    if torch_dtype is None:
-        pytest.skip(f"this torch has no {dtype}")
-    from blora_tools.adapter.tensors import DTYPE_NAME, encode
-
-    name = DTYPE_NAME[torch_dtype]
-    finite = torch.tensor([0.0, -1.5, 2.0, 0.25, -0.0]).to(torch_dtype)
-    assert finite_bytes(encode(finite), name)
-    specials = [float("nan")] if dtype == "float8_e4m3fn" else [float("nan"), float("inf"), float("-inf")]
-    for special in specials:
-        poisoned = torch.tensor([0.0, 1.0, special]).to(torch_dtype)
-        assert not finite_bytes(encode(poisoned), name), (dtype, special)
-    assert finite_bytes(encode(torch.tensor([1, 2, -3], dtype=torch.int64)), "I64")
-    assert finite_bytes(b"", name)
 
 
 def test_compare_refuses_nonfinite_naming_file_and_module(runner, tmp_path, sd1):
