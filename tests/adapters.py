@@ -362,17 +362,24 @@ def torch_scaled_bytes(
     data: bytes, dtype: str, shape: tuple[int, ...], ratio: float, rows=(), axis: int = 0
 ) -> bytes:
     """The torch route for a stored factor times `ratio` (ranges of `axis` also times their weight), as the
-    commands computed it before `adapter.floats`: `Tensor.float() * ratio`, `narrow(...).mul_(weight)`, then
-    `.to(dtype)`. The oracle of the numpy route."""
+    commands computed it before `adapter.floats`. The oracle of the numpy route."""
     from blora_tools.adapter.tensors import TORCH_DTYPE
 
     stored = TORCH_DTYPE[dtype]
     tensor = torch.frombuffer(bytearray(data), dtype=stored).reshape(shape) if data else torch.empty(shape, dtype=stored)
+    return torch_scaled(tensor, dtype, ratio, rows, axis)
+
+
+def torch_scaled(tensor: torch.Tensor, dtype: str, ratio: float, rows=(), axis: int = 0) -> bytes:
+    """The stored bytes of `tensor` times `ratio` by the torch route: `Tensor.float() * ratio`,
+    `narrow(...).mul_(weight)` for each range of `axis`, then `.to(dtype)`."""
+    from blora_tools.adapter.tensors import TORCH_DTYPE
+
     result = tensor.float() * ratio
     for start, stop, weight in rows:
         if weight != 1.0:
             result.narrow(axis, start, stop - start).mul_(weight)
-    return result.to(stored).contiguous().view(torch.uint8).numpy().tobytes()
+    return result.to(TORCH_DTYPE[dtype]).contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def torch_scalar_bytes(value: float, dtype: str) -> bytes:

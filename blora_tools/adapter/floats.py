@@ -22,7 +22,7 @@ import numpy as np
 
 from blora_tools.adapter.header import DTYPE_BYTES
 
-__all__ = ["finite_bytes", "scaled_bytes", "scalar_bytes", "stored_value"]
+__all__ = ["finite_bytes", "scaled_bytes", "scaled_float32", "scalar_bytes", "stored_value"]
 
 _EXPONENT_BITS = {"F16": 0x7C00, "BF16": 0x7F80, "F32": 0x7F800000, "F64": 0x7FF0000000000000,
                   "F8_E5M2": 0x7C, "F8_E4M3": 0x7F}
@@ -60,12 +60,12 @@ def finite_bytes(data: bytes, dtype: str) -> bool:
 
 
 def _widened(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A fresh float32 array of the stored values (F64 rounded to nearest float32, as `Tensor.float()`)."""
+    """A float32 array of the stored values (F64 rounded to nearest float32, as `Tensor.float()`)."""
     if dtype == "BF16":
         return (_bits(data, dtype).astype(np.uint32) << 16).view(np.float32).reshape(shape)
     if dtype in _NUMPY_FLOATS:
         with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes ±Inf, as in torch
-            return np.frombuffer(data, dtype=_NUMPY_FLOATS[dtype]).astype(np.float32).reshape(shape)
+            return np.frombuffer(data, dtype=_NUMPY_FLOATS[dtype]).astype(np.float32, copy=False).reshape(shape)
     from blora_tools.adapter.tensors import decode
 
     return decode(data, dtype, shape).float().numpy()
@@ -96,9 +96,14 @@ def scaled_bytes(
 ) -> bytes:
     """A stored tensor times `ratio`, each range of `axis` in `rows` then also times its weight (a weight of 1
     leaves its range as `ratio` made it), in float32 and written back in `dtype`."""
-    values = _widened(data, dtype, shape)
+    return scaled_float32(_widened(data, dtype, shape), dtype, ratio, rows, axis)
+
+
+def scaled_float32(values: np.ndarray, dtype: str, ratio: float, rows: RowRanges = (), axis: int = 0) -> bytes:
+    """`scaled_bytes` of float32 values not (yet) stored, e.g. a factor made on read: rounded once, to `dtype`.
+    `values` is not changed."""
     with np.errstate(over="ignore", invalid="ignore"):
-        values *= np.float32(ratio)
+        values = values * np.float32(ratio)
         for start, stop, weight in rows:
             if weight != 1.0:
                 part = [slice(None)] * values.ndim

@@ -116,6 +116,10 @@ class Adapter:
     def info(self, key: str) -> TensorInfo:
         return self.header.tensors[key]
 
+    def made(self, key: str) -> bool:
+        """Whether a tensor is computed when read (a module re-expressed by `ops.dit_naming`), not stored."""
+        return False
+
     def raw(self, key: str) -> bytes:
         """A tensor's bytes exactly as stored (one unbuffered read at its offset: no read-ahead copy)."""
         info = self.header.tensors[key]

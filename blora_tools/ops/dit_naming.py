@@ -205,6 +205,9 @@ class _Named(Adapter):
                 last = self._last = (stem, self.makers[stem]())
         return last[1][param]
 
+    def made(self, key: str) -> bool:
+        return key in self.virtual
+
     def raw(self, key: str) -> bytes:
         if key not in self.virtual:
             return super().raw(key)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blora_tools.adapter.floats import finite_bytes, scalar_bytes, scaled_bytes
 from blora_tools.adapter.writer import Entry, Origin, check_output, write_entries, write_order
 from blora_tools.errors import NonFiniteError
 
@@ -87,6 +86,8 @@ def _reporting(entry: Entry, on_bytes: Progress) -> Entry:
 
 def _finite_checked(entry: Entry, inputs: tuple[Path, ...], output: Path) -> Entry:
     def produce() -> bytes:
+        from blora_tools.adapter.floats import finite_bytes  # numpy, imported when writing starts
+
         data = entry.produce()
         if not finite_bytes(data, entry.dtype):
             raise _nonfinite_error(entry.name, inputs, output)
@@ -97,6 +98,7 @@ def _finite_checked(entry: Entry, inputs: tuple[Path, ...], output: Path) -> Ent
 
 def _nonfinite_error(name: str, inputs: tuple[Path, ...], output: Path) -> NonFiniteError:
     """Name the module and, where one holds it, the input whose tensors are NaN/Inf (else the overflow)."""
+    from blora_tools.adapter.floats import finite_bytes
     from blora_tools.adapter.formats import split_key
     from blora_tools.adapter.model import open_adapter
 
@@ -123,16 +125,30 @@ def copied(adapter: "Adapter", key: str, name: str | None = None) -> Entry:
 def scaled(
     adapter: "Adapter", key: str, name: str, ratio: float, rows: Sequence[tuple[int, int, float]] = (), axis: int = 0
 ) -> Entry:
-    """An entry holding the input tensor times `ratio`, each range of `axis` in `rows` also times its weight:
-    computed on the stored bytes when written (`floats.scaled_bytes`: in float32, back in the tensor's dtype)."""
+    """An entry holding the input tensor times `ratio`, each range of `axis` in `rows` also times its weight, in
+    float32 and written back in the tensor's dtype (`adapter.floats`): on the stored bytes, or for a tensor made
+    on read (`ops.dit_naming`) on its float32 values, rounded once."""
     info = adapter.info(key)
-    return Entry(name, info.dtype, info.shape,
-                 lambda: scaled_bytes(adapter.raw(key), info.dtype, info.shape, ratio, rows, axis))
+
+    def produce() -> bytes:
+        from blora_tools.adapter.floats import scaled_bytes, scaled_float32
+
+        if adapter.made(key):
+            return scaled_float32(adapter.tensor(key).float().numpy(), info.dtype, ratio, rows, axis)
+        return scaled_bytes(adapter.raw(key), info.dtype, info.shape, ratio, rows, axis)
+
+    return Entry(name, info.dtype, info.shape, produce)
 
 
 def scalar(name: str, dtype: str, value: float) -> Entry:
     """A 0-d entry (an alpha) holding `value` in `dtype`."""
-    return Entry(name, dtype, (), lambda: scalar_bytes(value, dtype))
+
+    def produce() -> bytes:
+        from blora_tools.adapter.floats import scalar_bytes
+
+        return scalar_bytes(value, dtype)
+
+    return Entry(name, dtype, (), produce)
 
 
 def computed(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], "torch.Tensor"]) -> Entry:

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
-from adapters import make_adapter, raw_bytes, torch_scalar_bytes, torch_scaled_bytes
+from adapters import make_adapter, raw_bytes, torch_scalar_bytes, torch_scaled
 from dit_adapters import make_dit_adapter
 
-import blora_tools.ops.result as result_module
+import blora_tools.ops.uniform as uniform_module
 from blora_tools.adapter.model import open_adapter
+from blora_tools.adapter.writer import Entry
 from blora_tools.ops.convert import convert
 from blora_tools.ops.prune import prune
 from blora_tools.ops.reweight import reweight
@@ -27,14 +28,25 @@ def _mixed_alpha(layer) -> float:
     return 3.0 if "attn" in layer.name else 0.7
 
 
+def _torch_scaled_entry(adapter, key, name, ratio, rows=(), axis=0) -> Entry:
+    """The entry the torch route made: the tensor as `Adapter.tensor` reads it (stored, or made in float32 on read),
+    scaled by torch (`adapters.torch_scaled`)."""
+    info = adapter.info(key)
+    return Entry(name, info.dtype, info.shape, lambda: torch_scaled(adapter.tensor(key), info.dtype, ratio, rows, axis))
+
+
+def _torch_scalar_entry(name, dtype, value) -> Entry:
+    return Entry(name, dtype, (), lambda: torch_scalar_bytes(value, dtype))
+
+
 def _both_routes(monkeypatch, tmp_path, make_result) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    """The tensors `make_result()` writes, by the numpy route and by the torch route (the seam: the two byte
-    functions `ops.result` calls, swapped for the torch computation the commands used before)."""
+    """The tensors `make_result()` writes, by the numpy route and by the torch route (the seam: the entries
+    `ops.uniform` makes, swapped for the torch computation the commands used before)."""
     tmp_path.mkdir()
     ours = raw_bytes(make_result().save(tmp_path / "numpy.safetensors"))
     with monkeypatch.context() as patch:
-        patch.setattr(result_module, "scaled_bytes", torch_scaled_bytes)
-        patch.setattr(result_module, "scalar_bytes", torch_scalar_bytes)
+        patch.setattr(uniform_module, "scaled", _torch_scaled_entry)
+        patch.setattr(uniform_module, "scalar", _torch_scalar_entry)
         theirs = raw_bytes(make_result().save(tmp_path / "torch.safetensors"))
     return ours, theirs
 
@@ -72,6 +84,20 @@ def test_rows_of_fused_layers_write_the_torch_routes_bytes(monkeypatch, tmp_path
     }.items():
         ours, theirs = _both_routes(monkeypatch, tmp_path / what, make)
         assert ours == theirs, what
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_folds_into_factors_made_on_read_round_once(monkeypatch, tmp_path, dtype):
+    """Split diffusers layers fused for kohya (block-diagonal, made in float32) with one alpha folded in: the
+    fold multiplies the made float32 factor before its one rounding, as the torch route did."""
+    source = make_dit_adapter(tmp_path / "split.safetensors", "flux", "diffusers", blocks={"D00", "S00"}, alpha=0.75,
+                              dtype=dtype)
+    adapter = open_adapter(source)
+    ours, theirs = _both_routes(monkeypatch, tmp_path / "fused", lambda: convert(adapter, to="kohya",
+                                                                                uniform_alpha=True))
+    assert ours == theirs
+    made = _both_routes(monkeypatch, tmp_path / "plain", lambda: convert(adapter, to="kohya"))[0]
+    assert any(ours[k] != made[k] for k in ours if k.endswith("lora_up.weight"))  # a fold was applied
 
 
 def test_copy_commands_never_import_torch(tmp_path):
