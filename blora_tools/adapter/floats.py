@@ -77,10 +77,16 @@ def _narrowed(values: np.ndarray, dtype: str) -> bytes:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to ±Inf, as in torch
             values = values.astype(np.float32, copy=False)
     if dtype == "BF16":
+        values = values.reshape(-1)
         bits = values.view(np.uint32)
-        nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16  # round to nearest, ties to even; overflow → Inf
-        return np.where(nan, (bits >> 16) | 0x40, rounded).astype("<u2").tobytes()
+        rounded = (bits >> 16) & 1  # round to nearest, ties to even (the kept half's lowest bit); overflow → Inf
+        rounded += 0x7FFF
+        rounded += bits
+        rounded >>= 16
+        nan = np.isnan(values)
+        if nan.any():
+            rounded[nan] = (bits[nan] >> 16) | 0x40  # a quiet NaN of the same sign
+        return rounded.astype("<u2").tobytes()
     if dtype in _NUMPY_FLOATS:
         with np.errstate(over="ignore", invalid="ignore"):
             return values.astype(_NUMPY_FLOATS[dtype], copy=False).tobytes()

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from adapters import same_floats, torch_scalar_bytes, torch_scaled_bytes
+from adapters import same_floats, torch_scalar_bytes, torch_scaled, torch_scaled_bytes
 
 from blora_tools.adapter import floats
-from blora_tools.adapter.floats import finite_bytes, scalar_bytes, scaled_bytes, stored_value
+from blora_tools.adapter.floats import finite_bytes, scalar_bytes, scaled_bytes, scaled_float32, stored_value
 from blora_tools.adapter.tensors import TORCH_DTYPE, encode
 
 FLOATS = ["F16", "BF16", "F32", "F64"]
@@ -50,6 +50,21 @@ def test_scaled_bytes_equal_the_torch_route(name, ratio):
     values = _values(name)
     data, shape = encode(values), (values.numel(),)
     assert same_floats(scaled_bytes(data, name, shape, ratio), torch_scaled_bytes(data, name, shape, ratio), name)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+@pytest.mark.parametrize("name", FLOATS + FLOAT8)
+def test_float32_values_round_as_torch_rounds_them(name, ratio):
+    """Float32 values made on read (every low half: the ties 0x8000 above even and odd bf16 values, one either
+    side of them, and NaNs whose rounding would carry into the sign) written in each dtype."""
+    gen = torch.Generator().manual_seed(2)
+    high = torch.randint(0, 2**16, (4000,), generator=gen, dtype=torch.int64) << 16
+    low = torch.tensor([0x0000, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
+    bits = (high[:, None] | low[None, :]).flatten()
+    bits = torch.cat([bits, torch.tensor([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7F7FFFFF, 0x7F7F8000])])
+    values = torch.cat([bits.to(torch.int32).view(torch.float32), _values("F32")])
+    ours = scaled_float32(values.numpy(), name, ratio)
+    assert same_floats(ours, torch_scaled(values, name, ratio), name)
 
 
 @pytest.mark.parametrize("name", ["F16", "BF16"])
