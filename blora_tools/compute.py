@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -41,7 +42,9 @@ __all__ = [
     "apply_threads",
     "resolve_device",
     "on_device",
+    "module_workers",
     "Ahead",
+    "in_order",
 ]
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
@@ -49,19 +52,23 @@ DEVICES = ("cpu", "cuda", "mps", "auto")
 
 @dataclass(frozen=True)
 class Work:
-    """A kind of work: the most threads it can use well (`cap`, None = no limit) and the cores it leaves to
-    reading, hashing and writing, which run beside the computation (`io`)."""
+    """A kind of work: the most threads it can use well (`cap`, None = no limit), the cores it leaves to
+    reading, hashing and writing, which run beside the computation (`io`), and whether its threads each take
+    a whole problem (`across`: one torch thread per problem, problems side by side) or share one."""
 
     cap: int | None
     io: int
     fixed: bool = False
     """Use every CPU the process may run on, whatever the load: the result depends on the thread count (float
     sums split by thread), and the same command must give the same result."""
+    across: bool = False
 
 
-PER_MODULE = Work(cap=4, io=1)
+PER_MODULE = Work(cap=4, io=0, across=True)
 """merge, resize, compare, inspect, …: Gram and eigen problems of one module at a time, at most a few thousand by a
-few hundred; threads beyond a few only wait on each other (bench/bench_merge.py measures it)."""
+few hundred. Splitting one such problem over threads gains little (they wait on each other), so each thread takes
+a module of its own (`module_workers`) and torch runs one thread per module; a module's result is then the same
+whatever the thread count (bench/bench_merge.py measures it)."""
 WHOLE_MODEL = Work(cap=None, io=0, fixed=True)
 """render: a whole network's convolutions, on every CPU the process may use (not fewer on a busy machine: an
 image must not depend on what else was running)."""
@@ -125,22 +132,37 @@ def thread_count(work: Work, requested: int | None = None, load: Callable[[], Cp
     return max(1, threads)
 
 
-def apply_threads(threads: int) -> None:
-    """Run torch and OpenMP on `threads` threads that sleep, not spin, while they wait.
+_module_workers = 1
+"""Threads that compute modules side by side (`Ahead`), as `apply_threads` last set it."""
 
-    Before torch is imported the environment does it (OpenMP reads it when torch starts its pools); after,
-    torch is told directly. `OMP_WAIT_POLICY` set by the user is kept; the thread count replaces any.
+
+def apply_threads(threads: int, work: Work = WHOLE_MODEL) -> None:
+    """Run `work` on `threads` threads that sleep, not spin, while they wait.
+
+    Work `across` modules gets `threads` module workers (`module_workers`) and one torch thread; other work
+    gets `threads` torch threads. Before torch is imported the environment does it (OpenMP reads it when torch
+    starts its pools); after, torch is told directly. `OMP_WAIT_POLICY` set by the user is kept; the thread
+    count replaces any.
     """
+    global _module_workers
+    _module_workers = threads if work.across else 1
+    torch_threads = 1 if work.across else threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = str(threads)
+        os.environ[name] = str(torch_threads)
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
         try:
-            torch.set_num_interop_threads(threads)
+            torch.set_num_interop_threads(torch_threads)
         except RuntimeError:  # only before torch's first parallel work; its pool is then already sized
             pass
+
+
+def module_workers() -> int:
+    """How many modules are computed side by side (`Ahead`'s default): the thread policy's count for per-module
+    work, 1 until a policy is applied."""
+    return _module_workers
 
 
 def resolve_device(name: str) -> "torch.device":
@@ -176,18 +198,45 @@ def on_device(tensors: dict[str, "torch.Tensor"], device: "torch.device | str | 
 
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def in_order(job: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+    """`job(item)` for each item, in the items' order, computed on `workers` threads (default `module_workers()`)
+    at most two per worker ahead of the consumer; with one worker, in the calling thread. A job's exception
+    reaches the consumer when its result is due; the jobs not started then are dropped."""
+    workers = max(1, workers if workers is not None else module_workers())
+    if workers == 1:
+        yield from map(job, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque = deque()
+    remaining = iter(items)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blora-module")
+    try:
+        for item in remaining:
+            pending.append(pool.submit(job, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Ahead(Generic[T]):
-    """Runs jobs on one worker thread, `depth` ahead of the caller, in the sorted order of their keys (the order
-    they will probably be asked for): reading and computing the next module overlaps writing this one.
+    """Runs jobs on `workers` threads (default `module_workers()`), `depth` ahead of the caller (default two per
+    worker), in the sorted order of their keys (the order they will probably be asked for): reading and computing
+    the next modules overlaps writing this one, and with several workers the modules are computed side by side.
 
     A job asked for out of that order runs when asked (the order is only a guess, never a condition of
     correctness); each result is handed over once and then forgotten, so memory holds `depth` results at most.
     """
 
-    def __init__(self, depth: int = 2):
-        self._depth = depth
+    def __init__(self, depth: int | None = None, workers: int | None = None):
+        self._workers = max(1, workers if workers is not None else module_workers())
+        self._depth = depth if depth is not None else 2 * self._workers
         self._jobs: dict[str, Callable[[], T]] = {}
         self._order: list[str] | None = None
         self._position: dict[str, int] = {}
@@ -221,7 +270,7 @@ class Ahead(Generic[T]):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blora-ahead")
+            self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="blora-ahead")
         for key in following:
             if key not in self._futures and key not in self._taken:
                 self._futures[key] = self._pool.submit(self._jobs[key])

@@ -205,7 +205,8 @@ def threads_option(work_name: str):
     def apply(ctx, param, value):
         from blora_tools.compute import PER_MODULE, WHOLE_MODEL, apply_threads, thread_count
 
-        apply_threads(thread_count(WHOLE_MODEL if work_name == "whole_model" else PER_MODULE, value))
+        work = WHOLE_MODEL if work_name == "whole_model" else PER_MODULE
+        apply_threads(thread_count(work, value), work)
         return value
 
     return click.option(

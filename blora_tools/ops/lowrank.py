@@ -25,7 +25,18 @@ from blora_tools.errors import BloraError, NonFiniteError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RULES", "Decomposition", "decompose_factors", "decompose_dense", "RankRule", "RankPlan", "rank_plan"]
+__all__ = [
+    "RULES",
+    "Spectrum",
+    "Decomposition",
+    "spectrum_of_factors",
+    "spectrum_of_dense",
+    "decompose_factors",
+    "decompose_dense",
+    "RankRule",
+    "RankPlan",
+    "rank_plan",
+]
 
 RULES = ("sv_fro", "sv_ratio", "sv_cumulative")
 """Dynamic rank rules (kohya `resize_lora.py` names): Frobenius share kept, largest/smallest kept singular
@@ -33,7 +44,30 @@ value ratio, share of the sum of singular values kept."""
 
 
 @dataclass(frozen=True)
-class Decomposition:
+class Spectrum:
+    """The singular values of a ΔW, descending: all a rank choice and the energy kept need."""
+
+    s: "torch.Tensor"
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.s.shape[0])
+
+    @property
+    def energy(self) -> float:
+        """‖ΔW‖_F² (sum of squared singular values)."""
+        return float((self.s.double() ** 2).sum())
+
+    def retained(self, rank: int) -> float:
+        """The share of ‖ΔW‖_F² a rank-`rank` truncation keeps (1.0 for a zero ΔW)."""
+        total = self.energy
+        if total == 0.0:
+            return 1.0
+        return float((self.s[:rank].double() ** 2).sum()) / total
+
+
+@dataclass(frozen=True)
+class Decomposition(Spectrum):
     """ΔW = u · diag(s) · v: u (out×k) has orthonormal columns, v (k×fan_in) orthonormal rows, s descending.
 
     u and v are held as products, u = left · left_map and v = right_map · right (no map: `left` is u itself,
@@ -41,15 +75,10 @@ class Decomposition:
     computed on.
     """
 
-    s: "torch.Tensor"
     left: "torch.Tensor"
     right: "torch.Tensor"
     left_map: "torch.Tensor | None" = None
     right_map: "torch.Tensor | None" = None
-
-    @property
-    def max_rank(self) -> int:
-        return int(self.s.shape[0])
 
     @property
     def u(self) -> "torch.Tensor":
@@ -66,18 +95,6 @@ class Decomposition:
     def v_rows(self, k: int) -> "torch.Tensor":
         """The first k rows of v (k×fan_in)."""
         return self.right[:k] if self.right_map is None else self.right_map[:k] @ self.right
-
-    @property
-    def energy(self) -> float:
-        """‖ΔW‖_F² (sum of squared singular values)."""
-        return float((self.s.double() ** 2).sum())
-
-    def retained(self, rank: int) -> float:
-        """The share of ‖ΔW‖_F² a rank-`rank` truncation keeps (1.0 for a zero ΔW)."""
-        total = self.energy
-        if total == 0.0:
-            return 1.0
-        return float((self.s[:rank].double() ** 2).sum()) / total
 
     def factors(self, rank: int, gain: float = 1.0) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(up out×rank, down rank×fan_in) with up·down = gain · (rank-`rank` truncation of ΔW).
@@ -114,22 +131,54 @@ def decompose_factors(
     import torch
 
     up, down = _stacked(ups, 1, device), _stacked(downs, 0, device)
-    stacked = up.shape[1]
-    if stacked >= min(up.shape[0], down.shape[1]):
+    if _dense_is_smaller(up, down):
         return decompose_dense(up @ down)
+    gram_up, root_down, core = _gram_core(up, down)
+    values, vectors = torch.linalg.eigh(core)
+    s, signal = _singular_values(values.flip(0), up.shape[1])
+    b = vectors.flip(1)
+    inverse = torch.where(signal, 1.0 / s, torch.zeros_like(s))
+    left_map = (root_down.T @ b) * inverse  # u = U·R_dᵀ·B·S⁻¹
+    right_map = (inverse * inverse)[:, None] * (b.T @ root_down @ gram_up)  # v = S⁻²·Bᵀ·R_d·UᵀU·D
+    return Decomposition(s, up, down, left_map, right_map)
+
+
+def spectrum_of_factors(
+    ups: Sequence["torch.Tensor"], downs: Sequence["torch.Tensor"], device: "torch.device | str | None" = None
+) -> Spectrum:
+    """The singular values of Σ ups[i] @ downs[i] only (as `decompose_factors` gives them, to rounding): the
+    Gram products and the eigenvalues of the small core, no eigenvectors and no products with the factors —
+    for choosing ranks and measuring energy before the decomposition that writes."""
+    import torch
+
+    up, down = _stacked(ups, 1, device), _stacked(downs, 0, device)
+    if _dense_is_smaller(up, down):
+        return spectrum_of_dense(up @ down)
+    values = torch.linalg.eigvalsh(_gram_core(up, down)[2])
+    return Spectrum(_singular_values(values.flip(0), up.shape[1])[0])
+
+
+def _dense_is_smaller(up: "torch.Tensor", down: "torch.Tensor") -> bool:
+    """When the stacked rank reaches the smaller side of the layer, the dense ΔW is no larger than the factors."""
+    return up.shape[1] >= min(up.shape[0], down.shape[1])
+
+
+def _gram_core(up: "torch.Tensor", down: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(UᵀU, R_d, CᵀC = R_d·UᵀU·R_dᵀ) of stacked float64 factors; NonFiniteError for NaN/Inf in them."""
     gram_up, gram_down = up.T @ up, down @ down.T
     if not bool(gram_up.diagonal().isfinite().all() & gram_down.diagonal().isfinite().all()):
         # a Gram diagonal sums the squares of every entry, so it sees any NaN/Inf
         raise NonFiniteError("the factors hold NaN or Inf values, which cannot be decomposed")
     root_down = _gram_root(gram_down)  # R_d
-    values, vectors = torch.linalg.eigh(root_down @ gram_up @ root_down.T)  # CᵀC = R_d·UᵀU·R_dᵀ = B·S²·Bᵀ
-    values, b = values.flip(0), vectors.flip(1)
+    return gram_up, root_down, root_down @ gram_up @ root_down.T  # CᵀC = B·S²·Bᵀ
+
+
+def _singular_values(values: "torch.Tensor", stacked: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(s, signal) from the core's eigenvalues S², descending: values within rounding of 0 count as 0."""
+    import torch
+
     signal = values > values[0].clamp_min(0) * stacked * torch.finfo(values.dtype).eps  # below: rounding
-    s = torch.where(signal, values.clamp_min(0).sqrt(), torch.zeros_like(values))
-    inverse = torch.where(signal, 1.0 / s, torch.zeros_like(s))
-    left_map = (root_down.T @ b) * inverse  # u = U·R_dᵀ·B·S⁻¹
-    right_map = (inverse * inverse)[:, None] * (b.T @ root_down @ gram_up)  # v = S⁻²·Bᵀ·R_d·UᵀU·D
-    return Decomposition(s, up, down, left_map, right_map)
+    return torch.where(signal, values.clamp_min(0).sqrt(), torch.zeros_like(values)), signal
 
 
 def _stacked(parts: Sequence["torch.Tensor"], dim: int, device) -> "torch.Tensor":
@@ -140,7 +189,11 @@ def _stacked(parts: Sequence["torch.Tensor"], dim: int, device) -> "torch.Tensor
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
     out = torch.empty(shape, dtype=torch.float64, device=parts[0].device)
-    return torch.cat(parts, dim, out=out)  # converts while it copies: one pass
+    start = 0
+    for p in parts:  # converts while it copies: one pass (torch.cat into a float64 `out` is ~10× slower for dim 1)
+        out.narrow(dim, start, p.shape[dim]).copy_(p)
+        start += p.shape[dim]
+    return out
 
 
 def _gram_root(gram: "torch.Tensor") -> "torch.Tensor":
@@ -161,11 +214,25 @@ def decompose_dense(delta: "torch.Tensor") -> Decomposition:
     NonFiniteError for NaN/Inf."""
     import torch
 
+    u, s, vt = torch.linalg.svd(_dense_matrix(delta), full_matrices=False)
+    return Decomposition(s, u, vt)
+
+
+def _dense_matrix(delta: "torch.Tensor") -> "torch.Tensor":
+    """ΔW as a 2-D float32 (or float64) matrix; NonFiniteError for NaN/Inf."""
+    import torch
+
     matrix = (delta if delta.dtype == torch.float64 else delta.float()).reshape(delta.shape[0], -1)
     if not bool(matrix.isfinite().all()):
         raise NonFiniteError("ΔW holds NaN or Inf values, which cannot be decomposed")
-    u, s, vt = torch.linalg.svd(matrix, full_matrices=False)
-    return Decomposition(s, u, vt)
+    return matrix
+
+
+def spectrum_of_dense(delta: "torch.Tensor") -> Spectrum:
+    """The singular values of a dense ΔW only (`decompose_dense` without u and v)."""
+    import torch
+
+    return Spectrum(torch.linalg.svdvals(_dense_matrix(delta)))
 
 
 @dataclass(frozen=True)
@@ -244,13 +311,13 @@ class RankPlan:
         """True when every module's rank follows from the caps alone (no rule looks at singular values)."""
         return self.rule is None
 
-    def choose(self, decomposition: Decomposition, block: str | None, conv: bool) -> int:
+    def choose(self, spectrum: Spectrum, block: str | None, conv: bool) -> int:
         """The rank to keep for one module."""
         cap = self.cap(block, conv)
-        limit = decomposition.max_rank if cap is None else min(cap, decomposition.max_rank)
+        limit = spectrum.max_rank if cap is None else min(cap, spectrum.max_rank)
         if self.rule is None:
             return limit
-        return min(limit, self.rule.rank(decomposition.s))
+        return min(limit, self.rule.rank(spectrum.s))
 
     def describe(self) -> dict[str, object]:
         """A JSON-friendly record of the plan (for metadata and summaries)."""

@@ -30,9 +30,16 @@ from blora_tools.adapter.metadata import SPEC_KEY, updated_metadata
 from blora_tools.adapter.model import PEFT_METADATA_KEY, Adapter, Module
 from blora_tools.adapter.writer import Entry
 from blora_tools.errors import BloraError, NonFiniteError
-from blora_tools.compute import Ahead
+from blora_tools.compute import Ahead, in_order
 from blora_tools.ops.dit_naming import in_naming, layer_namings, naming_of
-from blora_tools.ops.lowrank import Decomposition, RankPlan, decompose_dense, decompose_factors
+from blora_tools.ops.lowrank import (
+    RankPlan,
+    Spectrum,
+    decompose_dense,
+    decompose_factors,
+    spectrum_of_dense,
+    spectrum_of_factors,
+)
 from blora_tools.ops.result import Progress, Result, computed, copied, loader_notes, scalar
 from blora_tools.spec import ModuleFacts
 from blora_tools.taxonomy.arch import is_dit
@@ -357,13 +364,17 @@ def _plan_one(stem: str, parts: list[_Part], method: str, plan: RankPlan, arch: 
 
 
 def _measure(plans: list[_Plan], plan: RankPlan, progress: Progress | None, device) -> None:
-    """Decompose each module once to choose its rank (dynamic rules) and record the energy it keeps."""
-    for p in plans:
-        if p.route in ("factors", "dense") and p.rank != 0:
-            decomposition = _decompose(p, device)
-            p.rank = plan.choose(decomposition, p.block, p.conv)
-            p.energy = decomposition.energy
-            p.retained = decomposition.retained(p.rank) if p.rank else 0.0
+    """Take each module's singular values once (modules side by side on the thread policy's workers) to choose
+    its rank (dynamic rules) and record the energy it keeps."""
+
+    def spectrum(p: _Plan) -> Spectrum | None:
+        return _decompose(p, device, values_only=True) if p.route in ("factors", "dense") and p.rank != 0 else None
+
+    for p, values in zip(plans, in_order(spectrum, plans)):
+        if values is not None:
+            p.rank = plan.choose(values, p.block, p.conv)
+            p.energy = values.energy
+            p.retained = values.retained(p.rank) if p.rank else 0.0
         if progress is not None:
             progress(1)
 
@@ -386,18 +397,21 @@ def _terms(p: _Part) -> tuple["torch.Tensor", "torch.Tensor"]:
     return lora_factors(p.module.kind, p.adapter.tensors(p.module))
 
 
-def _decompose(p: _Plan, device) -> Decomposition:
+def _decompose(p: _Plan, device, values_only: bool = False) -> Spectrum:
+    """The module's Decomposition, or with `values_only` its singular values alone (cheaper: for the rank
+    choice and the energy kept)."""
     if p.route == "factors":
         terms = [(part, *_terms(part)) for part in p.parts]
+        route = spectrum_of_factors if values_only else decompose_factors
         try:
-            return decompose_factors([up * part.coefficient for part, up, _ in terms], [d for *_, d in terms], device)
+            return route([up * part.coefficient for part, up, _ in terms], [d for *_, d in terms], device)
         except NonFiniteError:  # find the module and file to name (the Gram route sees NaN/Inf in one pass)
             for part, up, down in terms:
                 _require_finite(part, up, down)
                 _representable(part, up * part.coefficient)
             path = p.parts[0].adapter.path
             raise NonFiniteError(f"module {p.stem}: its ΔW overflows; nothing written", path) from None
-    return decompose_dense(_dense(p).to(device))
+    return (spectrum_of_dense if values_only else decompose_dense)(_dense(p).to(device))
 
 
 def _dense(p: _Plan) -> "torch.Tensor":

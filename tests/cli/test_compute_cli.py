@@ -101,6 +101,10 @@ _PROBE = textwrap.dedent(
         seen["torch_threads"] = torch.get_num_threads()
         native = len(os.listdir("/proc/self/task")) - threading.active_count()
         seen["native_threads"] = max(seen.get("native_threads", 0), native)
+        name = threading.current_thread().name
+        seen["module_threads"] = sorted(set(seen.get("module_threads", [])) | {name.rsplit("_", 1)[0]})
+        seen["module_workers"] = max(seen.get("module_workers", 0), int(name.rsplit("_", 1)[1]) + 1
+                                     if name.startswith("blora-ahead") else 0)
         return result
 
     merge_op.decompose_factors = probe
@@ -136,10 +140,14 @@ def test_busy_machine_gets_no_more_threads_than_free_cores(tmp_path, pair):
     assert seen["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     assert seen["torch_threads"] == 1
     assert seen["native_threads"] == 0  # only Python's own threads (main, read-ahead, hashing)
+    assert seen["module_workers"] <= 1  # one module at a time
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
 def test_threads_option_overrides_the_policy(tmp_path, pair):
+    """`--threads 2` on per-module work: two modules computed side by side, each on one torch thread."""
     seen = _probe(tmp_path, pair, 4, 4.0, "--threads", "2")
-    assert seen["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2"}
-    assert seen["torch_threads"] <= 2
+    assert seen["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    assert seen["torch_threads"] == 1
+    assert seen["module_workers"] == 2
+    assert seen["native_threads"] == 0

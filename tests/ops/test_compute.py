@@ -18,6 +18,7 @@ from blora_tools.compute import (
     CpuLoad,
     apply_threads,
     free_cpus,
+    in_order,
     read_cpu_load,
     resolve_device,
     thread_count,
@@ -28,11 +29,12 @@ from blora_tools.errors import BloraError
 @pytest.mark.parametrize(
     "load, per_module, whole_model",
     [
-        (CpuLoad(2, 0.0), 1, 2),  # idle 2 cores: one computes, one reads and writes
+        (CpuLoad(2, 0.0), 2, 2),  # idle 2 cores: two modules side by side
+        (CpuLoad(2, 1.0), 1, 2),  # one core busy elsewhere: one
         (CpuLoad(2, 2.0), 1, 2),  # a process spinning on every core: never more than one thread (render: all,
         (CpuLoad(2, 5.0), 1, 2),  # over-committed: still one              so its images do not depend on the load)
         (CpuLoad(16, 0.0), 4, 16),  # per-module work is capped: its problems are small
-        (CpuLoad(16, 12.0), 3, 16),  # only the CPUs others leave free
+        (CpuLoad(16, 13.0), 3, 16),  # only the CPUs others leave free
         (CpuLoad(16, 15.6), 1, 16),
     ],
 )
@@ -64,17 +66,20 @@ def test_cpu_load_reads_the_running_tasks(tmp_path):
     assert read_cpu_load(tmp_path / "missing") == CpuLoad(allowed, 0.0)  # no reading: treated as idle
 
 
-def test_apply_threads_before_torch_sets_the_environment_torch_starts_with():
-    """A fresh process: the policy goes into the environment OpenMP reads when torch starts its pool."""
+@pytest.mark.parametrize("work, threads, torch_threads, workers", [(WHOLE_MODEL, 2, 2, 1), (PER_MODULE, 2, 1, 2)])
+def test_apply_threads_before_torch_sets_the_environment_torch_starts_with(work, threads, torch_threads, workers):
+    """A fresh process: the policy goes into the environment OpenMP reads when torch starts its pool. Per-module
+    work puts its threads on modules side by side, each running torch on one thread."""
     code = (
-        "import sys; from blora_tools.compute import apply_threads; apply_threads(1); "
+        "import sys; from blora_tools import compute; "
+        f"compute.apply_threads({threads}, compute.{'PER_MODULE' if work is PER_MODULE else 'WHOLE_MODEL'}); "
         "assert 'torch' not in sys.modules; import os, torch; "
-        "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+        "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads(), compute.module_workers())"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["PASSIVE", "1"]
+    assert done.stdout.split() == ["PASSIVE", str(torch_threads), str(workers)]
 
 
 def test_apply_threads_after_torch_tells_torch(monkeypatch):
@@ -127,6 +132,46 @@ def test_ahead_runs_the_next_jobs_on_a_worker_in_key_order():
     assert ran["b"].startswith("blora-ahead") and ran["c"].startswith("blora-ahead")
     assert [takers[k]() for k in ("b", "c", "d")] == ["B", "C", "D"]
     assert sorted(ran) == ["a", "b", "c", "d"]
+
+
+def test_ahead_with_several_workers_computes_modules_side_by_side():
+    """Two workers run two jobs at once (each waits until the other has started), results stay per key."""
+    started = threading.Barrier(2, timeout=10)
+
+    def job(key: str):
+        def run():
+            started.wait()  # a single worker would time out here
+            return key * 2
+
+        return run
+
+    ahead = Ahead(workers=2)
+    takers = {k: ahead.add(k, job(k)) for k in ("a", "b", "c", "d", "e")}
+    with pytest.raises(threading.BrokenBarrierError):
+        takers["a"]()  # asked first, it runs alone in the caller's thread
+    started.reset()
+    assert [takers[k]() for k in ("b", "c", "d", "e")] == ["bb", "cc", "dd", "ee"]
+
+
+def test_in_order_keeps_order_bounds_the_look_ahead_and_passes_errors():
+    running = threading.Semaphore(0)
+    seen: list[int] = []
+
+    def job(n: int) -> int:
+        seen.append(n)
+        if n == 6:
+            raise ValueError("job 6 failed")
+        running.release()
+        time.sleep(0.01 * (5 - n % 5))  # later items finish first
+        return n * n
+
+    results = in_order(job, range(10), workers=3)
+    got = [next(results) for _ in range(6)]
+    assert got == [n * n for n in range(6)]
+    assert max(seen) <= 6 + 2 * 3  # never more than two per worker ahead of the consumer
+    with pytest.raises(ValueError, match="job 6 failed"):
+        next(results)
+    assert list(in_order(lambda n: n + 1, [3, 1, 2], workers=1)) == [4, 2, 3]  # one worker: the caller's thread
 
 
 def test_ahead_out_of_order_and_failing_jobs():

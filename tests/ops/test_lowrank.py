@@ -12,6 +12,8 @@ from blora_tools.ops.lowrank import (
     decompose_dense,
     decompose_factors,
     rank_plan,
+    spectrum_of_dense,
+    spectrum_of_factors,
 )
 
 
@@ -38,6 +40,29 @@ def test_decompose_factors_equals_dense_svd(out, fan_in, ranks):
     rebuilt = (d.u.double() * d.s.double()) @ d.v.double()
     assert float((rebuilt - dense).norm() / dense.norm()) < 1e-5
     torch.testing.assert_close(d.u.T @ d.u, torch.eye(k, dtype=d.u.dtype), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "out, fan_in, ranks",
+    [(40, 30, [4, 8]), (12, 50, [8, 8]), (30, 30, [3, 5, 2]), (20, 16, [3, 3])],
+    ids=["two", "R>out", "three", "dependent"],
+)
+def test_spectrum_alone_equals_the_dense_singular_values(out, fan_in, ranks):
+    """The values-only route (for rank choice and energy) gives the singular values the full route gives."""
+    ups, downs = _terms(4, out, fan_in, ranks)
+    if len(ranks) == 2 and ranks == [3, 3]:  # a repeated term: the stacked factors are rank-deficient
+        ups, downs = [ups[0], ups[0]], [downs[0], downs[0]]
+    dense = sum(u.double() @ d.double() for u, d in zip(ups, downs))
+    expected = torch.linalg.svdvals(dense)
+    spectrum = spectrum_of_factors(ups, downs)
+    full = decompose_factors(ups, downs)
+    assert spectrum.max_rank == full.max_rank == min(out, fan_in, sum(ranks))
+    torch.testing.assert_close(spectrum.s.double(), expected[: spectrum.max_rank], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(spectrum.s, full.s, rtol=1e-9, atol=1e-9)
+    assert spectrum.energy == pytest.approx(float(dense.norm() ** 2), rel=1e-9)
+    assert spectrum.retained(2) == pytest.approx(full.retained(2), rel=1e-9)
+    dense_values = spectrum_of_dense(dense.float())
+    torch.testing.assert_close(dense_values.s.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 6])
