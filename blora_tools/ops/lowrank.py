@@ -29,6 +29,7 @@ __all__ = [
     "RULES",
     "Spectrum",
     "Decomposition",
+    "Maps",
     "spectrum_of_factors",
     "spectrum_of_dense",
     "decompose_factors",
@@ -117,6 +118,34 @@ class Decomposition(Spectrum):
             up = torch.cat([up, up.new_zeros(up.shape[0], rank - k)], dim=1)
             down = torch.cat([down, down.new_zeros(rank - k, down.shape[1])], dim=0)
         return up, down
+
+    def kept(self, rank: int) -> "Maps | None":
+        """What this decomposition holds besides the factors, for its first `rank` ranks (small: R×rank), to be
+        joined to the same factors again (`Maps.on`); None for a dense decomposition (no maps: u is stored)."""
+        if self.left_map is None or self.right_map is None:
+            return None
+        k = min(rank, self.max_rank)
+        return Maps(self.s[:k].clone(), self.left_map[:, :k].clone(), self.right_map[:k].clone())
+
+
+@dataclass(frozen=True)
+class Maps:
+    """A factor-route decomposition without its factors, truncated to the ranks kept: `s` and the maps u = U·left_map,
+    v = right_map·D. Kept from a first pass that chose the rank, so writing needs only the two products with the
+    factors, not the Gram matrices again."""
+
+    s: "torch.Tensor"
+    left_map: "torch.Tensor"
+    right_map: "torch.Tensor"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.s, self.left_map, self.right_map))
+
+    def on(self, ups: Sequence["torch.Tensor"], downs: Sequence["torch.Tensor"], device=None) -> Decomposition:
+        """The decomposition again, given the factors it was computed from (as `decompose_factors` took them)."""
+        up, down = _stacked(ups, 1, device), _stacked(downs, 0, device)
+        return Decomposition(self.s, up, down, self.left_map.to(up.device), self.right_map.to(up.device))
 
 
 def decompose_factors(

@@ -33,6 +33,7 @@ from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.compute import Ahead, in_order
 from blora_tools.ops.dit_naming import in_naming, layer_namings, naming_of
 from blora_tools.ops.lowrank import (
+    Maps,
     RankPlan,
     Spectrum,
     decompose_dense,
@@ -97,6 +98,8 @@ class _Plan:
     energy: float | None = None
     retained: float | None = None
     input_ranks: list[int] = field(default_factory=list)
+    maps: Maps | None = None
+    """The first pass's decomposition less its factors (`_measure`), so the write skips the Gram matrices."""
 
     @property
     def max_rank(self) -> int:
@@ -363,18 +366,32 @@ def _plan_one(stem: str, parts: list[_Part], method: str, plan: RankPlan, arch: 
     return result
 
 
+_MAPS_BUDGET = 256 << 20
+"""Bytes of first-pass maps (`_Plan.maps`) kept for the write; past it, modules are decomposed again."""
+
+
 def _measure(plans: list[_Plan], plan: RankPlan, progress: Progress | None, device) -> None:
-    """Take each module's singular values once (modules side by side on the thread policy's workers) to choose
-    its rank (dynamic rules) and record the energy it keeps."""
+    """Decompose each module once (modules side by side on the thread policy's workers) to choose its rank
+    (dynamic rules) and record the energy it keeps; keep the small maps of the kept ranks for the write, while
+    they fit `_MAPS_BUDGET` (then only singular values are taken: cheaper, and the write decomposes again)."""
+    kept = 0
 
-    def spectrum(p: _Plan) -> Spectrum | None:
-        return _decompose(p, device, values_only=True) if p.route in ("factors", "dense") and p.rank != 0 else None
+    def measured(p: _Plan) -> tuple[Spectrum, Maps | None] | None:
+        if p.route not in ("factors", "dense") or p.rank == 0:
+            return None
+        if kept >= _MAPS_BUDGET or p.route == "dense":
+            return _decompose(p, device, values_only=True), None
+        decomposition = _decompose(p, device)
+        rank = plan.choose(decomposition, p.block, p.conv)
+        return decomposition, decomposition.kept(rank) if rank else None
 
-    for p, values in zip(plans, in_order(spectrum, plans)):
-        if values is not None:
-            p.rank = plan.choose(values, p.block, p.conv)
-            p.energy = values.energy
-            p.retained = values.retained(p.rank) if p.rank else 0.0
+    for p, found in zip(plans, in_order(measured, plans)):
+        if found is not None:
+            spectrum, p.maps = found
+            p.rank = plan.choose(spectrum, p.block, p.conv)
+            p.energy = spectrum.energy
+            p.retained = spectrum.retained(p.rank) if p.rank else 0.0
+            kept += p.maps.nbytes if p.maps is not None else 0
         if progress is not None:
             progress(1)
 
@@ -397,16 +414,22 @@ def _terms(p: _Part) -> tuple["torch.Tensor", "torch.Tensor"]:
     return lora_factors(p.module.kind, p.adapter.tensors(p.module))
 
 
+def _scaled_terms(p: _Plan) -> tuple[list["torch.Tensor"], list["torch.Tensor"]]:
+    """The module's (ups × ratio·scale, downs) over its inputs: the factors the Gram route decomposes."""
+    terms = [(part, *_terms(part)) for part in p.parts]
+    return [up * part.coefficient for part, up, _ in terms], [down for *_, down in terms]
+
+
 def _decompose(p: _Plan, device, values_only: bool = False) -> Spectrum:
     """The module's Decomposition, or with `values_only` its singular values alone (cheaper: for the rank
     choice and the energy kept)."""
     if p.route == "factors":
-        terms = [(part, *_terms(part)) for part in p.parts]
+        ups, downs = _scaled_terms(p)
         route = spectrum_of_factors if values_only else decompose_factors
         try:
-            return route([up * part.coefficient for part, up, _ in terms], [d for *_, d in terms], device)
+            return route(ups, downs, device)
         except NonFiniteError:  # find the module and file to name (the Gram route sees NaN/Inf in one pass)
-            for part, up, down in terms:
+            for part, (up, down) in zip(p.parts, (_terms(part) for part in p.parts)):
                 _require_finite(part, up, down)
                 _representable(part, up * part.coefficient)
             path = p.parts[0].adapter.path
@@ -461,7 +484,9 @@ def _concat(p: _Plan, file_alpha: float) -> tuple["torch.Tensor", "torch.Tensor"
 
 
 def _compressed(p: _Plan, file_alpha: float, clamp_quantile: float | None, device) -> tuple["torch.Tensor", "torch.Tensor"]:
-    up, down = _decompose(p, device).factors(p.rank, gain=p.rank / file_alpha)
+    decomposition = p.maps.on(*_scaled_terms(p), device) if p.maps is not None else _decompose(p, device)
+    p.maps = None  # written once; the memory goes back
+    up, down = decomposition.factors(p.rank, gain=p.rank / file_alpha)
     if clamp_quantile is not None:
         up, down = _clamp(up, down, clamp_quantile)
     return up, down

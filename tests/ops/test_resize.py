@@ -111,3 +111,33 @@ def test_resized_file_with_mixed_ranks_loads_exactly_in_diffusers(tmp_path):
     assert len({m.rank for m in open_adapter(out).modules.values()}) == 4
     error, effect = diffusers_unet_error(out)
     assert effect > 0.05 and error < 1e-5
+
+
+@pytest.mark.parametrize("plan", [RankPlan(3), RankPlan(rule=RankRule("sv_fro", 0.9))], ids=["fixed", "dynamic"])
+def test_write_from_first_pass_maps_equals_a_second_decomposition(tmp_path, monkeypatch, plan):
+    """The write reuses the rank-choosing pass's small maps: one Gram pass per module, not two. With no room to
+    keep them (a budget of 0) every module is decomposed again. Both write the same bytes."""
+    import blora_tools.ops.lowrank as lowrank
+    import blora_tools.ops.merge as merge_module
+
+    grams = []
+    gram_core = lowrank._gram_core
+    monkeypatch.setattr(lowrank, "_gram_core", lambda up, down: grams.append(up.shape) or gram_core(up, down))
+    source = make_adapter(tmp_path / "in.safetensors", "sd1", "locon", rank=6, alpha=3.0)
+    modules = len(open_adapter(source).modules)
+    first = resize(open_adapter(source), plan, alpha=1.0, dtype="F32").save(tmp_path / "kept.safetensors")
+    assert len(grams) == modules
+    monkeypatch.setattr(merge_module, "_MAPS_BUDGET", 0)
+    second = resize(open_adapter(source), plan, alpha=1.0, dtype="F32").save(tmp_path / "again.safetensors")
+    assert len(grams) == 3 * modules  # values first, then the whole decomposition
+    assert _data(first) == _data(second)
+    if plan.rule is None:
+        before, after = dense_deltas(source), dense_deltas(first)
+        for stem, delta in before.items():
+            assert relative_error(after[stem], _truncated(delta, 3)) < 1e-4, stem
+
+
+def _data(path) -> dict[str, bytes]:
+    from safetensors.numpy import load_file
+
+    return {k: v.tobytes() for k, v in load_file(str(path)).items()}
