@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from blora_tools.adapter.kinds import delta_weight, factored_inner, frobenius_norm, lora_factors, rank_exceeds_layer
 from blora_tools.adapter.layers import modules_by_layer
 from blora_tools.adapter.model import Adapter, Module
-from blora_tools.compute import on_device
+from blora_tools.compute import in_order, on_device
 from blora_tools.errors import BloraError, NonFiniteError
 from blora_tools.ops.dit_naming import in_naming
 from blora_tools.ops.stats import row_order
@@ -89,26 +89,36 @@ def compare(
     keyed_a, keyed_b = modules_by_layer(a), modules_by_layer(b)
     groups: dict[str, _Group] = {g: _Group() for g in _rows(arch)}
     dora = []
-    for key in sorted(set(keyed_a) | set(keyed_b)):
+    keys = sorted(set(keyed_a) | set(keyed_b))
+
+    def figures(key) -> tuple[float | None, float | None, float | None, float | None]:
+        """(‖ΔW_a‖, ‖ΔW_b‖, ⟨ΔW_a, ΔW_b⟩, overlap) of one layer; None where a file lacks it or a ΔW is zero."""
         ma, mb = keyed_a.get(key), keyed_b.get(key)
-        group = groups.setdefault(_row_of(ma or mb, dit), _Group())
         ta = on_device(a.tensors(ma), device) if ma else None
         tb = on_device(b.tensors(mb), device) if mb else None
+        norm_a = _norm(a, ma, ta) if ma else None
+        norm_b = _norm(b, mb, tb) if mb else None
+        if not (ma and mb):
+            return norm_a, norm_b, None, None
+        xa, xb = _matrices(ma, ta), _matrices(mb, tb)
+        return norm_a, norm_b, _inner(ma, xa, mb, xb), _overlap(ma, xa, mb, xb)
+
+    for key, (norm_a, norm_b, inner, overlap) in zip(keys, in_order(figures, keys)):  # layers side by side
+        ma, mb = keyed_a.get(key), keyed_b.get(key)
+        group = groups.setdefault(_row_of(ma or mb, dit), _Group())
         if ma:
             group.modules_a += 1
-            group.norm_a_sq += _norm(a, ma, ta) ** 2
+            group.norm_a_sq += norm_a**2
             if ma.dora:
                 dora.append(ma.stem)
         if mb:
             group.modules_b += 1
-            group.norm_b_sq += _norm(b, mb, tb) ** 2
+            group.norm_b_sq += norm_b**2
             if mb.dora:
                 dora.append(mb.stem)
         if ma and mb:
             group.shared += 1
-            xa, xb = _matrices(ma, ta), _matrices(mb, tb)
-            group.inner += _inner(ma, xa, mb, xb)
-            overlap = _overlap(ma, xa, mb, xb)
+            group.inner += inner
             if overlap is not None:
                 group.overlaps.append(overlap)
         if on_module:

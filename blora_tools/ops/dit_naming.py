@@ -199,11 +199,23 @@ class _Named(Adapter):
         if key not in self.virtual:
             return super().tensor(key)
         stem, param = self.virtual[key]
+        return self._made(stem)[param]
+
+    def tensors(self, module: Module) -> dict[str, "torch.Tensor"]:
+        """All tensors of a module; a made module is made once for all of them (threads asking for different
+        modules side by side would otherwise remake it for each tensor)."""
+        if not any(key in self.virtual for key in module.keys.values()):
+            return super().tensors(module)
+        made = self._made(module.stem)
+        return {param: made[self.virtual[key][1]] if key in self.virtual else super(_Named, self).tensor(key)
+                for param, key in module.keys.items()}
+
+    def _made(self, stem: str) -> dict[str, "torch.Tensor"]:
         with self._lock:
             last = self._last
             if last is None or last[0] != stem:
                 last = self._last = (stem, self.makers[stem]())
-        return last[1][param]
+        return last[1]
 
     def made(self, key: str) -> bool:
         return key in self.virtual

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from blora_tools.adapter.layers import is_conv, layer_shape
 from blora_tools.adapter.metadata import SPEC_KEY, training_summary
 from blora_tools.adapter.model import Adapter, Module
-from blora_tools.compute import on_device
+from blora_tools.compute import in_order, on_device
 from blora_tools.errors import SpecError
 from blora_tools.spec import BlockSpec
 from blora_tools.taxonomy.arch import Arch, is_dit
@@ -83,6 +83,18 @@ def row_order(arch: Arch, fine: bool) -> list[str]:
     return list(layout.groups)
 
 
+def _module_norm(adapter: Adapter, module: Module, device) -> tuple[float, bool]:
+    """(‖ΔW‖_F, whether the module's values are all finite) of one module (finite values may still overflow).
+
+    One pass over the data: NaN/Inf in any factor makes the norm NaN/Inf (a Gram diagonal holds every entry's
+    square), so only a non-finite norm needs the element-wise check."""
+    from blora_tools.adapter.kinds import frobenius_norm
+
+    tensors = on_device(adapter.tensors(module), device)
+    norm = frobenius_norm(module.kind, tensors, module.scale, module.weight_shape)
+    return norm, math.isfinite(norm) or all(bool(t.float().isfinite().all()) for t in tensors.values())
+
+
 def inspect_adapter(
     adapter: Adapter,
     *,
@@ -99,25 +111,21 @@ def inspect_adapter(
     per_block = {k: _BlockFigures() for k in row_order(adapter.arch, True)} if dit else {}
     warnings = list(adapter.warnings)
     nonfinite: list[str] = []
-    for module in adapter.modules.values():
+    modules = list(adapter.modules.values())
+    norms = in_order(lambda m: _module_norm(adapter, m, device), modules) if with_stats else iter(())
+    for module in modules:  # the norms computed side by side on the thread policy's workers, summed in order
         counted = [rows.setdefault(_row_key(module, fine), _BlockFigures())]
         if dit and module.placement is not None:
             counted.append(per_block[_row_key(module, True)])
         for figures in counted:
             figures.add(module, sum(adapter.info(k).nbytes for k in module.keys.values()))
         if with_stats:
-            from blora_tools.adapter.kinds import frobenius_norm
-
-            # One pass over the data: NaN/Inf in any factor makes the norm NaN/Inf (a Gram diagonal holds every
-            # entry's square), so only a non-finite norm needs the element-wise check.
-            tensors = on_device(adapter.tensors(module), device)
-            norm = frobenius_norm(module.kind, tensors, module.scale, module.weight_shape)
-            if not math.isfinite(norm):
-                if all(bool(t.float().isfinite().all()) for t in tensors.values()):
-                    warnings.append(f"module {module.stem}: its norm overflows float32; left out of the norms")
-                    norm = 0.0
-                else:
-                    nonfinite.append(module.stem)
+            norm, finite_values = next(norms)
+            if not finite_values:
+                nonfinite.append(module.stem)
+            elif not math.isfinite(norm):
+                warnings.append(f"module {module.stem}: its norm overflows float32; left out of the norms")
+                norm = 0.0
             for figures in counted:
                 figures.norm_sq = (figures.norm_sq or 0.0) + norm * norm
         if on_module:

@@ -75,7 +75,7 @@ def test_auto_device_gives_the_cpu_figures(runner, pair, tmp_path):
 
 _PROBE = textwrap.dedent(
     """
-    import json, os, sys, threading
+    import json, os, sys, threading, time
     import importlib.abc
 
     seen = {}
@@ -99,7 +99,10 @@ _PROBE = textwrap.dedent(
         import torch
         result = decompose(*args, **kwargs)
         seen["torch_threads"] = torch.get_num_threads()
-        native = len(os.listdir("/proc/self/task")) - threading.active_count()
+        native = 1 << 30
+        for _ in range(3):  # the least of a few readings: a pool thread that is ending still shows in /proc a moment
+            native = min(native, len(os.listdir("/proc/self/task")) - threading.active_count())
+            time.sleep(0.005)
         seen["native_threads"] = max(seen.get("native_threads", 0), native)
         name = threading.current_thread().name
         seen["module_threads"] = sorted(set(seen.get("module_threads", [])) | {name.rsplit("_", 1)[0]})
