@@ -22,6 +22,7 @@ default (every CPU, OpenMP spinning while it waits): minutes.
     python bench/bench_merge.py                         # full size; the reference on every 4th module
     python bench/bench_merge.py --reference-every 1     # the reference on all 986 (about 11 minutes on 2 cores)
     python bench/bench_merge.py --every 8               # every 8th module: a quick look
+    python bench/bench_merge.py --repeats 3             # three idle/busy pairs in turns (medians)
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1, help="use every Nth module of the manifest (1 = full SDXL)")
     parser.add_argument("--reference-every", type=int, default=4, help="the reference runs on every Nth module")
     parser.add_argument("--unpinned", action="store_true", help="also ours busy with torch's old thread default")
+    parser.add_argument("--repeats", type=int, default=1, help="idle/busy pairs to run, in turns (medians shown)")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
     if args.child:
@@ -219,21 +221,25 @@ def bench_merge(args) -> None:
     a, b, n, gpu = args.out / "in0.safetensors", args.out / "in1.safetensors", facts["modules"], facts["gpu"]
     cpus = len(os.sched_getaffinity(0))
     ours_out, ref_out = args.out / "ours.safetensors", args.out / "reference.safetensors"
-    rows: list[tuple[str, dict]] = []
+    rows: dict[str, list[dict]] = {}
 
     def ours(label: str, *extra: str, env: dict[str, str] | None = None) -> dict:
         load = _load()
         result = run_ours(a, b, ours_out, args.rank, *extra, env=env)
         result["label"], result["load"] = label, load
-        rows.append((label, result))
+        rows.setdefault(label, []).append(result)
         return result
 
-    idle = ours("ours, CPU, idle (policy)")
     accuracy_out = args.out / "ours-idle.safetensors"
-    ours_out.replace(accuracy_out)
-    with Spinners(cpus):
-        busy = ours(f"ours, CPU, busy: {cpus} spinning (policy)")
-        if args.unpinned:
+    ratios = []
+    for _ in range(args.repeats):  # idle and busy in turns, so both see the same drift of a shared machine
+        idle = ours("ours, CPU, idle (policy)")
+        ours_out.replace(accuracy_out)
+        with Spinners(cpus):
+            busy = ours(f"ours, CPU, busy: {cpus} spinning (policy)")
+        ratios.append(busy["seconds"] / idle["seconds"])
+    if args.unpinned:
+        with Spinners(cpus):
             ours(f"ours, CPU, busy: {cpus} spinning, torch's old default", "--threads", str(cpus),
                  env={"OMP_WAIT_POLICY": "ACTIVE"})
     ours("ours, CPU, idle, --threads 1", "--threads", "1")
@@ -246,12 +252,14 @@ def bench_merge(args) -> None:
     modules = len(range(0, n, args.reference_every))
     print(f"\nmerge --method svd --rank {args.rank}: two SDXL-shaped rank-{args.rank} fp16 adapters, {n} modules "
           f"(every {args.every}th of 986), {cpus} CPUs{', ' + gpu if gpu else ''}")
-    print(f"{'':52}{'time s':>9}{'peak RSS MB':>13}{'load before':>13}")
-    for label, r in rows:
-        print(f"{label:52}{r['seconds']:>9.2f}{r['peak_mb']:>13.0f}{r['load']:>13}")
+    print(f"{'':52}{'time s':>9}{'peak RSS MB':>13}{'load before':>13}   (median of the runs; all runs)")
+    for label, runs in rows.items():
+        r = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]
+        every = " ".join(f"{x['seconds']:.2f}" for x in runs) if len(runs) > 1 else ""
+        print(f"{label:52}{r['seconds']:>9.2f}{r['peak_mb']:>13.0f}{r['load']:>13}   {every}")
     print(f"{'reference, 1 thread, every ' + str(args.reference_every) + 'th module (' + str(modules) + ')':52}"
           f"{ref['seconds']:>9.2f}{ref['peak_mb']:>13.0f}{ref['load']:>13}")
-    print(f"busy / idle: {busy['seconds'] / idle['seconds']:.2f}×")
+    print(f"busy / idle, each pair run back to back: {', '.join(f'{r:.2f}×' for r in ratios)}")
     print(f"relative error over the reference's {modules} modules: ours {acc['ours']:.6f}, reference "
           f"{acc['reference']:.6f} (difference {abs(acc['ours'] - acc['reference']):.1e}); largest per-module "
           f"relative difference ours vs reference {acc['max_module_difference']:.1e}")
