@@ -32,28 +32,45 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _layers(blocks: int | None):
+def flux_layers(blocks: int | None, single_blocks: int | None = None):
+    """The full-width Flux.1 block layers of sd-scripts' default `lora_flux` network (BFL naming), from the
+    taxonomy's layer table; with `blocks`, only the first that many double blocks and single blocks (or
+    `single_blocks` single blocks)."""
     from blora_tools.taxonomy.dit import BFL, FLUX_RECORD
 
     chosen = [l for l in FLUX_RECORD.layers() if l.naming == BFL and l.block is not None]
     if blocks is not None:
-        keep = {f"D{i:02d}" for i in range(blocks)} | {f"S{i:02d}" for i in range(blocks)}
+        singles = blocks if single_blocks is None else single_blocks
+        keep = {f"D{i:02d}" for i in range(blocks)} | {f"S{i:02d}" for i in range(singles)}
         chosen = [l for l in chosen if l.block in keep]
     return chosen
 
 
-def make_file(path: Path, blocks: int | None, rank: int, seed: int) -> None:
+def make_file(path: Path, blocks: int | None, rank: int, seed: int, decay: float = 1.0,
+              single_blocks: int | None = None) -> None:
+    """A kohya Flux LoRA of `rank` on `flux_layers(blocks, single_blocks)`, random fp16 factors, alpha rank/2.
+    `decay` < 1 scales the i-th down row by decay**i, so ΔW's singular values fall off geometrically as a trained
+    LoRA's do."""
     import torch
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
+    rows = torch.tensor([decay**i for i in range(rank)])[:, None]
     tensors = {}
-    for layer in _layers(blocks):
+    for layer in flux_layers(blocks, single_blocks):
         out, fan_in = layer.shape
-        tensors[f"{layer.stem}.lora_down.weight"] = (torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).half()
+        down = torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in) * rows
+        tensors[f"{layer.stem}.lora_down.weight"] = down.half()
         tensors[f"{layer.stem}.lora_up.weight"] = (torch.randn(out, rank, generator=gen) * 0.01).half()
         tensors[f"{layer.stem}.alpha"] = torch.tensor(float(rank / 2)).half()
     save_file(tensors, str(path), metadata={"ss_base_model_version": "flux1"})
+
+
+def child_make(path: str, blocks: int, rank: int, seed: int) -> dict:
+    """`make_file` in a child: Linux carries a parent's peak RSS into the children it starts (fork and exec keep
+    it), so the parent, which starts every measured process, must never hold tensors or torch itself."""
+    make_file(Path(path), blocks or None, rank, seed)
+    return {}
 
 
 def _peak_mib() -> float:
@@ -79,7 +96,7 @@ def child_dense(a: str, b: str, rank: int, merged_path: str, blocks: int) -> dic
 
     shapes: dict[tuple[int, int], str] = {}
     counts: Counter = Counter()
-    for layer in _layers(blocks or None):
+    for layer in flux_layers(blocks or None):
         shapes.setdefault(layer.shape, layer.stem)
         counts[layer.shape] += 1
     files = [safe_open(p, "pt") for p in (a, b)]
@@ -134,14 +151,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         name, *rest = args.child
-        fn = {"merge": child_merge, "dense": child_dense, "convert": child_convert}[name]
+        fn = {"make": child_make, "merge": child_merge, "dense": child_dense, "convert": child_convert}[name]
         params = [int(x) if x.isdigit() else x for x in rest]
         print(json.dumps(fn(*params[: fn.__code__.co_argcount])))
         return
     with tempfile.TemporaryDirectory() as tmp:
         a, b, out = Path(tmp, "a.safetensors"), Path(tmp, "b.safetensors"), Path(tmp, "m.safetensors")
-        make_file(a, args.blocks, args.rank, 1)
-        make_file(b, args.blocks, args.rank, 2)
+        for path, seed in ((a, 1), (b, 2)):
+            _child("make", str(path), str(args.blocks or 0), str(args.rank), str(seed))
         size = a.stat().st_size
         ours = _child("merge", str(a), str(b), str(out), str(args.rank))
         dense = None if args.skip_dense else _child("dense", str(a), str(b), str(args.rank), str(out), str(args.blocks or 0))
@@ -149,10 +166,10 @@ def main() -> None:
         shutil.copyfile(a, Path(tmp, "copy.safetensors"))
         copy = time.perf_counter() - start
         conv = _child("convert", str(a), str(Path(tmp, "d.safetensors")), str(Path(tmp, "k.safetensors")))
-        modules = len(_layers(args.blocks))
+        modules = len(flux_layers(args.blocks))
         print(f"{modules} modules, rank {args.rank}, {size / 2**20:.0f} MiB per input")
-        print(f"| route | time | peak RSS | max rel. error (sampled shapes) |")
-        print(f"|---|---|---|---|")
+        print("| route | time | peak RSS | max rel. error (sampled shapes) |")
+        print("|---|---|---|---|")
         error = f"{dense['error_ours']:.4f}" if dense else "–"
         print(f"| merge --method svd --rank {args.rank} (QR route) | {ours['seconds']:.1f} s | {ours['peak_mib']:.0f} MiB | {error} |")
         if dense:

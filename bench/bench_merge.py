@@ -69,7 +69,7 @@ def make_inputs(folder: Path, rank: int, every: int) -> tuple[Path, Path, int]:
 # --- the contenders -------------------------------------------------------------------------------------
 
 
-def _measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+def measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     """Run `cmd`; its wall time and peak RSS (from the kernel's accounting of that one child)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -87,7 +87,7 @@ def run_ours(a: Path, b: Path, out: Path, rank: int, *extra: str, env: dict[str,
     cmd = [sys.executable, "-m", "blora_tools", "-q", "merge", str(a), str(b), "--ratios", ",".join(map(str, RATIOS)),
            "--method", "svd", "--rank", str(rank), "--alpha", str(rank), "--dtype", "fp32", "-o", str(out), "--force",
            *extra]
-    return _measured(cmd, {**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return measured(cmd, {**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def run_reference(a: Path, b: Path, out: Path, rank: int, every: int) -> None:
@@ -123,7 +123,7 @@ def child(a: str, b: str, out: str, rank: int, every: int) -> None:
 def _run_reference(a: Path, b: Path, out: Path, rank: int, every: int) -> dict:
     cmd = [sys.executable, __file__, "--child", str(a), str(b), str(out), "--rank", str(rank),
            "--reference-every", str(every)]
-    return _measured(cmd)
+    return measured(cmd)
 
 
 class Spinners:
