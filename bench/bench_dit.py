@@ -3,12 +3,16 @@
 Two rank-64 kohya Flux LoRAs with every block module at full width (the 304 modules of sd-scripts' default
 `lora_flux` network, shapes from the taxonomy's layer table: no model needed), random fp16 factors.
 
-* `merge --method svd --rank 64` (QR of the stacked factors, SVD of the small core) against the dense
+* `merge --method svd --rank 64` (Gram matrices of the stacked factors, one small eigenproblem) against the dense
   reference: ΔW = ΔW_a + ΔW_b formed per module and decomposed by a full SVD. The dense route is slow at full
   width, so it is timed on one module of each distinct shape and extrapolated by the count of each shape;
   the table says so. Error: ‖ΔW − rank-64 result‖_F / ‖ΔW‖_F on those modules, for both routes.
 * Peak memory: the maximum resident set of a child process running only that route.
-* convert kohya → diffusers and back for one file, against copying the file (`shutil.copyfile`).
+* convert kohya → diffusers and back for one file (library calls, torch already imported), against copying the
+  file (`shutil.copyfile`).
+
+The inputs are made in a child process and the parent never imports torch: Linux carries a parent's peak RSS
+into the processes it starts. Resize and compare at this size: bench_dit_resize_compare.py.
 
 Run: `python bench/bench_dit.py` (all 304 modules: tens of minutes on 2 cores); `--blocks 2` (26 modules, every
 shape once or more) for a shorter run; `--blocks 1 --skip-dense` for a quick check.
@@ -78,6 +82,9 @@ def _peak_mib() -> float:
 
 
 def child_merge(a: str, b: str, out: str, rank: int) -> dict:
+    """The merge as a library call, torch imported before the clock starts (as the dense reference's is)."""
+    import torch
+
     from blora_tools.adapter.model import open_adapter
     from blora_tools.ops.lowrank import RankPlan
     from blora_tools.ops.merge import Source, merge
@@ -85,7 +92,7 @@ def child_merge(a: str, b: str, out: str, rank: int) -> dict:
     start = time.perf_counter()
     result = merge([Source(open_adapter(a)), Source(open_adapter(b))], method="svd", plan=RankPlan(rank))
     result.save(out, force=True)
-    return {"seconds": time.perf_counter() - start, "peak_mib": _peak_mib()}
+    return {"seconds": time.perf_counter() - start, "peak_mib": _peak_mib(), "threads": torch.get_num_threads()}
 
 
 def child_dense(a: str, b: str, rank: int, merged_path: str, blocks: int) -> dict:
@@ -126,6 +133,10 @@ def child_dense(a: str, b: str, rank: int, merged_path: str, blocks: int) -> dic
 
 
 def child_convert(src: str, mid: str, back: str) -> dict:
+    """Both conversions as library calls, torch imported before the clock starts (so the first direction does not
+    carry the import alone; whole-process figures with the CLI's start-up are bench_copy.py's)."""
+    import torch
+
     from blora_tools.adapter.model import open_adapter
     from blora_tools.ops.convert import convert
 
@@ -134,7 +145,8 @@ def child_convert(src: str, mid: str, back: str) -> dict:
     to_diffusers = time.perf_counter() - start
     start = time.perf_counter()
     convert(open_adapter(mid), to="kohya").save(back, force=True)
-    return {"to_diffusers": to_diffusers, "to_kohya": time.perf_counter() - start, "peak_mib": _peak_mib()}
+    return {"to_diffusers": to_diffusers, "to_kohya": time.perf_counter() - start, "peak_mib": _peak_mib(),
+            "threads": torch.get_num_threads()}
 
 
 def _child(*args: str) -> dict:
@@ -171,7 +183,7 @@ def main() -> None:
         print("| route | time | peak RSS | max rel. error (sampled shapes) |")
         print("|---|---|---|---|")
         error = f"{dense['error_ours']:.4f}" if dense else "–"
-        print(f"| merge --method svd --rank {args.rank} (QR route) | {ours['seconds']:.1f} s | {ours['peak_mib']:.0f} MiB | {error} |")
+        print(f"| merge --method svd --rank {args.rank} (Gram route) | {ours['seconds']:.1f} s | {ours['peak_mib']:.0f} MiB | {error} |")
         if dense:
             print(f"| dense ΔW + full SVD (extrapolated from one module per shape) | {dense['seconds_extrapolated']:.0f} s | "
                   f"{dense['peak_mib']:.0f} MiB | {dense['error_dense']:.4f} |")
