@@ -164,9 +164,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (after one warm-up)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--per-steps", type=int, default=28,
-                        help="also give the cost against this many measured steps (Flux.1-dev's default: 28)")
+    parser.add_argument("--per-steps", type=int,
+                        help="also give the cost against this many measured steps (default: Flux.1-dev's 28, SD1.5's 25)")
     args = parser.parse_args()
+    args.per_steps = args.per_steps or (28 if args.arch == "flux" else 25)
 
     from blora_tools.adapter.model import open_adapter
     from blora_tools.render.plan import CellSettings, select_modules
