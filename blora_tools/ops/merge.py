@@ -543,11 +543,14 @@ def _module_entries(
         return [computed(f"{p.stem}.{param}", dtype, shapes[param], lambda n=param: lazy.take(n)) for param in params]
 
     def make() -> dict[str, "torch.Tensor"]:
+        from blora_tools.adapter.tensors import TORCH_DTYPE
+
         if method == "concat":
             up, down = _concat(p, file_alpha)
         else:
             up, down = _compressed(p, file_alpha, clamp_quantile, device)
-        return {"up": up, "down": down}
+        out = TORCH_DTYPE[dtype]  # cast here, on the worker, not by the writer's thread
+        return {"up": up.to(device="cpu", dtype=out), "down": down.to(device="cpu", dtype=out)}
 
     lazy = _Lazy(p.stem, ahead.add(p.stem + ".", make), path)  # key order: the writer's (by tensor name)
     rank = p.rank
