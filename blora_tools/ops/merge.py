@@ -383,7 +383,7 @@ def _measure(plans: list[_Plan], plan: RankPlan, progress: Progress | None, devi
             return _decompose(p, device, values_only=True), None
         decomposition = _decompose(p, device)
         rank = plan.choose(decomposition, p.block, p.conv)
-        return decomposition, decomposition.kept(rank) if rank else None
+        return Spectrum(decomposition.s), decomposition.kept(rank) if rank else None  # not the factors
 
     for p, found in zip(plans, in_order(measured, plans)):
         if found is not None:
