@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import speed_line
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MANIFESTS = {"sdxl": "sdxl_lora.json", "flux": "flux_dev_lora.json"}
@@ -78,7 +80,7 @@ def contenders(src: Path, out: Path, arch: str = "sdxl") -> dict[str, list[str] 
     part = SMALL_PART[arch]
     return {
         "cp": ["cp", str(src), str(out)],
-        "cp + sync": ["sh", "-c", f'cp "$0" "$1" && sync "$1"', str(src), str(out)],
+        "cp + sync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(src), str(out)],
         "sha256 (one pass)": None,
         f"prune --drop {part}": [*CLI, "prune", str(src), "--drop", part, "-o", str(out)],
         f"reweight {part}=0.5": [*CLI, "reweight", str(src), "--weights", f"{part}=0.5", "-o", str(out)],
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--arch", choices=sorted(MANIFESTS), default="sdxl", help="the model family of the file")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    before = speed_line()  # and again after the runs: a shared host drifts
     src, rank = make_file(args.dir, args.gb, args.arch)
     out = args.dir / "bench_copy_out.safetensors"
     size = src.stat().st_size
@@ -134,7 +137,8 @@ def main() -> None:
     out.unlink(missing_ok=True)
     cp_rate = size / best["cp"][0]
     sync_rate = size / best["cp + sync"][0]
-    print(f"\n{size / 1e9:.2f} GB {args.arch}-shaped fp16 LoRA (rank {rank}) in {args.dir}, page cache warm, "
+    print(f"\nbefore: {before}\nafter:  {speed_line()}")
+    print(f"{size / 1e9:.2f} GB {args.arch}-shaped fp16 LoRA (rank {rank}) in {args.dir}, page cache warm, "
           f"best of {args.repeats}, {os.cpu_count()} CPUs")
     print(f"| {'':30} | {'wall s':>7} | {'CPU s':>6} | {'GB out':>6} | {'GB/s':>5} | {'vs cp':>6} | {'vs cp+sync':>10} |")
     print(f"|{'-' * 32}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 12}|")

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import speed_line
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MANIFEST = REPO / "tests" / "data" / "kohya_manifests" / "sdxl_lora.json"
@@ -215,6 +217,7 @@ def _load() -> str:
 def bench_merge(args) -> None:
     # The inputs are made in a child: Linux keeps a process's peak RSS across fork and exec, so every contender
     # started from a parent that had held the inputs (or imported torch) would report at least that parent's peak.
+    before = speed_line()  # and again after the runs: a shared host drifts
     made = subprocess.run([sys.executable, __file__, "--make-inputs", "--out", str(args.out), "--rank", str(args.rank),
                            "--every", str(args.every)], capture_output=True, text=True, check=True)
     facts = json.loads(made.stdout.strip().splitlines()[-1])
@@ -250,7 +253,8 @@ def bench_merge(args) -> None:
     ref["load"] = _load()
     acc = accuracy(a, b, accuracy_out, ref_out)
     modules = len(range(0, n, args.reference_every))
-    print(f"\nmerge --method svd --rank {args.rank}: two SDXL-shaped rank-{args.rank} fp16 adapters, {n} modules "
+    print(f"\nbefore: {before}\nafter:  {speed_line()}")
+    print(f"merge --method svd --rank {args.rank}: two SDXL-shaped rank-{args.rank} fp16 adapters, {n} modules "
           f"(every {args.every}th of 986), {cpus} CPUs{', ' + gpu if gpu else ''}")
     print(f"{'':52}{'time s':>9}{'peak RSS MB':>13}{'load before':>13}   (median of the runs; all runs)")
     for label, runs in rows.items():
