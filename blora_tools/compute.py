@@ -118,14 +118,15 @@ def free_cpus(load: CpuLoad) -> int:
     return max(1, min(load.allowed, math.floor(load.allowed - load.busy + 0.5)))
 
 
-def thread_count(work: Work, requested: int | None = None, load: Callable[[], CpuLoad] = read_cpu_load) -> int:
+def thread_count(work: Work, requested: int | None = None, load: Callable[[], CpuLoad] | None = None) -> int:
     """Threads for a command: `requested` (`--threads`) when given, else the free CPUs less those `work` leaves
-    to I/O, up to its cap, and at least 1."""
+    to I/O, up to its cap, and at least 1. `load` reads the machine (default `read_cpu_load`, looked up when
+    called, so a test can simulate a machine for a whole command)."""
     if requested is not None:
         if requested < 1:
             raise BloraError(f"--threads {requested}: give at least 1")
         return requested
-    reading = load()
+    reading = (load or read_cpu_load)()
     threads = (reading.allowed if work.fixed else free_cpus(reading)) - work.io
     if work.cap is not None:
         threads = min(threads, work.cap)

@@ -147,6 +147,17 @@ def test_busy_machine_gets_no_more_threads_than_free_cores(tmp_path, pair):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_idle_machine_computes_modules_side_by_side(tmp_path, pair):
+    """The same command on a simulated idle 4-CPU machine: modules on several workers, torch on one thread each
+    (the simulated reading reaches the policy: with the real machine's reading this could pass by chance)."""
+    seen = _probe(tmp_path, pair, 4, 0.0)
+    assert seen["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    assert seen["torch_threads"] == 1
+    assert seen["module_workers"] > 1
+    assert seen["native_threads"] == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
 def test_threads_option_overrides_the_policy(tmp_path, pair):
     """`--threads 2` on per-module work: two modules computed side by side, each on one torch thread."""
     seen = _probe(tmp_path, pair, 4, 4.0, "--threads", "2")
