@@ -12,7 +12,7 @@ from rich.text import Text
 from blora_tools.cli import output
 from blora_tools.cli.params import FINITE_FLOAT
 from blora_tools.errors import SelectorError
-from blora_tools.render import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, DTYPES, SAMPLERS
+from blora_tools.render import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, DTYPES, KEEP_ORIGINALS, SAMPLERS
 from blora_tools.render.args import Axis, LoraArg, parse_size
 
 
@@ -57,13 +57,19 @@ SIZE = _FromText("WxH", parse_size)
 @click.option("--device", default="auto", show_default=True, help="auto (a CUDA GPU when present), cpu, cuda, cuda:1, mps.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: fp16 on a GPU, fp32 on the CPU.")
+@click.option("--keep-originals", type=click.Choice(KEEP_ORIGINALS), default="auto", show_default=True,
+              help="Where the base weights of the layers adapters change wait while a cell renders, to be put back "
+                   "bit for bit: 'device' leaves them on the GPU (no copying, fastest, but those layers take twice "
+                   "their memory); 'host' copies them to CPU memory and back at each change of adapters (slower, "
+                   "the GPU holds one extra layer at a time); auto: device when they fit in the GPU's free memory "
+                   "with a margin, else host; on the CPU, device (its memory is the host's: a copy gains nothing).")
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .png to write.")
 @click.option("--force", is_flag=True, help="Replace the output (and its .json) if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Also write OUTPUT.json: every cell's box, labels and settings.")
 @click.option("--dry-run", is_flag=True, help="Show the cells and the blocks each adapter is applied to; load no model.")
 @click.pass_obj
 def render_cmd(app, model_path: Path, config, loras, prompt, negative, seed, steps, cfg, sampler, size,
-               grid_x, grid_y, device, dtype, out_path: Path, force, as_json, dry_run) -> None:
+               grid_x, grid_y, device, dtype, keep_originals, out_path: Path, force, as_json, dry_run) -> None:
     """Render PROMPT on your model with adapters applied exactly as their files define them, one image or
     a labelled grid (one PNG) that compares blocks, weights, seeds or prompts.
 
@@ -100,7 +106,7 @@ def render_cmd(app, model_path: Path, config, loras, prompt, negative, seed, ste
     request = RenderRequest(
         model=model_path, output=out_path, prompt=prompt, loras=tuple(loras), negative=negative, seed=seed,
         steps=steps, cfg=cfg, sampler=sampler, size=size, grid_x=grid_x, grid_y=grid_y, config=config,
-        device=device, dtype=dtype, force=force, write_json=as_json,
+        device=device, dtype=dtype, force=force, write_json=as_json, keep_originals=keep_originals,
     )
     result = render(request, dry_run=dry_run, on_warning=partial(output.warn, app), on_note=partial(output.note, app),
                     progress=partial(output.progress, app))
@@ -110,7 +116,8 @@ def render_cmd(app, model_path: Path, config, loras, prompt, negative, seed, ste
     written = " and ".join(str(t) for t in result.written)
     width, height = result.image_size
     cells = len(result.plan.cells)
-    app.out.print(Text(f"wrote {written} ({width}x{height}, {cells} cell(s), {result.doc['render_s']:.1f} s)"))
+    app.out.print(Text(f"wrote {written} ({width}x{height}, {cells} cell(s), {result.doc['render_s']:.1f} s, "
+                       f"originals kept on the {result.doc['keep_originals']})"))
 
 
 def _show_plan(app, result) -> None:

@@ -5,7 +5,8 @@
 * `draw` — the labelled grid image (PIL).
 * `files` — the checks before writing, the cell → settings map (JSON) and the PNG bytes.
 * `pipeline` — load a diffusers pipeline once, merge adapters' ΔW into the touched layers per cell
-  (float32, cast back) and put the original tensors back afterwards, render with a progress callback.
+  (float32, cast back) and put the original tensors back afterwards (kept on the device, or in host memory
+  when the device lacks room), render with a progress callback.
 * `run` — `render(request)`: every check, the plan, then (unless a dry run) the model, the cells and the files.
 
 Only `pipeline` imports torch and diffusers (`run` imports it when rendering, not for a dry run).
@@ -14,6 +15,8 @@ Only `pipeline` imports torch and diffusers (`run` imports it when rendering, no
 from __future__ import annotations
 
 from types import MappingProxyType
+
+from blora_tools.errors import BloraError
 
 SAMPLERS = MappingProxyType(
     {
@@ -30,3 +33,13 @@ DEFAULT_SAMPLER = "dpmpp-2m-karras"
 DEFAULT_STEPS = 25
 DEFAULT_CFG = 7.0
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+KEEP_ORIGINALS = ("auto", "device", "host")
+"""Where render keeps the original weights of the layers adapters change (`pipeline.keep_originals_where`)."""
+
+
+def check_keep_originals(mode: str) -> str:
+    """`mode` if it is one of KEEP_ORIGINALS, else BloraError naming the choices (checked before a model loads)."""
+    if mode not in KEEP_ORIGINALS:
+        raise BloraError(f"keep originals {mode!r}: use {', '.join(KEEP_ORIGINALS[:-1])} or {KEEP_ORIGINALS[-1]}")
+    return mode

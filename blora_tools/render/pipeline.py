@@ -3,8 +3,10 @@
 How an adapter is applied (the same for SD1, SD2, SDXL, Flux.1 and SD3, and for every kind the file model
 reads): for each touched layer, W' = cast(float32(W) + Σ mᵢ·ΔWᵢ) where ΔWᵢ is the module's dense ΔW exactly as
 `adapter.kinds.delta_weight` defines it (scale = alpha/rank folded in) and mᵢ the user's weight. The layer's
-parameter then holds W' and the *original tensor object* W is kept aside; removing the adapters puts W back,
-so the base weights are bit-identical by construction. Only touched layers are held twice.
+parameter then holds W' and W is kept aside, either where it is (the tensor object itself: no copy, but every
+touched weight is on the device twice while a cell renders) or as a copy in host memory (`WeightPatcher`,
+`keep_originals_where`: when the device lacks room for the second copy); removing the adapters puts W back, so
+the base weights are bit-identical by construction.
 
 Flux.1 and SD3 adapters arrive in diffusers' split naming (`render.run` presents them so through
 `ops.dit_naming.in_naming`), the naming of the pipelines' layers.
@@ -16,7 +18,7 @@ import contextlib
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -31,7 +33,7 @@ from blora_tools.adapter.model import Adapter, Module
 from blora_tools.errors import AdapterFileError, BloraError
 from blora_tools.inputs import read_text_bounded
 from blora_tools.jsonio import loads_strict
-from blora_tools.render import DEFAULT_SAMPLER, SAMPLERS
+from blora_tools.render import DEFAULT_SAMPLER, SAMPLERS, check_keep_originals
 from blora_tools.render.draw import draw_grid
 from blora_tools.render.files import grid_map
 from blora_tools.render.plan import Cell, CellSettings, GridPlan, Selection
@@ -41,6 +43,8 @@ __all__ = [
     "RenderModel",
     "AttachedAdapter",
     "WeightPatcher",
+    "keep_originals_where",
+    "touched_bytes",
     "load_model",
     "pipeline_arch",
     "attach_adapter",
@@ -427,17 +431,21 @@ def _numel(shape: Sequence[int]) -> int:
 
 def merged_weights(
     uses: Iterable[tuple[AttachedAdapter, Module, float]],
-) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+) -> Iterator[tuple[nn.Module, dict[str, torch.Tensor]]]:
     """Per touched layer, its new parameters: cast(float32(W) + Σ mᵢ·ΔWᵢ) in the layer's dtype (weight and, for
     full/norm kinds, bias). LoRA-family modules are added straight from their factors (one fused
-    multiply-add, W + m·scale·up@down, no separate dense ΔW); other kinds through `delta_weight`."""
+    multiply-add, W + m·scale·up@down, no separate dense ΔW); other kinds through `delta_weight`.
+
+    Layers are merged one at a time as the iterator is advanced, so that a caller can put each in place (and
+    drop its original) before the next one takes memory."""
     grouped: dict[int, list[tuple[AttachedAdapter, Module, float]]] = defaultdict(list)
     layers: dict[int, nn.Module] = {}
     for attached, module, weight in uses:
         layer = attached.layers[module.stem]
         grouped[id(layer)].append((attached, module, weight))
         layers[id(layer)] = layer
-    return [(layers[key], _merge_layer(layers[key], items)) for key, items in grouped.items()]
+    for key, items in grouped.items():
+        yield layers[key], _merge_layer(layers[key], items)
 
 
 def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, float]]) -> dict[str, torch.Tensor]:
@@ -481,14 +489,52 @@ def _merge_layer(layer: nn.Module, items: list[tuple[AttachedAdapter, Module, fl
     return result
 
 
-class WeightPatcher:
-    """Puts merged weights into layers and the original tensors back.
+KEEP_MARGIN = 4 << 30
+"""Device memory `auto` leaves free beyond the kept originals: a cell's activations and the VAE decode (a few
+GiB for SDXL and Flux.1 at 1024²)."""
 
-    `apply` replaces each touched parameter's data with cast(float32(W) + ΔW) and keeps W itself (the same
-    tensor object); `restore` reassigns it. Nothing else is copied, and restoring is exact by construction.
+
+def keep_originals_where(mode: str, needed: int, free: int | None, margin: int = KEEP_MARGIN) -> str:
+    """Where `WeightPatcher` keeps the original weights: "device" or "host".
+
+    `mode` "device" or "host" is the answer; "auto" is "device" when `needed` bytes (the touched layers'
+    originals) plus `margin` fit in the device's `free` bytes, else "host". `free` None means a device whose
+    memory is the host's (the CPU, MPS): there a copy gains nothing, and the originals stay where they are.
+    """
+    if check_keep_originals(mode) != "auto":
+        return mode
+    return "device" if free is None or needed + margin <= free else "host"
+
+
+def touched_bytes(adapters: Iterable[AttachedAdapter]) -> int:
+    """Bytes of the weights and biases of every layer the adapters may change: what keeping their originals
+    on the device costs at most (a cell touching fewer layers costs less)."""
+    layers = {id(layer): layer for attached in adapters for layer in attached.layers.values()}
+    return sum(
+        p.nbytes for layer in layers.values() for name in ("weight", "bias")
+        if (p := layer._parameters.get(name)) is not None
+    )
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (`torch.cuda.mem_get_info`); None for devices that share the host's."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+class WeightPatcher:
+    """Puts merged weights into layers and the original tensors back, bit for bit.
+
+    `apply` replaces each touched parameter's data with cast(float32(W) + ΔW), one layer at a time, and keeps W:
+    with `keep="device"` the tensor object itself (no copy, the fastest; each touched weight is on the device
+    twice until `restore`); with `keep="host"` a copy in CPU memory (pinned on CUDA for fast copies), the
+    device's W dropped as soon as W' replaces it, so the device holds at most one extra layer while applying.
+    `restore` reassigns each kept tensor, or copies it back into a new tensor of W's device, dtype and strides.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: str = "device") -> None:
+        if keep not in ("device", "host"):
+            raise BloraError(f"WeightPatcher keeps originals on 'device' or 'host', not {keep!r}")
+        self.keep = keep
         self._saved: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     @property
@@ -497,14 +543,15 @@ class WeightPatcher:
 
     @torch.no_grad()
     def apply(self, uses: Iterable[tuple[AttachedAdapter, Module, float]]) -> int:
-        """Merge the adapters' ΔW; returns the number of layers touched. Restores first if still applied."""
+        """Merge the adapters' ΔW; returns the number of layers touched. Restores first if still applied, and
+        restores before re-raising anything raised part-way (an error, out of memory, Ctrl-C)."""
         self.restore()
         touched = 0
         try:
             for layer, merged in merged_weights(uses):
                 for name, tensor in merged.items():
                     param = layer._parameters[name]
-                    self._saved.append((param, param.data))
+                    self._saved.append((param, self._kept(param.data)))  # kept before W' replaces it
                     param.data = tensor
                 touched += 1
         except BaseException:
@@ -512,12 +559,19 @@ class WeightPatcher:
             raise
         return touched
 
+    def _kept(self, original: torch.Tensor) -> torch.Tensor:
+        if self.keep == "device":
+            return original
+        return torch.empty_like(original, device="cpu", pin_memory=original.is_cuda).copy_(original)
+
     @torch.no_grad()
     def restore(self) -> None:
-        """Put every original tensor back (latest first, so a layer touched twice ends at its base weight)."""
+        """Put every original tensor back (latest first, so a layer touched twice ends at its base weight). An
+        entry is dropped only once it is back, so a restore cut short by an interrupt can be run again."""
         while self._saved:
-            param, original = self._saved.pop()
-            param.data = original
+            param, kept = self._saved[-1]
+            param.data = kept if kept.device == param.device else torch.empty_like(kept, device=param.device).copy_(kept)
+            self._saved.pop()
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -581,11 +635,13 @@ def render_plan(
     *,
     on_step: Callable[[], None] | None = None,
     on_cell: Callable[[Cell], None] | None = None,
+    keep: str = "device",
 ) -> list:
     """Images for every cell of `plan`, in plan order. Cells run grouped by adapter state (one merge per
-    group); the base weights are restored when the function returns, also on error or interrupt."""
+    group); the base weights are restored when the function returns, also on error or interrupt. `keep`:
+    where the originals wait (`WeightPatcher`)."""
     images: dict[int, object] = {}
-    patcher = WeightPatcher()
+    patcher = WeightPatcher(keep)
     state = None
     index = {id(c): i for i, c in enumerate(plan.cells)}
     try:
@@ -620,19 +676,23 @@ def render_grid(
     size: tuple[int, int] | None = None,
     *,
     on_step: Callable[[], None] | None = None,
+    keep_originals: str = "auto",
 ):
-    """Attach the adapters, render every cell and draw the labelled grid.
+    """Attach the adapters, render every cell and draw the labelled grid; `keep_originals` (auto, device, host)
+    says where the touched layers' original weights wait (`keep_originals_where`, decided once adapters are
+    on the device).
 
     Returns the grid (a PIL image; a single cell without axes is the image itself) and its map (`grid_map`,
-    schema blora-render/1: model, sampler, size, adapters, resolved selections, and per cell its box, labels
-    and settings)."""
+    schema blora-render/1: model, sampler, size, adapters, resolved selections, where the originals were kept,
+    and per cell its box, labels and settings)."""
     stems: dict[str, set[str]] = {name: set() for name in adapters}
     for (name, _), selection in selections.items():
         stems[name].update(selection.stems)
     attached = {name: attach_adapter(model, name, adapter, sorted(stems[name])) for name, adapter in adapters.items()}
     size = size or model.default_size()
+    keep = keep_originals_where(keep_originals, touched_bytes(attached.values()), _free_device_bytes(model.device))
     started = time.perf_counter()
-    images = render_plan(model, plan, attached, selections, size, on_step=on_step)
+    images = render_plan(model, plan, attached, selections, size, on_step=on_step, keep=keep)
     seconds = time.perf_counter() - started
     grid, layout = draw_grid(plan, [to_pil(i) for i in images])
     common = {
@@ -645,5 +705,6 @@ def render_grid(
         "adapters": [{"name": name, "file": str(a.path)} for name, a in adapters.items()],
         "selections": [s.to_json(adapters[name].arch) for (name, _), s in selections.items()],
         "render_s": round(seconds, 3),
+        "keep_originals": keep,
     }
     return grid, grid_map(plan, layout, common)

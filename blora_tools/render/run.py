@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blora_tools.errors import BloraError
-from blora_tools.render import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
+from blora_tools.render import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, check_keep_originals
 from blora_tools.render.args import Axis, LoraArg
 from blora_tools.render.files import check_image_output
 from blora_tools.render.plan import CellSettings, GridPlan, LoraUse, Selection, plan_grid, resolve_plan
@@ -51,6 +51,9 @@ class RenderRequest:
     force: bool = False
     write_json: bool = False
     """Also write the cell map as OUTPUT.json."""
+    keep_originals: str = "auto"
+    """Where the touched layers' original weights wait while cells render: auto, device or host
+    (`pipeline.keep_originals_where`)."""
 
 
 @dataclass
@@ -90,6 +93,7 @@ def render(
 
     warn = on_warning or (lambda _message: None)
     note = on_note or (lambda _message: None)
+    check_keep_originals(request.keep_originals)
     names = [a.name for a in request.loras]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
@@ -153,7 +157,7 @@ def _render(request: RenderRequest, result: RenderResult, targets: list[Path], n
          f"{request.sampler}")
     with progress(f"rendering {cells} cell(s)", result.plan.total_steps) as advance:
         grid, doc = render_grid(model, result.plan, result.adapters, result.selections, (width, height),
-                                on_step=advance)
+                                on_step=advance, keep_originals=request.keep_originals)
     write_bytes_atomic(targets[0], png_bytes(grid, doc), force=request.force)
     if request.write_json:
         write_bytes_atomic(targets[1], (dumps(doc) + "\n").encode(), force=request.force)
