@@ -517,8 +517,12 @@ def touched_bytes(adapters: Iterable[AttachedAdapter]) -> int:
 
 
 def _free_device_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device (`torch.cuda.mem_get_info`); None for devices that share the host's."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    """Memory a CUDA device can still give: its free memory (`torch.cuda.mem_get_info`) plus what torch's
+    caching allocator holds unused. None for devices whose memory is the host's."""
+    if device.type != "cuda":
+        return None
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
 
 
 class WeightPatcher:

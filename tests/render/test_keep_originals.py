@@ -42,6 +42,14 @@ def test_choice_rule_margin_is_a_parameter():
     assert keep_originals_where("auto", GIB, 2 * GIB, margin=GIB + 1) == "host"
 
 
+def test_free_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 27 * GIB)
+    assert pipeline._free_device_bytes(torch.device("cuda")) == 8 * GIB
+    assert pipeline._free_device_bytes(torch.device("cpu")) is None
+
+
 @pytest.mark.parametrize("mode", ["gpu", "", "Host"])
 def test_unknown_mode_is_refused(mode):
     with pytest.raises(BloraError, match="use auto, device or host"):
