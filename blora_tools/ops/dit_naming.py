@@ -158,7 +158,7 @@ def compact_columns(up: "torch.Tensor", ranges: Sequence[tuple[int, int]]) -> li
     used = [nonzero[a:b].any(dim=0) for a, b in ranges]
     if not used or int(sum(u.int() for u in used).max()) > 1:
         return None
-    columns = [[int(c) for c in u.nonzero().flatten()] for u in used]
+    columns = [u.nonzero().flatten().tolist() for u in used]  # one call per range, not one per column
     return columns if any(columns) else None
 
 
