@@ -6,7 +6,9 @@ from); the known-key set, the "unknown key" message and the README table (`pytho
 --markdown`) are derived from it. `parse_network_args` runs, before any model is touched, in stages:
 
 1. `read_strings`: drop None values, refuse unknown keys and keys that exclude each other;
-2. `parse_values`: each value through its key's reader (`kohya_plugin.values`), naming the key;
+2. `parse_values`: each value through its key's reader (`kohya_plugin.values`), naming the key; on Flux.1/SD3
+   `_check_base_terms` then refuses a value given only to BASE's embedders or final layer that kohya's rule
+   would ignore (no `in_dims`/`emb_dims` to train them);
 3. `_resolve_grid`: per block, in order —
    defaults (U-Net blocks get `network_dim`/`network_alpha`, text encoders `te_dim`/`te_alpha` (default the
    same), convolutions `conv_dim`/`conv_alpha`: no convolutions unless `conv_dim`, `conv_block_*` or
@@ -37,10 +39,12 @@ from typing import NamedTuple
 from blora_tools.errors import SpecError
 from blora_tools.spec import Algo, BlockSetting, BlockSpec
 from blora_tools.taxonomy.arch import Arch, is_dit
-from blora_tools.taxonomy.blocks import ArchTable, table
+from blora_tools.taxonomy.blocks import OTHER, ArchTable, table
+from blora_tools.taxonomy.dit import block_leaves
 from blora_tools.taxonomy.selectors import resolve_selector
 from kohya_plugin import values as readers
 from kohya_plugin.layer_rules import TYPE_DIMS, LayerRules
+from kohya_plugin.targets import EMBEDDER_ARGS, embedder_leaves
 from kohya_plugin.values import SlotValues, Terms, preset_selector, text_of
 
 _FIELDS = ("rank", "alpha", "conv_rank", "conv_alpha", "lr_weight")
@@ -142,11 +146,11 @@ NETWORK_ARGS: tuple[ArgKey, ...] = (
              "replaces the block's rank.", KOHYA_FLUX if arch is Arch.FLUX else KOHYA_SD3, RANKS, arch.value)
       for arch, table_ in TYPE_DIMS.items() for key, ids in table_),
     ArgKey("in_dims", readers.in_dims,
-           "5 ranks `[img,time,vector,guidance,txt]`", "none",
+           f"5 ranks `[{EMBEDDER_ARGS[Arch.FLUX][1]}]`", "none",
            "kohya: ranks of Flux.1's embedders (`img_in`, `time_in`, `vector_in`, `guidance_in`, `txt_in`); "
            "0 = skip.", KOHYA_FLUX, RANKS, "flux"),
     ArgKey("emb_dims", readers.emb_dims,
-           "6 ranks `[context,t,x,y,final_mod,final_linear]`", "none",
+           f"6 ranks `[{EMBEDDER_ARGS[Arch.SD3][1]}]`", "none",
            "kohya: ranks of SD3's embedders and final layer (`x_embedder` is a conv); 0 = skip.",
            KOHYA_SD3, RANKS, "sd3"),
     ArgKey("network_reg_dims", readers.regex_ranks,
@@ -615,12 +619,56 @@ def parse_network_args(
     values = parse_values(kw, layout)
     options = _options(values, neuron_dropout)
     notes: list[str] = []
+    if is_dit(layout.arch):
+        _check_base_terms(values, kw, layout, dim)
     grid, chooser, lr_given = _resolve_grid(values, kw, layout, dim, alpha, notes)
     spec = _build_spec(values, kw, grid, dim, alpha)
     explicit = any(k in kw for k in ("preset", "blocks", "block_ranks", "block_dims", "conv_block_ranks",
                                      "conv_block_dims"))
     rules = _layer_rules(values, layout, _selection(values, kw, layout)[0], alpha) if is_dit(layout.arch) else None
     return NetworkArgs(spec, options, explicit, lr_given, tuple(notes), chooser, rules)
+
+
+def _check_base_terms(values: Mapping[str, object], kw: Mapping[str, object], layout: ArchTable, dim: int) -> None:
+    """Stage 2b (Flux.1/SD3): refuse a term that names only BASE's transformer layers (the embedders and final
+    layer, alone or with text encoders) where kohya's rule ignores its value: those layers get a module only
+    through `in_dims`/`emb_dims`, always with alpha `--network_alpha`, and Flux.1's final layer never
+    (`layer_rules`). The value would be dropped in silence, so it is refused before any model is touched, as
+    `t5_dim` without `train_t5xxl` is. A value of 0, and selections that also name transformer blocks (`all`,
+    presets, `BASE,D05`), pass."""
+    asked: list[tuple[str, frozenset[str], int, bool]] = []
+    for name, what in (("block_ranks", "rank"), ("block_alphas", "alpha"), ("block_lr", "learning-rate weight")):
+        terms = _lr_terms(values) if name == "block_lr" else values.get(name, ())
+        if not isinstance(terms, SlotValues):
+            asked += [(f"{name} gives {{}} {what} {value:g}", chosen,
+                       int(value) if name == "block_ranks" else dim, name == "block_alphas")
+                      for chosen, value in terms if value > 0]
+    if "blocks" in values:
+        asked.append((f"blocks={text_of(kw['blocks'])} selects {{}}", values["blocks"], dim, False))
+    te_names = {c.value for c in layout.text_encoders}
+    for said, chosen, rank, is_alpha in asked:
+        base = frozenset(item for item in chosen if item.partition(":")[0] == OTHER)
+        if base and chosen <= base | te_names:
+            problem = _base_problem(values, layout.arch, base, rank, is_alpha)
+            if problem:
+                shown = "BASE" if OTHER in base else ",".join(f"base.{i.partition(':')[2]}" for i in sorted(base))
+                raise SpecError(f"network_args: {said.format(shown)}, but {problem}")
+
+
+def _base_problem(values: Mapping[str, object], arch: Arch, base: frozenset[str], rank: int,
+                  is_alpha: bool) -> str | None:
+    """Why kohya's rule ignores a value given to these BASE items (`OTHER`, atoms `OTHER:in.img`), or None."""
+    key, slots = EMBEDDER_ARGS[arch]
+    reachable = embedder_leaves(arch)
+    named = reachable if OTHER in base else frozenset(i.partition(":")[2] for i in base) & reachable
+    if not named:
+        return f"kohya trains no such layer on {arch.value} ({key}=[{slots}] does not reach it); drop it"
+    if any(values.get(key, ())):
+        return f"{key} trains them with alpha --network_alpha (as kohya); drop it" if is_alpha else None
+    never = sorted({leaf.name for leaf in block_leaves(arch, None)} - reachable)
+    example = ",".join([str(rank)] * len(slots.split(",")))
+    return (f"kohya trains BASE's layers only through {key}=[{slots}]"
+            f"{''.join(f' and base.{leaf} never' for leaf in never)}; add e.g. {key}=[{example}] or drop it")
 
 
 def _lr_terms(values: Mapping[str, object]) -> tuple[tuple[frozenset[str], float], ...]:

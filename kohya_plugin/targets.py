@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from types import MappingProxyType
 
 from torch import nn
@@ -32,6 +33,7 @@ from blora_tools.errors import SpecError
 from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import OTHER, Component, Placement, place, table
 from blora_tools.taxonomy.detect import arch_from_widths
+from blora_tools.taxonomy.dit import BFL, layer_index
 
 __all__ = [
     "Target",
@@ -41,7 +43,9 @@ __all__ = [
     "T5_CLASSES",
     "DIT_BLOCK_CLASSES",
     "EMBEDDER_FILTERS",
+    "EMBEDDER_ARGS",
     "embedder_slot",
+    "embedder_leaves",
     "detect_unet_arch",
     "find_targets",
     "layer_kind",
@@ -73,6 +77,14 @@ EMBEDDER_FILTERS: Mapping[Arch, tuple[str, ...]] = MappingProxyType({
 })
 """kohya's `in_dims` (Flux, 5 values) / `emb_dims` (SD3, 6 values) slots: a layer outside the blocks whose kohya
 name contains the filter takes that slot's rank (sd-scripts matches substrings of the name, in this order)."""
+
+EMBEDDER_ARGS: Mapping[Arch, tuple[str, str]] = MappingProxyType({
+    Arch.FLUX: ("in_dims", "img,time,vector,guidance,txt"),
+    Arch.SD3: ("emb_dims", "context,t,x,y,final_mod,final_linear"),
+})
+"""The `--network_args` key holding `EMBEDDER_FILTERS`' ranks and its slots as kohya's comment names them
+(sd-scripts 48d368f `lora_flux.py`: `# in_dims [img, time, vector, guidance, txt]`; `lora_sd3.py`: `# emb_dims
+[context_embedder, t_embedder, x_embedder, y_embedder, final_mod, final_linear]`)."""
 
 _TE_ROOT = "text_model."
 
@@ -138,6 +150,17 @@ def _te_path(path: str) -> str:
 def embedder_slot(arch: Arch, name: str) -> int | None:
     """The `in_dims` / `emb_dims` slot of a kohya module name outside the blocks (first filter it contains)."""
     return next((i for i, f in enumerate(EMBEDDER_FILTERS.get(arch, ())) if f in name), None)
+
+
+@cache
+def embedder_leaves(arch: Arch) -> frozenset[str]:
+    """The leaves (`in.img`, `out.final`) of the layers outside the blocks that `in_dims`/`emb_dims` can give a
+    module: every one on SD3; on Flux.1 not the final layer, which no kohya argument trains."""
+    return frozenset(
+        leaf.name for layer in layer_index(arch).values()
+        if layer.block is None and layer.naming == BFL and embedder_slot(arch, layer.stem) is not None
+        for leaf in layer.leaves
+    )
 
 
 def _collect(

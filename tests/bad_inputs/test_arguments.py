@@ -113,6 +113,15 @@ def test_unknown_selector_terms(runner, tmp_path, sd1, xl, command, make_args, c
     assert "valid" in line or "known" in line or "preset or blocks" in line, "the message lists what is valid"
 
 
+def test_plan_refuses_a_base_rank_kohya_would_ignore(runner, tmp_path):
+    """Flux.1: BASE's embedders take a rank only through in_dims, so plan refuses the rank alone in one line."""
+    require("plan")
+    before = snapshot(tmp_path)
+    result = invoke(runner, ["plan", "--arch", "flux", "--network-args", "block_ranks=BASE=8"])
+    assert_refused(result, tmp_path, before, "block_ranks gives BASE rank 8", "in_dims=[img,time,vector,guidance,txt]",
+                   "in_dims=[8,8,8,8,8]")
+
+
 # --- LBW vectors of the wrong length -------------------------------------------------------------------------
 
 

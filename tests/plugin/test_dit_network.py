@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from functools import cache
 
@@ -168,6 +169,17 @@ def test_embedder_dims_and_t5():
     ("flux", {"t5_dim": "4"}, "t5_dim needs train_t5xxl"),
     ("flux", {"blocks": "D05.bogus"}, "matches no part"),
     ("sd3", {"split_qkv": "maybe"}, "not a boolean"),
+    # BASE's embedders get a module only through in_dims/emb_dims (sd-scripts 48d368f lora_flux.py, lora_sd3.py)
+    ("flux", {"block_ranks": "BASE=8"}, "block_ranks gives BASE rank 8, but kohya trains BASE's layers only "
+     "through in_dims=[img,time,vector,guidance,txt] and base.out.final never; add e.g. in_dims=[8,8,8,8,8]"),
+    ("flux", {"block_ranks": "double=8,base.in.txt=2"}, "base.in.txt rank 2, but kohya trains BASE's layers only"),
+    ("flux", {"block_ranks": "BASE=8", "in_dims": "0,0,0,0,0"}, "add e.g. in_dims=[8,8,8,8,8]"),
+    ("flux", {"blocks": "BASE"}, "blocks=BASE selects BASE, but kohya trains BASE's layers only through in_dims"),
+    ("flux", {"block_lr": "BASE=0.5"}, "block_lr gives BASE learning-rate weight 0.5, but"),
+    ("flux", {"block_ranks": "base.out=8", "in_dims": "4,4,4,4,4"}, "kohya trains no such layer on flux"),
+    ("sd3", {"block_ranks": "base.out=8"}, "but kohya trains BASE's layers only through "
+     "emb_dims=[context,t,x,y,final_mod,final_linear]; add e.g. emb_dims=[8,8,8,8,8,8] or drop it"),
+    ("sd3", {"block_alphas": "BASE=4", "emb_dims": "1,1,1,1,1,1"}, "emb_dims trains them with alpha --network_alpha"),
 ])
 def test_bad_arguments_fail_before_the_model_is_touched(arch, kwargs, message):
     tes, model = tiny(arch)
@@ -177,6 +189,37 @@ def test_bad_arguments_fail_before_the_model_is_touched(arch, kwargs, message):
         create_network(1.0, 4, 1.0, None, tes, model, **kwargs)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert forwards == [m.__dict__.get("forward") for m in model.modules()]
+
+
+@pytest.mark.parametrize(("manifest_name", "extra"), [
+    ("flux_dev_in_dims", {"block_ranks": "BASE=8", "preset": "all"}),
+    ("sd3_medium_emb_dims", {"blocks": "BASE,joint", "block_lr": "BASE=0.5", "block_alphas": "BASE=0"}),
+])
+def test_base_values_pass_where_the_embedder_dims_train_them(manifest_name, extra, load_manifest):
+    """With kohya's in_dims/emb_dims given, BASE terms pass without a message and the network is kohya's own:
+    the embedders take the in_dims/emb_dims ranks and --network_alpha (the manifest), whatever BASE says."""
+    manifest = load_manifest(manifest_name)
+    arch, variant = MANIFESTS[manifest_name]
+    _, model = full(arch, variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        network = create_network(1.0, 4, 1.0, None, None, model, **manifest["create_network"]["kwargs"], **extra)
+    got = {m.lora_name: (m.lora_dim, m.alpha_value) for m in network.unet_loras}
+    assert got == {m["name"]: (m["rank"], m["alpha"]) for m in manifest["modules"]}
+
+
+def test_zero_base_values_and_wide_selections_pass_quietly():
+    """A BASE value of 0 and selections that merely include BASE (`preset=all`, `blocks=all`) are not refused or
+    warned about, and build the default network's modules (a BASE rank or weight of 0 also drops the text encoders)."""
+    tes, model = tiny("flux")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = names(create_network(1.0, 4, 1.0, None, tes, model))
+        for kwargs in ({"preset": "all"}, {"blocks": "all"}):
+            assert names(create_network(1.0, 4, 1.0, None, tes, model, **kwargs)) == default, kwargs
+        for kwargs in ({"block_ranks": "BASE=0"}, {"block_lr": "BASE=0,double=1"}):
+            no_base = names(create_network(1.0, 4, 1.0, None, tes, model, **kwargs))
+            assert no_base == {n for n in default if n.startswith("lora_unet_")} != default, kwargs
 
 
 def test_text_encoder_learning_rates_per_encoder_and_reg_lrs():

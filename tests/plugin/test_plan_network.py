@@ -108,3 +108,21 @@ def test_dit_plan_refuses_what_training_refuses():
     s10 = doc["blocks"]["S10"]["params"]
     linear1 = 4 * 2 * 3072 + 2 * 21504  # 4 parts of rank 2: each a [2, 3072] down and its rows' [rows, 2] up
     assert s10 == linear1 + 4 * (15360 + 3072) + 4 * (3072 + 9216)
+
+
+@pytest.mark.parametrize("arch, args", [("flux", {"block_ranks": "BASE=8"}), ("sd3", {"block_ranks": "base.out=8"}),
+                                        ("flux", {"blocks": "base.in"})])
+def test_plan_refuses_a_base_value_with_trainings_message(arch, args):
+    """A value kohya's rule would ignore (BASE's embedders without in_dims/emb_dims) is refused by plan with the
+    very line training raises; wide selections that merely include BASE stay quiet."""
+    from dit_models import build
+
+    tes, model = build(arch)
+    with pytest.raises(SpecError) as trained:
+        create_network(1.0, 4, 1.0, None, tes, model, **args)
+    with pytest.raises(SpecError) as planned:
+        plan_network(arch, args)
+    assert str(planned.value) == str(trained.value) and "BASE's layers only through" in str(planned.value)
+    quiet = plan_network(arch, "preset=all")
+    assert quiet.warnings == () and quiet.blocks["BASE"].modules == 0
+    assert (quiet.modules, quiet.params) == (plan_network(arch, "").modules, plan_network(arch, "").params)
