@@ -6,9 +6,9 @@ from); the known-key set, the "unknown key" message and the README table (`pytho
 --markdown`) are derived from it. `parse_network_args` runs, before any model is touched, in stages:
 
 1. `read_strings`: drop None values, refuse unknown keys and keys that exclude each other;
-2. `parse_values`: each value through its key's reader (`kohya_plugin.values`), naming the key; on Flux.1/SD3
-   `_check_base_terms` then refuses a value given only to BASE's embedders or final layer that kohya's rule
-   would ignore (no `in_dims`/`emb_dims` to train them);
+2. `parse_values`: each value through its key's reader (`kohya_plugin.values`), naming the key;
+   `_check_unwrapped_terms` then refuses a value given only to layers kohya's rule would ignore (SD's `IN00`;
+   BASE's embedders or final layer on Flux.1/SD3 without the `in_dims`/`emb_dims` to train them);
 3. `_resolve_grid`: per block, in order —
    defaults (U-Net blocks get `network_dim`/`network_alpha`, text encoders `te_dim`/`te_alpha` (default the
    same), convolutions `conv_dim`/`conv_alpha`: no convolutions unless `conv_dim`, `conv_block_*` or
@@ -44,7 +44,7 @@ from blora_tools.taxonomy.dit import block_leaves
 from blora_tools.taxonomy.selectors import resolve_selector
 from kohya_plugin import values as readers
 from kohya_plugin.layer_rules import TYPE_DIMS, LayerRules
-from kohya_plugin.targets import EMBEDDER_ARGS, embedder_leaves
+from kohya_plugin.targets import EMBEDDER_ARGS, embedder_leaves, unwrapped_unet_blocks
 from kohya_plugin.values import SlotValues, Terms, preset_selector, text_of
 
 _FIELDS = ("rank", "alpha", "conv_rank", "conv_alpha", "lr_weight")
@@ -619,8 +619,7 @@ def parse_network_args(
     values = parse_values(kw, layout)
     options = _options(values, neuron_dropout)
     notes: list[str] = []
-    if is_dit(layout.arch):
-        _check_base_terms(values, kw, layout, dim)
+    _check_unwrapped_terms(values, kw, layout, dim)
     grid, chooser, lr_given = _resolve_grid(values, kw, layout, dim, alpha, notes)
     spec = _build_spec(values, kw, grid, dim, alpha)
     explicit = any(k in kw for k in ("preset", "blocks", "block_ranks", "block_dims", "conv_block_ranks",
@@ -629,13 +628,15 @@ def parse_network_args(
     return NetworkArgs(spec, options, explicit, lr_given, tuple(notes), chooser, rules)
 
 
-def _check_base_terms(values: Mapping[str, object], kw: Mapping[str, object], layout: ArchTable, dim: int) -> None:
-    """Stage 2b (Flux.1/SD3): refuse a term that names only BASE's transformer layers (the embedders and final
-    layer, alone or with text encoders) where kohya's rule ignores its value: those layers get a module only
-    through `in_dims`/`emb_dims`, always with alpha `--network_alpha`, and Flux.1's final layer never
-    (`layer_rules`). The value would be dropped in silence, so it is refused before any model is touched, as
-    `t5_dim` without `train_t5xxl` is. A value of 0, and selections that also name transformer blocks (`all`,
-    presets, `BASE,D05`), pass."""
+def _check_unwrapped_terms(values: Mapping[str, object], kw: Mapping[str, object], layout: ArchTable,
+                           dim: int) -> None:
+    """Stage 2b: refuse a term that names only layers kohya's rule leaves unwrapped (alone or with text encoders),
+    where its value would be dropped in silence; it is refused before any model is touched, as `t5_dim` without
+    `train_t5xxl` is. On SD1/SD2/SDXL those are the U-Net blocks where `networks.lora` wraps nothing, even with
+    conv targets (`IN00`: `conv_in`; `targets.unwrapped_unet_blocks`). On Flux.1/SD3 they are BASE's
+    transformer layers (the embedders and final layer), which get a module only through `in_dims`/`emb_dims`,
+    always with alpha `--network_alpha`, and Flux.1's final layer never (`layer_rules`). A value of 0, and
+    selections that also name blocks kohya wraps (`all`, presets, `BASE,D05`, `IN00-IN02`), pass."""
     asked: list[tuple[str, frozenset[str], int, bool]] = []
     for name, what in (("block_ranks", "rank"), ("block_alphas", "alpha"), ("block_lr", "learning-rate weight")):
         terms = _lr_terms(values) if name == "block_lr" else values.get(name, ())
@@ -645,14 +646,22 @@ def _check_base_terms(values: Mapping[str, object], kw: Mapping[str, object], la
                       for chosen, value in terms if value > 0]
     if "blocks" in values:
         asked.append((f"blocks={text_of(kw['blocks'])} selects {{}}", values["blocks"], dim, False))
+    dit = is_dit(layout.arch)
+    unwrapped = {OTHER: ()} if dit else unwrapped_unet_blocks(layout.arch)
     te_names = {c.value for c in layout.text_encoders}
     for said, chosen, rank, is_alpha in asked:
-        base = frozenset(item for item in chosen if item.partition(":")[0] == OTHER)
-        if base and chosen <= base | te_names:
-            problem = _base_problem(values, layout.arch, base, rank, is_alpha)
-            if problem:
-                shown = "BASE" if OTHER in base else ",".join(f"base.{i.partition(':')[2]}" for i in sorted(base))
-                raise SpecError(f"network_args: {said.format(shown)}, but {problem}")
+        idle = frozenset(item for item in chosen if item.partition(":")[0] in unwrapped)
+        if not idle or not chosen <= idle | te_names:
+            continue
+        if dit:
+            problem = _base_problem(values, layout.arch, idle, rank, is_alpha)
+            shown = "BASE" if OTHER in idle else ",".join(f"base.{i.partition(':')[2]}" for i in sorted(idle))
+        else:
+            layers = ", ".join(layer for block in sorted(idle) for layer in unwrapped[block])
+            problem = f"kohya's networks.lora wraps no layer there ({layers}); drop it"
+            shown = ",".join(sorted(idle))
+        if problem:
+            raise SpecError(f"network_args: {said.format(shown)}, but {problem}")
 
 
 def _base_problem(values: Mapping[str, object], arch: Arch, base: frozenset[str], rank: int,

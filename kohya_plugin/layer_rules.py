@@ -18,7 +18,7 @@ numbers can also come from:
   rate. None of them reaches a layer that `preset`/`blocks` leaves out (the embedders are in `BASE`), a
   learning-rate weight of 0 leaves a layer untrained, and T5 is trained only with `train_t5xxl`. A BASE term
   these rules would ignore (no `in_dims`/`emb_dims`, a BASE alpha, Flux.1's final layer) is refused earlier, by
-  `kohya_plugin.args._check_base_terms`.
+  `kohya_plugin.args._check_unwrapped_terms`.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from blora_tools.taxonomy.arch import Arch, is_dit
 from blora_tools.taxonomy.blocks import OTHER, Component, Placement, place, table
 from blora_tools.taxonomy.detect import arch_from_widths
 from blora_tools.taxonomy.dit import BFL, layer_index
+from blora_tools.taxonomy.layouts import DIFFUSERS_ROOTS, record
 
 __all__ = [
     "Target",
@@ -46,6 +47,7 @@ __all__ = [
     "EMBEDDER_ARGS",
     "embedder_slot",
     "embedder_leaves",
+    "unwrapped_unet_blocks",
     "detect_unet_arch",
     "find_targets",
     "layer_kind",
@@ -161,6 +163,36 @@ def embedder_leaves(arch: Arch) -> frozenset[str]:
         if layer.block is None and layer.naming == BFL and embedder_slot(arch, layer.stem) is not None
         for leaf in layer.leaves
     )
+
+
+_WRAPPED_CONTAINERS: tuple[str, ...] = ("attentions", "resnets", "downsamplers", "upsamplers")
+"""Where diffusers' `UNet2DConditionModel` keeps its `UNET_ATTENTION_CLASSES` and `UNET_CONV_CLASSES` modules
+(`down_blocks.0.attentions.0`, `up_blocks.1.upsamplers.0`); `test_targets` checks the two against the full-size
+models."""
+
+
+@cache
+def unwrapped_unet_blocks(arch: Arch) -> Mapping[str, tuple[str, ...]]:
+    """SD1/SD2/SDXL: the U-Net blocks where kohya's `networks.lora` wraps no layer, even with conv targets (`IN00`:
+    `conv_in`; `OTHER`: the embeddings and `conv_out`), each with the top-level modules it holds."""
+    held: dict[str, dict[str, None]] = {}
+    wrapped: set[str] = set()
+    for stem, _ in record(arch).layer_shapes():
+        path = stem.removeprefix("lora_unet_")
+        placement = place(stem, arch)
+        if path == stem or not path.startswith(DIFFUSERS_ROOTS) or placement is None:
+            continue
+        parts = path.split("_")
+        if any(container in parts for container in _WRAPPED_CONTAINERS):
+            wrapped.add(placement.block)
+        else:
+            held.setdefault(placement.block, {})[_root(path)] = None
+    return MappingProxyType({block: tuple(roots) for block, roots in held.items() if block not in wrapped})
+
+
+def _root(path: str) -> str:
+    """The diffusers top-level module of an underscored U-Net path (`time_embedding_linear_1` → `time_embedding`)."""
+    return max((root for root in DIFFUSERS_ROOTS if path.startswith(root)), key=len)
 
 
 def _collect(
