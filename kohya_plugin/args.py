@@ -635,12 +635,12 @@ def _check_unwrapped_terms(values: Mapping[str, object], kw: Mapping[str, object
     `train_t5xxl` is. On SD1/SD2/SDXL those are the U-Net blocks where `networks.lora` wraps nothing, even with
     conv targets (`IN00`: `conv_in`; `targets.unwrapped_unet_blocks`). On Flux.1/SD3 they are BASE's
     transformer layers (the embedders and final layer), which get a module only through `in_dims`/`emb_dims`,
-    always with alpha `--network_alpha`, and Flux.1's final layer never (`layer_rules`). A value of 0, and
-    selections that also name blocks kohya wraps (`all`, presets, `BASE,D05`, `IN00-IN02`), pass."""
+    always with alpha `--network_alpha`, and Flux.1's final layer never (`layer_rules`). A value of 0, LBW
+    vectors, and selections that also name blocks kohya wraps (`all`, presets, `BASE,D05`, `IN00-IN02`), pass."""
     asked: list[tuple[str, frozenset[str], int, bool]] = []
     for name, what in (("block_ranks", "rank"), ("block_alphas", "alpha"), ("block_lr", "learning-rate weight")):
         terms = _lr_terms(values) if name == "block_lr" else values.get(name, ())
-        if not isinstance(terms, SlotValues):
+        if name in kw and not isinstance(terms, SlotValues) and not readers.is_vector(kw[name]):
             asked += [(f"{name} gives {{}} {what} {value:g}", chosen,
                        int(value) if name == "block_ranks" else dim, name == "block_alphas")
                       for chosen, value in terms if value > 0]

@@ -262,6 +262,11 @@ def named(key: str, raw: object, layout: ArchTable, *, whole: bool) -> Terms:
     return [(blocks, int(v) if whole else float(v)) for blocks, v in terms]
 
 
+def is_vector(raw: object) -> bool:
+    """Whether a named-weights value is an LBW vector or preset (a value for every block) rather than names."""
+    return parse_weights(text_of(raw)).vector is not None
+
+
 def named_ranks(key: str, raw: object, layout: ArchTable) -> Terms:
     return named(key, raw, layout, whole=True)
 

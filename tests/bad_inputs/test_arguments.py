@@ -122,6 +122,15 @@ def test_plan_refuses_a_base_rank_kohya_would_ignore(runner, tmp_path):
                    "in_dims=[8,8,8,8,8]")
 
 
+def test_plan_refuses_an_in00_rank_kohya_would_ignore(runner, tmp_path):
+    """SD1: IN00 is conv_in, which kohya's networks.lora never wraps, so plan refuses a rank for it in one line."""
+    require("plan")
+    before = snapshot(tmp_path)
+    result = invoke(runner, ["plan", "--arch", "sd1", "--network-args", "block_ranks=IN00=8"])
+    assert_refused(result, tmp_path, before, "block_ranks gives IN00 rank 8", "wraps no layer there (conv_in)",
+                   "drop it")
+
+
 # --- LBW vectors of the wrong length -------------------------------------------------------------------------
 
 

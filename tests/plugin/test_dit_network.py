@@ -209,13 +209,14 @@ def test_base_values_pass_where_the_embedder_dims_train_them(manifest_name, extr
 
 
 def test_zero_base_values_and_wide_selections_pass_quietly():
-    """A BASE value of 0 and selections that merely include BASE (`preset=all`, `blocks=all`) are not refused or
-    warned about, and build the default network's modules (a BASE rank or weight of 0 also drops the text encoders)."""
+    """A BASE value of 0 and selections that merely include BASE (`preset=all`, `blocks=all`, a 58-value LBW vector)
+    are not refused or warned about, and build the default network's modules (a BASE rank or weight of 0 also drops
+    the text encoders)."""
     tes, model = tiny("flux")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         default = names(create_network(1.0, 4, 1.0, None, tes, model))
-        for kwargs in ({"preset": "all"}, {"blocks": "all"}):
+        for kwargs in ({"preset": "all"}, {"blocks": "all"}, {"block_lr": ",".join(["1"] * 58)}):
             assert names(create_network(1.0, 4, 1.0, None, tes, model, **kwargs)) == default, kwargs
         for kwargs in ({"block_ranks": "BASE=0"}, {"block_lr": "BASE=0,double=1"}):
             no_base = names(create_network(1.0, 4, 1.0, None, tes, model, **kwargs))

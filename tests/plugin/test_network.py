@@ -220,6 +220,44 @@ def test_invalid_args_are_rejected_before_the_model_is_touched(args):
     assert not any("forward" in m.__dict__ for model in (unet, *tes) for m in model.modules())
 
 
+@pytest.mark.parametrize(("arch", "args", "message"), [
+    # conv_in (IN00) sits in no module class kohya's networks.lora wraps, even with conv_dim (docs §4)
+    ("sd1", {"block_ranks": "IN00=8"},
+     "network_args: block_ranks gives IN00 rank 8, but kohya's networks.lora wraps no layer there (conv_in); drop it"),
+    ("sd2", {"blocks": "IN00", "conv_dim": "4"}, "blocks=IN00 selects IN00, but kohya's networks.lora wraps no layer"),
+    ("sdxl", {"block_lr": "IN00=0.5"}, "block_lr gives IN00 learning-rate weight 0.5, but kohya's networks.lora"),
+    ("sdxl", {"block_alphas": "IN00=2", "conv_dim": "4"}, "block_alphas gives IN00 alpha 2, but kohya's"),
+    ("sd1", {"block_ranks": "IN00-IN00=8,out3=4"}, "block_ranks gives IN00 rank 8, but"),
+])
+def test_values_for_a_block_kohya_never_wraps_are_refused_before_the_model_is_touched(arch, args, message):
+    tes, unet = tiny_models(arch)
+    before = model_state(unet, *tes)
+    with pytest.raises(SpecError) as caught:
+        create_network(1.0, 4, 1.0, None, text_encoder_arg(arch, tes), unet, **args)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert same_state(before, model_state(unet, *tes))
+    assert not any("forward" in m.__dict__ for model in (unet, *tes) for m in model.modules())
+
+
+def test_zero_values_wide_selections_and_sd_base_are_accepted_as_before():
+    """IN00 given 0, and selections that include IN00 among wrapped blocks (presets, `all`, ranges, LBW vectors),
+    build exactly the default network; `BASE` on SD1 is the text encoder (LBW), which kohya trains: rank 8 there."""
+    tes, unet = tiny_models("sd1")
+
+    def ranks(**kwargs) -> dict[str, tuple[int, float]]:
+        network = quiet_network(1.0, 4, 1.0, None, tes[0], unet, **kwargs)
+        return {m.lora_name: (m.lora_dim, m.alpha_value) for m in network.unet_loras + network.text_encoder_loras}
+
+    default = ranks()
+    for kwargs in ({"block_ranks": "IN00=0"}, {"block_alphas": "IN00=0"}, {"block_lr": "IN00=0"}, {"preset": "all"},
+                   {"preset": "character"}, {"blocks": "all"}, {"block_ranks": "IN00-OUT11=4"},
+                   {"block_lr": ",".join(["1"] * 26)}, {"block_ranks": "unet=4,IN00=0"}):
+        assert ranks(**kwargs) == default, kwargs
+    assert ranks(block_ranks="BASE=8") == {n: (8 if n.startswith("lora_te_") else r, a)
+                                          for n, (r, a) in default.items()}
+    assert set(ranks(preset="style")) < set(default)
+
+
 def test_style_on_sdxl_needs_conv_dim():
     tes, unet = tiny_models("sdxl")
     before = model_state(unet, *tes)

@@ -126,3 +126,22 @@ def test_plan_refuses_a_base_value_with_trainings_message(arch, args):
     quiet = plan_network(arch, "preset=all")
     assert quiet.warnings == () and quiet.blocks["BASE"].modules == 0
     assert (quiet.modules, quiet.params) == (plan_network(arch, "").modules, plan_network(arch, "").params)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_sd_plan_refuses_a_value_for_in00_with_trainings_message(arch):
+    """IN00 (conv_in) holds no layer kohya's networks.lora wraps: plan refuses `block_ranks=IN00=8` with the very
+    line training raises, and plans `IN00=0`, a wider range or a preset as the default network, with no word on IN00
+    (explicit selections keep their usual note on blocks without attention layers)."""
+    tes, unet = build_text_encoders(arch), build_unet(arch)
+    with pytest.raises(SpecError) as trained:
+        create_network(1.0, 4, 1.0, None, tes if arch == "sdxl" else tes[0], unet, block_ranks="IN00=8")
+    with pytest.raises(SpecError) as planned:
+        plan_network(arch, "block_ranks=IN00=8")
+    assert str(planned.value) == str(trained.value)
+    assert "wraps no layer there (conv_in)" in str(planned.value)
+    default = plan_network(arch, "")
+    for args in ("block_ranks=IN00=0", "block_ranks=IN00-IN02=4", "preset=character", "blocks=all"):
+        quiet = plan_network(arch, args)
+        assert (quiet.modules, quiet.params) == (default.modules, default.params), args
+        assert not any("IN00" in w or "conv_in" in w for w in quiet.warnings), args

@@ -10,8 +10,8 @@ from torch import nn
 from blora_tools.errors import SpecError
 from blora_tools.models import build_text_encoders, build_unet
 from blora_tools.taxonomy.arch import Arch
-from blora_tools.taxonomy.blocks import table
-from kohya_plugin.targets import Target, detect_unet_arch, find_targets, layer_kind
+from blora_tools.taxonomy.blocks import OTHER, place, table
+from kohya_plugin.targets import Target, detect_unet_arch, find_targets, layer_kind, unwrapped_unet_blocks
 
 MANIFESTS = [
     "sd1_lora",
@@ -65,6 +65,19 @@ def test_targets_equal_kohya_manifest(manifest_name, load_manifest):
         assert target.placement.component.value == entry["component"], name
         index = -1 if target.placement.kohya_index is None else target.placement.kohya_index
         assert index == entry["kohya_block_index"], name
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_unwrapped_unet_blocks_are_those_kohya_gives_no_module(arch, load_manifest):
+    """The U-Net blocks with no module in kohya's own LoCon manifest (conv targets too) are exactly
+    `unwrapped_unet_blocks`: IN00 (conv_in) and the embeddings/conv_out; the full-size model's targets agree."""
+    manifest = load_manifest(f"{arch}_locon")
+    kohya = {place(m["name"], Arch(arch)).block for m in manifest["modules"] if m["name"].startswith("lora_unet_")}
+    tes, unet = full_models(arch)
+    ours = {t.placement.block for t in find_targets(tes, unet, include_conv=True)[1] if t.name.startswith("lora_unet_")}
+    blocks = set(table(arch).unet_lbw) | {OTHER}
+    assert set(unwrapped_unet_blocks(Arch(arch))) == blocks - kohya == blocks - ours == {"IN00", OTHER}
+    assert unwrapped_unet_blocks(Arch(arch))["IN00"] == ("conv_in",)
 
 
 def test_conv_network_does_not_leak_into_later_networks(load_manifest):
