@@ -113,22 +113,19 @@ def test_unknown_selector_terms(runner, tmp_path, sd1, xl, command, make_args, c
     assert "valid" in line or "known" in line or "preset or blocks" in line, "the message lists what is valid"
 
 
-def test_plan_refuses_a_base_rank_kohya_would_ignore(runner, tmp_path):
-    """Flux.1: BASE's embedders take a rank only through in_dims, so plan refuses the rank alone in one line."""
+@pytest.mark.parametrize("arch, value, fragments", [
+    # Flux.1: BASE's embedders take a rank only through in_dims
+    ("flux", "block_ranks=BASE=8", ["block_ranks gives BASE rank 8", "in_dims=[img,time,vector,guidance,txt]",
+                                    "in_dims=[8,8,8,8,8]"]),
+    # SD1: IN00 is conv_in, which kohya's networks.lora never wraps
+    ("sd1", "block_ranks=IN00=8", ["block_ranks gives IN00 rank 8", "wraps no layer there (conv_in)", "drop it"]),
+])
+def test_plan_refuses_a_rank_kohya_would_ignore(runner, tmp_path, arch, value, fragments):
+    """A rank for layers kohya's rule leaves unwrapped is refused by plan in one line saying what to do."""
     require("plan")
     before = snapshot(tmp_path)
-    result = invoke(runner, ["plan", "--arch", "flux", "--network-args", "block_ranks=BASE=8"])
-    assert_refused(result, tmp_path, before, "block_ranks gives BASE rank 8", "in_dims=[img,time,vector,guidance,txt]",
-                   "in_dims=[8,8,8,8,8]")
-
-
-def test_plan_refuses_an_in00_rank_kohya_would_ignore(runner, tmp_path):
-    """SD1: IN00 is conv_in, which kohya's networks.lora never wraps, so plan refuses a rank for it in one line."""
-    require("plan")
-    before = snapshot(tmp_path)
-    result = invoke(runner, ["plan", "--arch", "sd1", "--network-args", "block_ranks=IN00=8"])
-    assert_refused(result, tmp_path, before, "block_ranks gives IN00 rank 8", "wraps no layer there (conv_in)",
-                   "drop it")
+    result = invoke(runner, ["plan", "--arch", arch, "--network-args", value])
+    assert_refused(result, tmp_path, before, *fragments)
 
 
 # --- LBW vectors of the wrong length -------------------------------------------------------------------------
