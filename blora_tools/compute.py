@@ -52,24 +52,22 @@ DEVICES = ("cpu", "cuda", "mps", "auto")
 
 @dataclass(frozen=True)
 class Work:
-    """A kind of work: the most threads it can use well (`cap`, None = no limit), the cores it leaves to
-    reading, hashing and writing, which run beside the computation (`io`), and whether its threads each take
-    a whole problem (`across`: one torch thread per problem, problems side by side) or share one."""
+    """A kind of work: the most threads it can use well (`cap`, None = no limit), and whether its threads each
+    take a whole problem (`across`: one torch thread per problem, problems side by side) or share one."""
 
     cap: int | None
-    io: int
     fixed: bool = False
     """Use every CPU the process may run on, whatever the load: the result depends on the thread count (float
     sums split by thread), and the same command must give the same result."""
     across: bool = False
 
 
-PER_MODULE = Work(cap=4, io=0, across=True)
+PER_MODULE = Work(cap=4, across=True)
 """merge, resize, compare, inspect, …: Gram and eigen problems of one module at a time, at most a few thousand by a
 few hundred. Splitting one such problem over threads gains little (they wait on each other), so each thread takes
 a module of its own (`module_workers`) and torch runs one thread per module; a module's result is then the same
 whatever the thread count (bench/bench_merge.py measures it)."""
-WHOLE_MODEL = Work(cap=None, io=0, fixed=True)
+WHOLE_MODEL = Work(cap=None, fixed=True)
 """render: a whole network's convolutions, on every CPU the process may use (not fewer on a busy machine: an
 image must not depend on what else was running)."""
 
@@ -119,15 +117,15 @@ def free_cpus(load: CpuLoad) -> int:
 
 
 def thread_count(work: Work, requested: int | None = None, load: Callable[[], CpuLoad] | None = None) -> int:
-    """Threads for a command: `requested` (`--threads`) when given, else the free CPUs less those `work` leaves
-    to I/O, up to its cap, and at least 1. `load` reads the machine (default `read_cpu_load`, looked up when
+    """Threads for a command: `requested` (`--threads`) when given, else the free CPUs (every allowed CPU for
+    `fixed` work), up to its cap, and at least 1. `load` reads the machine (default `read_cpu_load`, looked up when
     called, so a test can simulate a machine for a whole command)."""
     if requested is not None:
         if requested < 1:
             raise BloraError(f"--threads {requested}: give at least 1")
         return requested
     reading = (load or read_cpu_load)()
-    threads = (reading.allowed if work.fixed else free_cpus(reading)) - work.io
+    threads = reading.allowed if work.fixed else free_cpus(reading)
     if work.cap is not None:
         threads = min(threads, work.cap)
     return max(1, threads)

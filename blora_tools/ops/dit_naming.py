@@ -204,11 +204,10 @@ class _Named(Adapter):
     def tensors(self, module: Module) -> dict[str, "torch.Tensor"]:
         """All tensors of a module; a made module is made once for all of them (threads asking for different
         modules side by side would otherwise remake it for each tensor)."""
-        if not any(key in self.virtual for key in module.keys.values()):
+        if module.stem not in self.makers:  # a made module's tensors are all made, under its own parameter names
             return super().tensors(module)
         made = self._made(module.stem)
-        return {param: made[self.virtual[key][1]] if key in self.virtual else super(_Named, self).tensor(key)
-                for param, key in module.keys.items()}
+        return {param: made[param] for param in module.keys}
 
     def _made(self, stem: str) -> dict[str, "torch.Tensor"]:
         with self._lock:

@@ -376,19 +376,18 @@ def _measure(plans: list[_Plan], plan: RankPlan, progress: Progress | None, devi
     they fit `_MAPS_BUDGET` (then only singular values are taken: cheaper, and the write decomposes again)."""
     kept = 0
 
-    def measured(p: _Plan) -> tuple[Spectrum, Maps | None] | None:
+    def measured(p: _Plan) -> tuple[Spectrum, int, Maps | None] | None:
         if p.route not in ("factors", "dense") or p.rank == 0:
             return None
-        if kept >= _MAPS_BUDGET or p.route == "dense":
-            return _decompose(p, device, values_only=True), None
-        decomposition = _decompose(p, device)
-        rank = plan.choose(decomposition, p.block, p.conv)
-        return Spectrum(decomposition.s), decomposition.kept(rank) if rank else None  # not the factors
+        keep_maps = kept < _MAPS_BUDGET and p.route == "factors"
+        spectrum = _decompose(p, device, values_only=not keep_maps)
+        rank = plan.choose(spectrum, p.block, p.conv)
+        maps = spectrum.kept(rank) if keep_maps and rank else None  # a full Decomposition when keep_maps
+        return Spectrum(spectrum.s), rank, maps  # the singular values, not the factors a decomposition holds
 
     for p, found in zip(plans, in_order(measured, plans)):
         if found is not None:
-            spectrum, p.maps = found
-            p.rank = plan.choose(spectrum, p.block, p.conv)
+            spectrum, p.rank, p.maps = found
             p.energy = spectrum.energy
             p.retained = spectrum.retained(p.rank) if p.rank else 0.0
             kept += p.maps.nbytes if p.maps is not None else 0
